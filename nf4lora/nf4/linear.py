@@ -1,0 +1,88 @@
+"""`NF4Linear`: a frozen linear layer whose weight is a `QuantizedTensor` (bitsandbytes' `Linear4bit`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nf4lora.kernels import dequantize, nf4_linear
+
+from .state_dict import bnb_state_keys, from_bnb_state_dict, to_bnb_state_dict
+from .tensor import QuantizedTensor, quantize
+
+
+class NF4Linear(nn.Module):
+    """y = x @ dequantize(W).T + b, with W (out_features, in_features) stored in 4 bits.
+
+    The weight is frozen and is not a Parameter; the bias, if any, is a Parameter (frozen by LoRA injection unless
+    its bias mode trains it). Inputs are cast to `compute_dtype` (default: the weight's original dtype), and the
+    output comes back in that dtype. The state dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints
+    move both ways between nf4lora and transformers + bitsandbytes.
+    """
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype or weight.dtype
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
+        """Quantize an `nn.Linear` (on its current device) into an `NF4Linear`."""
+        weight = quantize(linear.weight.detach(), blocksize, quant_type, double_quant)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight, bias, compute_dtype or linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x.to(self.compute_dtype), self.weight, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(out_features, in_features) dense weight in `dtype` (default `compute_dtype`)."""
+        return dequantize(self.weight, dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move the packed weight too; dtype casts leave it alone (it stays 4-bit)
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, device=self.weight.device))
+        if probe.device != self.weight.device:
+            self.weight = self.weight.to(probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(to_bnb_state_dict(self.weight, prefix + "weight"))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        keys = bnb_state_keys(state_dict, prefix + "weight")
+        if not keys:
+            missing_keys.append(prefix + "weight")
+        else:
+            weight = from_bnb_state_dict({k: state_dict[k] for k in keys}, prefix + "weight")
+            if weight.shape != self.weight.shape:
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: checkpoint {tuple(weight.shape)}, model {tuple(self.weight.shape)}"
+                )
+            else:
+                self.weight = weight.to(self.weight.device)
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        state = self.weight.state
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{state.quant_type}{'+dq' if state.double_quant else ''}, blocksize={state.blocksize}, "
+            f"compute_dtype={self.compute_dtype}"
+        )

@@ -1,0 +1,189 @@
+"""`QuantizedTensor`: a 4-bit blockwise-quantized weight and its `QuantState`, in bitsandbytes' format.
+
+Bytes per parameter: 0.5 for the packed codes, plus 4 / blocksize for a float32 absmax, or with double quantization
+1 / blocksize (uint8 absmax) + 4 / (256 * blocksize) (nested absmax) + the codebooks. At blocksize 64 that is
+4.5 bits per parameter without double quantization and about 4.127 with it (`QuantizedTensor.bits_per_param`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .blockwise import (
+    blockwise_absmax_and_scaled,
+    check_float_input,
+    dequantize_blockwise,
+    nearest_code,
+    num_blocks,
+    pack_nibbles,
+    unpack_nibbles,
+)
+from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code
+from .double_quant import compress_absmax, decompress_absmax
+
+
+@dataclasses.dataclass
+class QuantState:
+    """Everything needed to decode a `QuantizedTensor`'s packed codes.
+
+    absmax: (nblocks,) float32, or (nblocks,) uint8 indices into `nested_code` when double-quantized.
+    shape, dtype: the original tensor's shape and dtype (the default dequantize dtype).
+    blocksize: elements per absmax block; quant_type: "nf4", "fp4" or "custom"; code: (16,) float32 codebook.
+    offset: 0-d float32; nested_absmax: (ceil(nblocks/256),) float32; nested_code: (256,) float32;
+    nested_blocksize: 256. These four are set only when double-quantized.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_blocksize: int | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def absmax_float32(self) -> torch.Tensor:
+        """(nblocks,) float32 absmax, decoding the 8-bit form when double-quantized."""
+        if not self.double_quant:
+            return self.absmax
+        return decompress_absmax(self.absmax, self.offset, self.nested_absmax, self.nested_code, self.nested_blocksize)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by field name (absent nested fields left out)."""
+        names = ("absmax", "code", "offset", "nested_absmax", "nested_code")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def to(self, device: torch.device | str) -> QuantState:
+        return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize!r} is not supported; valid: powers of two {', '.join(map(str, BLOCKSIZES))}")
+
+
+class QuantizedTensor:
+    """A tensor stored as packed 4-bit codes plus a `QuantState`.
+
+    packed: (ceil(numel / 2),) uint8, two codes per byte (codebook.py's note gives the nibble order).
+    """
+
+    def __init__(self, packed: torch.Tensor, state: QuantState):
+        numel = state.shape.numel()
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 2):
+            raise ValueError(
+                f"packed codes must be ({-(-numel // 2)},) uint8 for shape {tuple(state.shape)}, "
+                f"got {tuple(packed.shape)} {packed.dtype}"
+            )
+        expected_blocks = num_blocks(numel, state.blocksize)
+        if state.absmax.shape != (expected_blocks,):
+            raise ValueError(
+                f"absmax must have {expected_blocks} entries for {numel} elements at blocksize {state.blocksize}, "
+                f"got shape {tuple(state.absmax.shape)}"
+            )
+        self.packed = packed
+        self.state = state
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.state.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return self.state.shape.numel()
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes, absmax, and the double-quantization state (codebooks included)."""
+        return self.packed.numel() + sum(t.numel() * t.element_size() for t in self.state.tensors().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded tensor, shape `self.shape`, in `dtype` (default: the original dtype)."""
+        return dequantize(self, dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return QuantizedTensor(self.packed.to(device), self.state.to(device))
+
+    def __repr__(self) -> str:
+        kind = f"{self.state.quant_type}{'+dq' if self.state.double_quant else ''}"
+        return f"QuantizedTensor(shape={tuple(self.shape)}, {kind}, blocksize={self.state.blocksize}, device={self.device})"
+
+
+def quantize(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    code: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize `w` blockwise to 4 bits, as bitsandbytes' `quantize_4bit` does on the CPU.
+
+    Args:
+        w: any shape, float32/float16/bfloat16, finite, non-empty.
+        blocksize: a power of two from 32 to 4096.
+        quant_type: "nf4" or "fp4"; ignored when `code` is given.
+        double_quant: also quantize the absmax to 8 bits (QLoRA's double quantization).
+        code: optional custom (16,) float32 codebook in [-1, 1]; its quant_type is recorded as "custom".
+    """
+    check_float_input(w, "weight")
+    check_blocksize(blocksize)
+    if code is None:
+        code = get_code(quant_type)
+    else:
+        if code.shape != (16,) or code.dtype != torch.float32:
+            raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
+        quant_type = "custom"
+    code = code.to(w.device)
+    absmax, scaled = blockwise_absmax_and_scaled(w.reshape(-1).float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the odd tail pads with the code of 0.0, as bitsandbytes
+    packed = pack_nibbles(nearest_code(scaled, code))
+    state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
+    if double_quant:
+        quantized, offset, nested_absmax, nested_code = compress_absmax(absmax)
+        state = dataclasses.replace(
+            state,
+            absmax=quantized,
+            offset=offset,
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            nested_blocksize=NESTED_BLOCKSIZE,
+        )
+    return QuantizedTensor(packed, state)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode `q` to a dense tensor of shape `q.shape` in `dtype` (default `q.dtype`).
+
+    Values are `code[idx] * absmax[block]` computed in float32 and rounded once to `dtype`, bit-exact with
+    bitsandbytes' `dequantize_4bit` on the CPU.
+    """
+    dtype = dtype or q.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"cannot dequantize to {dtype}; valid: float32, float16, bfloat16")
+    state = q.state
+    indices = unpack_nibbles(q.packed, q.numel())
+    return dequantize_blockwise(indices, state.absmax_float32(), state.code, state.blocksize, dtype).view(q.shape)
+
