@@ -1,0 +1,206 @@
+"""Shared benchmark harness: environment record, timing, device ceilings, result files.
+
+Every benchmark family (``benchmarks/<family>.py``) uses it the same way:
+
+    env = environment(extra_packages=("bitsandbytes",))
+    ceilings = device_ceilings()                 # measured copy bandwidth and bf16 matmul rate
+    ms = bench(fn)                               # median ms, CUDA events via triton's do_bench
+    ms = bench_rotating([fn_a, fn_b, ...])       # one call per input copy, inside a CUDA graph
+    write_results("kernels", rows, config, env, ceilings, columns)
+
+Timing rules (METHOD.md): warm up first, take the median, and rotate among enough input copies
+that the working set exceeds the L2 cache, so that small shapes are not timed from cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Working set the rotating benchmarks cycle through, several times the H200's 60 MB L2.
+ROTATION_BYTES = 256 * 2**20
+MAX_COPIES = 64
+
+
+def git_sha() -> str:
+    """HEAD's sha with ``-dirty`` when the tree has changes, or ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of ``name``, from its module's ``__version__`` or the distribution metadata."""
+    try:
+        module = __import__(name)
+    except ImportError:
+        return None
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+    return str(version)
+
+
+def gpu_info() -> dict:
+    """Name, multiprocessors, memory, L2 and compute capability of the current CUDA device."""
+    if not torch.cuda.is_available():
+        return {"name": "cpu"}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "name": props.name,
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "capability": f"{props.major}.{props.minor}",
+    }
+
+
+def environment(extra_packages: Sequence[str] = ()) -> dict:
+    """Everything a result depends on outside the config: versions, GPU, git sha, time."""
+    packages = {name: package_version(name) for name in ("torch", "triton", *extra_packages)}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "packages": packages,
+        "gpu": gpu_info(),
+        "env": {k: os.environ[k] for k in ("NF4LORA_KERNELS", "TRITON_INTERPRET") if k in os.environ},
+    }
+
+
+def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn()`` timed with CUDA events (``triton.testing.do_bench``)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copies_for(nbytes: int) -> int:
+    """How many copies of an input of ``nbytes`` make a working set of ROTATION_BYTES (1..MAX_COPIES)."""
+    return max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / max(nbytes, 1))))
+
+
+def bench_rotating(fns: Sequence[Callable[[], object]], rep_ms: int = 200) -> float:
+    """Median milliseconds per call of one call of each ``fns[i]`` (one per input copy).
+
+    All calls are captured into one CUDA graph, so launch overhead (Python, autotuner lookup)
+    drops out and the time is the device's; the graph's median replay time is divided by
+    ``len(fns)``. Each fn must be capturable (no host sync) and already warmed up (autotuned).
+    """
+    import triton.testing
+
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    try:
+        graph = _capture(fns)
+    except RuntimeError as error:  # a peer that cannot be captured is timed call by call instead
+        print(f"graph capture failed ({error}); timing without a graph", flush=True)
+        torch.cuda.synchronize()
+        return bench(lambda: [fn() for fn in fns], rep_ms=rep_ms) / len(fns)
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median")
+    return float(ms) / len(fns)
+
+
+def _capture(fns: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph replaying every fn in order (after a warm-up on a side stream, as capture needs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return graph
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Rate of an n x n x n matmul on random data (never zeros: they run faster), TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = bench(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def device_ceilings() -> dict:
+    """The two ceilings every result is compared with, measured now on this device."""
+    return {"copy_gbs": round(copy_bandwidth_gbs(), 1), "bf16_matmul_tflops": round(matmul_tflops(), 1)}
+
+
+def _gpu_tag(env: dict) -> str:
+    name = env["gpu"]["name"].lower().replace("nvidia", "").strip()
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "cpu"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of ``rows`` restricted to ``columns`` (missing cells blank)."""
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    family: str,
+    rows: Sequence[dict],
+    config: dict,
+    env: dict,
+    ceilings: dict,
+    columns: Sequence[str],
+    summary: str = "",
+    out_dir: Path | str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<date>_<family>_<gpu>.json`` (everything) and ``.md`` (summary + table); return both paths."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date'][:10]}_{family}_{_gpu_tag(env)}"
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    payload = {"family": family, "config": config, "environment": env, "ceilings": ceilings, "rows": list(rows)}
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    header = (
+        f"# {family} on {env['gpu']['name']}\n\n"
+        f"{env['date']}, git {env['git_sha']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+        + f"; measured copy bandwidth {ceilings.get('copy_gbs')} GB/s, bf16 matmul {ceilings.get('bf16_matmul_tflops')} TFLOP/s.\n\n"
+    )
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(header + (summary + "\n\n" if summary else "") + markdown_table(rows, columns) + "\n")
+    return json_path, md_path

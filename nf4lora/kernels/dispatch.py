@@ -1,0 +1,88 @@
+"""Which implementation runs: the Triton kernels or the pure-PyTorch references.
+
+The one documented override is the environment variable ``NF4LORA_KERNELS`` (read at call time,
+so tests and users can set it without re-importing) and the ``use_kernels`` context manager,
+which takes precedence over the variable while it is active:
+
+- ``auto`` (default): Triton on CUDA tensors when Triton imports, the reference elsewhere.
+- ``triton``: the Triton kernels everywhere. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
+  before ``triton`` is first imported; CI tests the kernels that way.
+- ``reference``: the pure-PyTorch references everywhere, on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+MODES = ("auto", "triton", "reference")
+ENV_VAR = "NF4LORA_KERNELS"
+
+_override = threading.local()
+
+
+def _check_mode(mode: str, source: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{source}={mode!r} is not a kernel mode; expected one of {MODES}")
+    return mode
+
+
+def kernel_mode() -> str:
+    """The active mode: the innermost ``use_kernels`` block, else ``$NF4LORA_KERNELS``, else ``auto``."""
+    stack = getattr(_override, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Force ``mode`` (``auto``, ``triton`` or ``reference``) for calls made inside the block.
+
+    Thread-local and nestable; it overrides ``$NF4LORA_KERNELS`` while active.
+    """
+    _check_mode(mode, "mode")
+    stack = getattr(_override, "stack", None)
+    if stack is None:
+        stack = _override.stack = []
+    stack.append(mode)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is Linux-only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on ``device`` should run its Triton kernel under the active mode.
+
+    ``triton`` on a machine without the package raises instead of silently falling back, since
+    a forced mode that is ignored would make tests pass without testing anything.
+    """
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise ValueError(f"{ENV_VAR}='triton' but the triton package is not installed; use 'auto' or 'reference'")
+        return True
+    return device.type == "cuda" and triton_available()
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``, where kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tuning_space(configs: list) -> list:
+    """The autotune configs to try: all of them on a GPU, only the first under the interpreter (tests)."""
+    return configs[:1] if interpreting() else configs

@@ -1,0 +1,111 @@
+"""Dispatching entry points and the ``nf4_linear`` autograd Function.
+
+``nf4_linear(x, qweight, bias)`` computes ``x @ dequant(W).T + bias`` for x (..., K) and a
+``QuantizedTensor`` W (N, K). Paths, chosen per call by ``dispatch.use_triton`` and M = rows of x:
+
+- reference: ``linear_reference`` (dequantize, then ``F.linear`` in x.dtype);
+- Triton, M <= ``SMALL_M_MAX`` and K even: the fused split-K GEMV/GEMM in ``gemv_nf4`` (weight
+  streamed once, bias fused);
+- Triton, larger M: ``matmul_nf4.dequant_matmul`` (dequantize into a reused buffer, then cuBLAS),
+  which measured faster than a fused dequant-matmul on an H200 (benchmarks/results/*kernels*).
+
+Note: backward saves only the ``QuantizedTensor`` (packed bytes and its small state), never a
+dequantized copy; grad_input dequantizes again. The frozen weight never receives a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nf4lora.kernels.dispatch import use_triton
+from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
+from nf4lora.nf4.tensor import QuantizedTensor
+
+# Rows of x up to which the fused GEMV/GEMM beats dequantize + cuBLAS (the issue's decode range).
+SMALL_M_MAX = 16
+
+
+def quantize(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    code: torch.Tensor | None = None,
+) -> QuantizedTensor:
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) to a ``QuantizedTensor``; bytes equal ``nf4lora.nf4.quantize``."""
+    options = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant, code=code)
+    if use_triton(w.device):
+        from nf4lora.kernels.quantize_nf4 import quantize_triton
+
+        return quantize_triton(w, **options)
+    return quantize_reference(w, **options)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize ``q`` to ``dtype`` (default ``q.dtype``), shape ``q.shape``; exactly equal to the reference."""
+    if use_triton(q.device):
+        from nf4lora.kernels.dequantize_nf4 import dequantize_triton
+
+        return dequantize_triton(q, dtype)
+    return dequantize_reference(q, dtype)
+
+
+def _linear_forward(x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not use_triton(x2d.device):
+        return linear_reference(x2d, qweight, bias)
+    if x2d.shape[0] <= SMALL_M_MAX and x2d.shape[1] % 2 == 0:
+        from nf4lora.kernels.gemv_nf4 import gemv_nf4
+
+        return gemv_nf4(x2d, qweight, bias)
+    from nf4lora.kernels.matmul_nf4 import dequant_matmul
+
+    return dequant_matmul(x2d, qweight, bias)
+
+
+def _linear_grad_input(grad2d: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
+    """grad (M, N) @ dequant(W) (N, K) -> (M, K), dequantizing W again."""
+    if not use_triton(grad2d.device):
+        return grad2d @ dequantize_reference(qweight, grad2d.dtype)
+    from nf4lora.kernels.matmul_nf4 import dequant_matmul
+
+    return dequant_matmul(grad2d, qweight, None, transpose=False)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x @ dequant(W).T + bias; gradients for x and bias only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor) -> torch.Tensor:
+        ctx.qweight = qweight
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        x2d = x.reshape(-1, x.shape[-1])
+        return _linear_forward(x2d, qweight, bias).reshape(*x.shape[:-1], qweight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _linear_grad_input(grad2d, ctx.qweight).reshape(*grad_out.shape[:-1], ctx.qweight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(qweight).T + bias`` with autograd to x and bias.
+
+    x: (..., K) fp32/fp16/bf16; qweight: ``QuantizedTensor`` of shape (N, K); bias: (N,) or None.
+    Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it).
+    """
+    if not isinstance(qweight, QuantizedTensor):
+        raise TypeError(f"qweight must be a QuantizedTensor, got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}")
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={qweight.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (qweight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)")
+    return NF4LinearFunction.apply(x, bias, qweight)

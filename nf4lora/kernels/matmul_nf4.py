@@ -1,0 +1,54 @@
+"""Large-M path of ``nf4_linear``: dequantize into a reused buffer, then cuBLAS.
+
+For M in the thousands the matmul is compute-bound (2*M*N*K flops against N*K/2 weight bytes), so
+the fastest path is the vendor GEMM on a dequantized weight; the dequantize launch
+(``dequantize_nf4``, near copy bandwidth) adds N*K*(0.5 + itemsize) bytes of traffic. The
+alternative, a fused dequant-matmul (``gemv_nf4.fused_matmul`` with ``block_m=128``), is timed
+side by side in ``benchmarks/kernels.py``; the dequantize + cuBLAS path measured faster on an
+H200 (benchmarks/results/*kernels*), so ``nf4_linear`` uses it.
+
+Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
+layer, so a model's forward holds one dense weight at a time, never one per layer. Reuse is safe
+because all kernels and the GEMM are issued on the current stream in order; a caller that runs
+``nf4_linear`` on several streams at once must not share a device between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nf4lora.kernels.dequantize_nf4 import dequantize_into
+from nf4lora.nf4.tensor import QuantizedTensor
+
+_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous ``shape`` view of the shared buffer for (device, dtype), grown when too small."""
+    numel = shape.numel()
+    key = (torch.device(device), dtype)
+    buffer = _workspaces.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _workspaces.pop(key, None)  # free the old buffer before allocating the larger one
+        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def release_workspaces() -> None:
+    """Drop the shared dequantization buffers (e.g. before a memory-hungry phase)."""
+    _workspaces.clear()
+
+
+def dequant_matmul(
+    x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None, transpose: bool = True
+) -> torch.Tensor:
+    """``x2d @ W.T + bias`` (transpose=True, forward) or ``x2d @ W`` (transpose=False, grad_input).
+
+    x2d: (M, K) for the forward or (M, N) for grad_input, fp32/fp16/bf16; W = dequant(qweight) (N, K)
+    in x2d.dtype. Returns (M, N) or (M, K) in x2d.dtype.
+    """
+    weight = dequantize_into(qweight, workspace(qweight.shape, x2d.dtype, qweight.device))
+    if transpose:
+        return F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype))
+    return x2d @ weight

@@ -1,0 +1,264 @@
+"""``LoraLinear``: named LoRA/DoRA adapters on a frozen ``nn.Linear`` or ``NF4Linear`` base.
+
+The module tree mirrors peft's ``lora.Linear`` so state-dict names map 1:1:
+``base_layer``, ``lora_A.<adapter>`` (``nn.Linear(in, r, bias=False)``), ``lora_B.<adapter>``
+(``nn.Linear(r, out, bias=False)``), ``lora_dropout.<adapter>`` and, with DoRA,
+``lora_magnitude_vector.<adapter>.weight`` (out,). ``ModulesToSave`` mirrors peft's wrapper
+(``original_module`` plus a trainable copy per adapter under ``modules_to_save.<adapter>``).
+
+Several adapters can live on one layer; ``active_adapters`` (a list, usually one name) selects
+which ones run. ``disable_adapters`` bypasses all of them. ``merge``/``unmerge`` fold the active
+adapters into a dense base weight and back (fp32 arithmetic, cast once to the weight dtype, so the
+round trip is exact up to that rounding). An NF4 base cannot be merged in place: its merged weight
+is produced densely by ``merged_weight`` and installed by ``nf4lora.lora.model.merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nf4lora.kernels import nf4_linear
+from nf4lora.lora.config import LoraConfig
+from nf4lora.lora.functional import dora_update, dora_weight_norm, lora_add, lora_delta_weight
+from nf4lora.lora.fused import dense_weight, lora_linear
+from nf4lora.nf4.linear import NF4Linear
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a base layer LoRA can wrap: ``nn.Linear`` or ``NF4Linear``."""
+    return isinstance(module, (nn.Linear, NF4Linear))
+
+
+def base_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` without the bias, in x.dtype, differentiable w.r.t. x only."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, base.weight.detach().to(x.dtype))
+    return nf4_linear(x, base.weight, None)
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude, one per output row: ``weight`` (out,)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear base plus named LoRA adapters: ``y = base(x) + scaling * dropout(x) @ A.T @ B.T``.
+
+    base_layer: ``nn.Linear`` or ``NF4Linear`` with weight (out, in). Input x (..., in): in the
+    weight's dtype for ``nn.Linear``, any float dtype for ``NF4Linear`` (cast to its compute dtype).
+    Output (..., out) in that compute dtype, in which the LoRA matmuls also run.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+        super().__init__()
+        if not is_linear(base_layer):
+            raise TypeError(f"LoraLinear wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = [adapter_name]
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self.add_adapter(adapter_name, config)
+
+    @property
+    def is_nf4(self) -> bool:
+        return not isinstance(self.base_layer, nn.Linear)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _weight_device(self) -> torch.device:
+        return self.base_layer.weight.device
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        """Create adapter ``name`` (A (r, in), B (out, r) in ``config.lora_dtype``) and initialise it."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer; existing: {sorted(self.lora_A)}")
+        kw = {"bias": False, "dtype": config.lora_dtype, "device": self._weight_device()}
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.r[name] = config.r
+        self.scaling[name] = config.scaling
+        self.reset_adapter(name, config.init_lora_weights)
+        if config.use_dora:
+            norm = self.dora_norm(name)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(config.lora_dtype))
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        """peft's initialisations: True (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
+        False (A and B both Kaiming-uniform a=sqrt(5), so the adapter changes outputs from the start)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[name])
+        elif isinstance(init, bool):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            raise ValueError(f"init_lora_weights={init!r} is not supported; expected True, False or 'gaussian'")
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(out,) fp32 row norms of ``W + scaling * B @ A`` for adapter ``name``, detached; W defaults to the base."""
+        w = dense_weight(self.base_layer.weight, torch.float32) if weight is None else weight
+        return dora_weight_norm(w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = [] if self.disable_adapters or self.merged else [n for n in self.active_adapters if n in self.lora_A]
+        if not active:
+            return self.base_layer(x)
+        if torch.is_grad_enabled() and active[0] not in self.lora_magnitude_vector:
+            # Training: the first plain-LoRA adapter runs fused with the base matmul (fused.py).
+            y, rest = self._fused_forward(active[0], x), active[1:]
+        else:
+            y, rest = self.base_layer(x), active
+        for name in rest:
+            y = self._add_adapter_output(name, x, y)
+        return y
+
+    def _compute_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the base's compute dtype (NF4Linear casts its input; nn.Linear takes x as is)."""
+        return x if isinstance(self.base_layer, nn.Linear) else x.to(self.base_layer.compute_dtype)
+
+    def _lora_weights(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = self._compute_input(x)
+        x_lora = self.lora_dropout[name](x)
+        lora_a, lora_b = self._lora_weights(name, x.dtype)
+        base = self.base_layer
+        return lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
+
+    def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the base output plus earlier adapters) plus adapter ``name``'s LoRA or DoRA term."""
+        dtype = y.dtype
+        lora_a, lora_b = self._lora_weights(name, dtype)
+        dropout = self.lora_dropout[name]
+        x_lora = dropout(x.to(dtype))
+        if name not in self.lora_magnitude_vector:
+            return lora_add(y, x_lora, lora_a, lora_b, self.scaling[name])
+        if self.training and isinstance(dropout, nn.Dropout):
+            base_nobias = base_matmul(self.base_layer, x_lora)
+        elif self.base_layer.bias is not None:
+            base_nobias = y - self.base_layer.bias.to(dtype)
+        else:
+            base_nobias = y
+        magnitude = self.lora_magnitude_vector[name].weight
+        return dora_update(y, base_nobias, x_lora, lora_a, lora_b, magnitude, self.dora_norm(name), self.scaling[name])
+
+    def merged_weight(self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense (out, in) weight in ``dtype`` with ``adapter_names`` (default: the active ones) folded in,
+        in the order given, as ``forward`` applies them. Starts from the dequantized weight on an NF4 base."""
+        if self.merged:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into the base already; unmerge() first")
+        base = dense_weight(self.base_layer.weight, torch.float32)
+        return self._fold(self._adapter_names(adapter_names), base)[0].to(dtype)
+
+    def _adapter_names(self, adapter_names: list[str] | None) -> list[str]:
+        """The requested adapters, deduplicated; None means the active ones this layer holds."""
+        if adapter_names is None:
+            return [n for n in dict.fromkeys(self.active_adapters) if n in self.lora_A]
+        names = list(dict.fromkeys(adapter_names))
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this layer has {sorted(self.lora_A)}")
+        return names
+
+    def _fold(self, names: list[str], base: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """fp32 ``base`` with adapters ``names`` folded in turn, and the DoRA norms used (by adapter).
+
+        LoRA adds ``scaling * B @ A``; DoRA then scales every row by ``m / ||W_base + scaling * B @ A||``,
+        the norm taken from the unmerged base exactly as ``forward`` does.
+        """
+        w, norms = base, {}
+        for name in names:
+            a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
+            w = w + lora_delta_weight(a, b, self.scaling[name])
+            if name in self.lora_magnitude_vector:
+                norms[name] = self.dora_norm(name, base)
+                w = (self.lora_magnitude_vector[name].weight.detach().float() / norms[name])[:, None] * w
+        return w, norms
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Fold ``adapter_names`` (default: active) into the dense base weight, in fp32, cast once.
+
+        Adapters merged before stay merged (the weight is rebuilt from the unmerged base)."""
+        if self.is_nf4:
+            raise ValueError(
+                "cannot merge in place into an NF4 base (it would re-quantize); "
+                "use nf4lora.lora.merge_and_unload(model, requantize=False|True) or merged_weight()"
+            )
+        names = self._adapter_names(self.merged_adapters + self._adapter_names(adapter_names))
+        self.unmerge()
+        weight = self.base_layer.weight
+        w, self._merge_norms = self._fold(names, weight.float())
+        weight.copy_(w.to(weight.dtype))
+        self.merged_adapters = names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` in reverse order (exact up to the rounding to the weight dtype)."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        w = weight.float()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            delta = lora_delta_weight(a, b, self.scaling[name])
+            if name in self.lora_magnitude_vector:
+                w = w / (self.lora_magnitude_vector[name].weight.float() / self._merge_norms.pop(name))[:, None]
+            w = w - delta
+        weight.copy_(w.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}{' dora' if n in self.lora_magnitude_vector else ''}" for n in self.r)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}], active={self.active_adapters}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full per adapter: ``original_module`` (frozen) and ``modules_to_save.<adapter>`` copies."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = [adapter_name]
+        self.disable_adapters = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def forward(self, *args, **kwargs):
+        active = [n for n in self.active_adapters if n in self.modules_to_save]
+        if self.disable_adapters or not active:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[active[0]](*args, **kwargs)

@@ -1,0 +1,331 @@
+"""Model-level LoRA: injection, adapter switching, merging and parameter accounting.
+
+``inject_lora(model, config, adapter_name)`` edits ``model`` in place: every module that
+``config.target_modules`` selects is replaced by a ``LoraLinear`` wrapping it (or, if it is one
+already, gains the new adapter), every ``modules_to_save`` match by a ``ModulesToSave`` wrapper,
+and all base parameters are frozen. Module names are not changed otherwise, so a Hugging Face-named
+model (``model.layers.0.self_attn.q_proj``) keeps peft's paths plus ``.base_layer`` / ``.lora_A``.
+The configs of the injected adapters are kept on ``model.lora_configs`` (name -> ``LoraConfig``).
+
+Target matching follows peft: a list matches a module whose name equals an entry or ends with
+``"." + entry``; a string is a regex that must match the whole name; ``"all-linear"`` is every
+``nn.Linear``/``NF4Linear`` except the output head. Unlike peft, a config that selects nothing is an
+error listing the linear modules that exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from nf4lora.lora.config import ALL_LINEAR, LoraConfig
+from nf4lora.lora.layers import LoraLinear, ModulesToSave, is_linear
+from nf4lora.nf4.linear import NF4Linear
+
+OUTPUT_HEAD_NAMES = ("lm_head",)
+
+
+def _name_matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {n for n in OUTPUT_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    heads |= {n for n, m in model.named_modules() if head is not None and m is head}
+    return heads
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the base linear layers (``nn.Linear``/``NF4Linear``, or ones already wrapped by LoRA)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            names.append(name)
+        elif is_linear(module) and not _inside_adapter(name):
+            names.append(name)
+    return names
+
+
+def _inside_adapter(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("lora_A", "lora_B", "base_layer", "modules_to_save", "original_module") for p in parts)
+
+
+def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    linear = linear_module_names(model)
+    if config.target_modules == ALL_LINEAR:
+        heads = _output_head_names(model)
+        candidates = [n for n in linear if n not in heads]
+    else:
+        named = dict(model.named_modules())
+        candidates = [n for n in named if not _inside_adapter(n) and n and _name_matches(n, config.target_modules)]
+        not_linear = [n for n in candidates if n not in linear]
+        if not_linear:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} selects non-linear modules {not_linear[:8]}; "
+                f"LoRA wraps only linear layers: {linear}"
+            )
+    if config.exclude_modules:
+        candidates = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
+    if config.modules_to_save:
+        candidates = [n for n in candidates if not _name_matches(n, config.modules_to_save)]
+    if not candidates:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear module; linear modules: {linear}")
+    return candidates
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` to ``model`` in place (see the module docstring); returns ``model``.
+
+    Freezes every base parameter, then leaves trainable: the LoRA parameters of this adapter, the
+    ``modules_to_save`` copies, and the biases that ``config.bias`` selects (``"all"``: every bias in
+    the model; ``"lora_only"``: the biases of the wrapped layers).
+    """
+    configs: dict[str, LoraConfig] = getattr(model, "lora_configs", {})
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} is already injected; existing adapters: {sorted(configs)}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name={adapter_name!r} is not valid; expected a non-empty name without '.'")
+    targets = _target_names(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear):
+            module.add_adapter(adapter_name, config)
+        else:
+            _set_submodule(model, name, LoraLinear(module, adapter_name, config))
+    for name, module in list(model.named_modules()):
+        if not config.modules_to_save or _inside_adapter(name) or not _name_matches(name, config.modules_to_save):
+            continue
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+        else:
+            _set_submodule(model, name, ModulesToSave(module, adapter_name))
+    model.lora_configs = {**configs, adapter_name: config}
+    _freeze_base(model)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name``; layers left without adapters revert to their base module."""
+    configs = getattr(model, "lora_configs", {})
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} is not injected; injected adapters: {sorted(configs)}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+            if adapter_name in module.merged_adapters:
+                module.unmerge()
+            for d in (module.lora_A, module.lora_B, module.lora_dropout, module.lora_magnitude_vector):
+                if adapter_name in d:
+                    del d[adapter_name]
+            del module.r[adapter_name], module.scaling[adapter_name]
+            module.active_adapters = [n for n in module.active_adapters if n != adapter_name]
+            if not module.lora_A:
+                _set_submodule(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            module.modules_to_save.pop(adapter_name)
+            module.active_adapters = [n for n in module.active_adapters if n != adapter_name]
+            if not len(module.modules_to_save):
+                _set_submodule(model, name, module.original_module)
+    model.lora_configs = {k: v for k, v in configs.items() if k != adapter_name}
+    _freeze_base(model)
+    if model.lora_configs:
+        remaining = [n for n in active_adapters(model) if n in model.lora_configs]
+        set_adapter(model, remaining or next(iter(model.lora_configs)))
+    else:
+        del model.lora_configs
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """requires_grad only on the LoRA/DoRA/modules_to_save parameters and the biases each config selects."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            for sub in (module.lora_A, module.lora_B, module.lora_magnitude_vector):
+                sub.requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            module.modules_to_save.requires_grad_(True)
+    modes = {c.bias for c in model.lora_configs.values()}
+    for name, param in model.named_parameters():
+        if not name.endswith("bias") or "lora_" in name or ".original_module." in name:
+            continue
+        if "all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")):
+            param.requires_grad_(True)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(name, layer) for every ``LoraLinear`` in ``model``."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
+
+
+def _adapter_modules(model: nn.Module) -> Iterator[LoraLinear | ModulesToSave]:
+    return (m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave)))
+
+
+def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
+    """Make ``adapter_names`` the active adapter(s) on every layer; only their parameters stay trainable."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = getattr(model, "lora_configs", {})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; injected adapters: {sorted(known)}")
+    for module in _adapter_modules(model):
+        if isinstance(module, LoraLinear) and module.merged:
+            module.unmerge()
+        module.active_adapters = list(names)
+        dicts = (
+            (module.lora_A, module.lora_B, module.lora_magnitude_vector)
+            if isinstance(module, LoraLinear)
+            else (module.modules_to_save,)
+        )
+        for d in dicts:
+            for name, sub in d.items():
+                sub.requires_grad_(name in names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The active adapter names (as set by ``inject_lora``/``set_adapter``)."""
+    for module in _adapter_modules(model):
+        return list(module.active_adapters)
+    raise ValueError("model has no LoRA layers; call inject_lora(model, config) first")
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the bare base model inside the block (merged layers are unmerged first)."""
+    modules = list(_adapter_modules(model))
+    for module in modules:
+        module.disable_adapters = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.disable_adapters = False
+
+
+def _check_adapter_names(model: nn.Module, adapter_names: list[str] | None) -> None:
+    known = getattr(model, "lora_configs", {})
+    unknown = [n for n in adapter_names or () if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; injected adapters: {sorted(known)}")
+
+
+def _held(layer: LoraLinear, adapter_names: list[str] | None) -> list[str] | None:
+    """The requested adapters that ``layer`` holds (None: the layer's active ones)."""
+    return None if adapter_names is None else [n for n in adapter_names if n in layer.lora_A]
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Fold ``adapter_names`` (default: the active ones) into every dense (bf16/fp32) base in place;
+    ``unmerge_adapters`` reverts. NF4 bases refuse (see ``merge_and_unload``)."""
+    _check_adapter_names(model, adapter_names)
+    for _, layer in lora_layers(model):
+        layer.merge(_held(layer, adapter_names))
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo ``merge_adapters`` on every layer."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(
+    model: nn.Module, adapter_names: list[str] | None = None, requantize: bool = False
+) -> nn.Module:
+    """Replace every ``LoraLinear`` by its base with the adapters folded in, in place; returns ``model``.
+
+    Dense bases keep their dtype. An NF4 base becomes an ``nn.Linear`` in its compute dtype holding
+    the dequantized weight plus the update, or, with ``requantize=True``, an ``NF4Linear`` of that
+    merged weight with the base's quantization settings; this warns, because re-quantizing rounds
+    the small update against NF4's coarse grid and the merged model no longer equals the adapted one.
+    ``ModulesToSave`` wrappers are replaced by the active adapter's copy.
+    """
+    _check_adapter_names(model, adapter_names)
+    layers = list(lora_layers(model))
+    if requantize and any(layer.is_nf4 for _, layer in layers):
+        warnings.warn(
+            "merge_and_unload(requantize=True) re-quantizes W + scaling*B@A to NF4; the LoRA update is "
+            "small next to NF4's step size, so much of it rounds away and outputs differ from the "
+            "unmerged model. Keep requantize=False (dense merged weights) for exact outputs.",
+            stacklevel=2,
+        )
+    for name, layer in layers:
+        base = layer.base_layer
+        if not layer.is_nf4:
+            layer.merge(_held(layer, adapter_names))
+            _set_submodule(model, name, base)
+            continue
+        weight = layer.merged_weight(_held(layer, adapter_names), base.compute_dtype)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                          dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+        dense.requires_grad_(False)
+        if requantize:
+            state = base.weight.state
+            dense = NF4Linear.from_linear(dense, blocksize=state.blocksize, quant_type=state.quant_type,
+                                          double_quant=state.double_quant, compute_dtype=base.compute_dtype)
+        _set_submodule(model, name, dense)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSave):
+            active = [n for n in module.active_adapters if n in module.modules_to_save]
+            _set_submodule(model, name, module.modules_to_save[active[0]] if active else module.original_module)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+    return model
+
+
+def _param_count(model: nn.Module) -> tuple[int, int, int, int]:
+    """(trainable params, all params, base bytes, adapter bytes); an NF4 weight counts its logical numel."""
+    trainable = total = base_bytes = adapter_bytes = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            adapter_bytes += p.numel() * p.element_size()
+        else:
+            base_bytes += p.numel() * p.element_size()
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            total += module.weight.numel()
+            base_bytes += module.weight.nbytes
+    return trainable, total, base_bytes, adapter_bytes
+
+
+def _fmt_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.1f} {units[i]}"
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print peft's line (``trainable params: X || all params: Y || trainable%: Z``) and a bytes line.
+
+    Returns (trainable, all). "Trainable" bytes are the parameters with requires_grad (the adapter
+    plus any trained biases/modules_to_save); "base" bytes are the rest, with an NF4 weight counted
+    at its real size (packed nibbles + absmax state), not at its logical parameter count.
+    """
+    trainable, total, base_bytes, adapter_bytes = _param_count(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print(f"base bytes: {_fmt_bytes(base_bytes)} || adapter bytes: {_fmt_bytes(adapter_bytes)}")
+    return trainable, total

@@ -1,0 +1,175 @@
+"""Hugging Face checkpoint files: find them, validate them before reading, and write them.
+
+A model directory holds `config.json` and either `model.safetensors` or `model.safetensors.index.json` plus the
+shards it names. Only safetensors are read: pickled `.bin` weights can run arbitrary code when loaded, so a
+directory that has nothing else is refused. Each safetensors header is parsed and checked against the file size
+here, so a corrupt or truncated file fails with its name and what is wrong instead of deep inside a reader.
+
+safetensors layout: 8 bytes little-endian u64 N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]},
+"__metadata__": {...}}, then the data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# A header larger than this is not a real checkpoint (transformers' largest shards have headers of a few MB).
+_MAX_HEADER_BYTES = 100 * 2**20
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype name (e.g. "BF16"), shape and byte size."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> str:
+    """A local directory for `path_or_id`: the directory itself, or a hub snapshot (cache first, honours
+    HF_HUB_OFFLINE). Errors name the path or id and what to do."""
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; pass the model directory that holds config.json")
+    if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(path, allow_patterns=HUB_PATTERNS)
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory, and as a hub id it is not in the local Hugging Face cache and the "
+            f"hub cannot be reached "
+            f"(offline: HF_HUB_OFFLINE is set or there is no network); download it first or pass a local directory"
+        ) from e
+    except HFValidationError as e:
+        raise ValueError(f"{path!r} is neither a local directory nor a valid hub id ('org/name'): {e}") from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"hub id {path!r} could not be fetched: {e}") from e
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
+    """Parse and validate the header of one safetensors file; returns {name: TensorEntry}."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, shorter than the 8-byte header size)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: corrupt safetensors header: it claims {n} header bytes in a {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
+    header.pop("__metadata__", None)
+    entries, data_end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e!r}") from None
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; valid: {list(DTYPE_BYTES)}")
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        if end - begin != nbytes or begin < 0:
+            raise ValueError(f"{path}: corrupt safetensors header: {name!r} spans bytes [{begin}, {end}) but "
+                             f"shape {list(shape)} {dtype} needs {nbytes}")
+        entries[name] = TensorEntry(path, dtype, shape, nbytes)
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise ValueError(f"{path}: truncated safetensors file: the header needs {8 + n + data_end} bytes, "
+                         f"the file has {size}")
+    return entries
+
+
+def checkpoint_index(model_dir: str) -> dict[str, TensorEntry]:
+    """{tensor name: TensorEntry} over all safetensors of a model directory, every header validated."""
+    index_path = os.path.join(model_dir, INDEX_NAME)
+    single = os.path.join(model_dir, SINGLE_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{index_path}: malformed shard index ({e!r}); expected {{'weight_map': {{...}}}}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
+        if missing:
+            raise FileNotFoundError(f"{index_path} names shard(s) {missing} that are missing from {model_dir}")
+        entries = {}
+        for shard in shards:
+            entries.update(read_safetensors_header(os.path.join(model_dir, shard)))
+        absent = [k for k, s in weight_map.items() if k not in entries or entries[k].file != os.path.join(model_dir, s)]
+        if absent:
+            raise ValueError(f"{index_path} maps {absent[:3]} to shards that do not contain them")
+        return entries
+    if os.path.isfile(single):
+        return read_safetensors_header(single)
+    pickled = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin")))
+    if pickled:
+        raise ValueError(
+            f"{model_dir} has only pickled weights {pickled[:3]}; nf4lora reads safetensors only, because unpickling "
+            f"can run arbitrary code. Convert once with transformers (save_pretrained(..., safe_serialization=True))"
+        )
+    raise FileNotFoundError(f"{model_dir} has neither {SINGLE_NAME} nor {INDEX_NAME} (only safetensors weights "
+                            f"are read)")
+
+
+def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dict,
+                     max_shard_bytes: int | None = None) -> None:
+    """Write `tensors` as model.safetensors (or shards + index when larger than `max_shard_bytes`) and config.json.
+
+    Shards are copied to host memory one at a time, so a GPU model needs at most one shard of host memory.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and groups[-1] and used + nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    names = [SINGLE_NAME] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for fname, group in zip(names, groups):
+        shard, seen = {}, set()
+        for name in group:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.data_ptr() in seen:  # safetensors refuses shared storage (e.g. a codebook used by every layer)
+                t = t.clone()
+            seen.add(t.data_ptr())
+            shard[name] = t
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    if len(groups) > 1:
+        weight_map = {name: fname for fname, group in zip(names, groups) for name in group}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

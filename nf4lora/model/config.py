@@ -1,0 +1,170 @@
+"""`LlamaConfig`: the architecture hyper-parameters, read from and written to Hugging Face `config.json`.
+
+One typed dataclass covers Llama 1/2/3/3.x and the models that share `LlamaForCausalLM`'s config (TinyLlama,
+SmolLM, Mistral-style GQA without a sliding window). `from_hf_dict` accepts both config dialects that exist on the
+hub: transformers < 5 (`rope_theta` + `rope_scaling`) and transformers >= 5 (`rope_parameters`). `to_hf_dict`
+writes both, so either version of transformers reads our checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of a Llama-family decoder. Field names and meanings follow transformers' `LlamaConfig`.
+
+    `extra` keeps the config.json keys without a field here (e.g. `quantization_config`); it is not compared.
+    `rope_scaling` is None for plain RoPE, or a dict with `rope_type` in `ROPE_TYPES` and that type's parameters
+    (`factor` for "linear"; `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`
+    for "llama3"). `eos_token_id` may be a list (Llama 3 instruct stops on several ids).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly or fix the head count"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; grouped-query attention needs whole groups"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; valid: 'silu'")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be > 0")
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """All end-of-sequence ids as a tuple (empty when the config names none)."""
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict, source: str = "config.json") -> LlamaConfig:
+        """Build from a parsed Hugging Face `config.json`; `source` names the file in error messages."""
+        archs = raw.get("architectures") or []
+        model_type = raw.get("model_type")
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ValueError(
+                f"{source}: architectures={archs} is not supported; valid: {list(SUPPORTED_ARCHITECTURES)}")
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type={model_type!r} is not supported; valid: {list(SUPPORTED_MODEL_TYPES)}")
+        window = raw.get("sliding_window")
+        if window is not None and window < raw.get("max_position_embeddings", 2048):
+            raise ValueError(f"{source}: sliding_window={window} attention is not supported; valid: null")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        names = {f.name for f in fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        kwargs = {k: raw[k] for k in names if k in raw}
+        rope_params = raw.get("rope_parameters")
+        if rope_params:  # transformers >= 5 dialect: theta and scaling in one dict
+            rope_params = dict(rope_params)
+            kwargs["rope_theta"] = rope_params.pop("rope_theta", raw.get("rope_theta", 10000.0))
+            kwargs["rope_scaling"] = rope_params
+        else:
+            kwargs["rope_theta"] = raw.get("rope_theta", 10000.0)
+            kwargs["rope_scaling"] = raw.get("rope_scaling")
+        kwargs["extra"] = {k: v for k, v in raw.items()
+                           if k not in names and k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> LlamaConfig:
+        """Read `config.json` (or a directory holding one); errors name the file and what is wrong."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}; a Hugging Face model directory needs one")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_hf_dict(raw, source=path)
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` dict for transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`)."""
+        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        out.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                                  **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"}}
+        return out
+
+
+def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
+    """Validate `rope_scaling` and return it with `rope_type` set, or None for plain RoPE."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling={scaling!r} must be a dict or null")
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; valid: {list(ROPE_TYPES)}")
+    if rope_type == "default":
+        return None
+    needed = ("factor",) if rope_type == "linear" else _LLAMA3_ROPE_KEYS
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} is missing {missing}")
+    if not scaling["factor"] > 0:
+        raise ValueError(f"rope_scaling factor={scaling['factor']} must be > 0")
+    return {"rope_type": rope_type, **scaling}

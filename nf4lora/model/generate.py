@@ -1,0 +1,149 @@
+"""`generate`: batched autoregressive decoding with the KV cache: greedy, temperature, top-k and top-p sampling.
+
+Prompts of different lengths are left-padded; the padding is masked out of attention and skipped by the position
+ids, so each row decodes exactly as it would alone. Rows stop at any EOS id and are then filled with `pad_id`;
+decoding stops when every row has stopped or after `max_new_tokens`.
+
+With `cuda_graph=True` (CUDA only) each single-token decode step is captured once in a CUDA graph and replayed:
+the step has fixed shapes because it reads every cache slot under a mask built from the slot index tensor, which
+removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .llama import KVCache, Llama
+
+
+def _as_batch(prompts, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T) int64, mask (B, T) bool), left-padding a list of token lists."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.to(device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal input_ids shape {tuple(ids.shape)}")
+        return ids, mask
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """scores (B, vocab) float with tokens outside the top-k and outside the top-p nucleus set to -inf.
+
+    Same rules as transformers' TopK/TopP warpers: ties at the k-th value are kept, and the nucleus keeps the
+    smallest set of most likely tokens whose probability reaches `top_p` (at least one token).
+    """
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1)
+        drop_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) int64 from logits (B, vocab): argmax when temperature == 0, else sampled after temperature
+    scaling, then top-k, then top-p filtering (transformers' order)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+class _GraphedDecodeStep:
+    """One captured decode step: (token (B, 1), position (B, 1), slot (1,)) -> logits (B, 1, vocab)."""
+
+    def __init__(self, model, cache: KVCache, batch: int, device: torch.device):
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # Warm-up writes land in the last slot, which the real final step overwrites before anyone reads it.
+        self.slot = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # autotuning and lazy init happen here, outside the capture
+                model(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_ids=None, pad_id: int | None = None, seed: int | None = None,
+             attention_mask: torch.Tensor | None = None, static_cache: bool = False, cuda_graph: bool = False,
+             compile: bool = False) -> torch.Tensor:
+    """Continue `prompts` and return (B, T + n) int64: the (left-padded) prompts followed by n <= max_new_tokens
+    new tokens per row, `pad_id` after a row's EOS.
+
+    prompts: (B, T) int64 tensor (left-padded, with `attention_mask` (B, T) 0/1) or a list of token-id lists.
+    temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with `seed`.
+    eos_ids: an int or ids that end a row (default: the config's eos_token_id). pad_id defaults to the config's
+    pad_token_id, else the first EOS id, else 0.
+    static_cache: decode with fixed-shape steps that read every cache slot under a mask (instead of the filled
+    prefix); implied by cuda_graph (replay each decode step from a CUDA graph) and by compile (run decode steps
+    through `torch.compile`, which fuses the small elementwise kernels; compiled once per model and batch shape).
+    """
+    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
+            top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_k}, {top_p}")
+    config = model.config
+    eos = config.eos_token_ids if eos_ids is None else ((eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids))
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    device = model.model.embed_tokens.weight.device
+    ids, mask = _as_batch(prompts, attention_mask, pad_id, device)
+    b, t = ids.shape
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {device}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = model.new_cache(b, t + max_new_tokens)
+    padded = not bool(mask.all())
+    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
+                   logits_to_keep=1)
+    forward = torch.compile(model, dynamic=False) if compile else model
+    step = _GraphedDecodeStep(forward, cache, b, device) if cuda_graph else None
+    pos = positions[:, -1:]
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    out = [ids]
+    for i in range(max_new_tokens):
+        sampled = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        out.append(torch.where(finished, torch.full_like(sampled, pad_id), sampled)[:, None])
+        finished |= torch.isin(sampled, eos_tensor)
+        if i == max_new_tokens - 1 or (eos and bool(finished.all())):  # no EOS ids: skip the host sync
+            break
+        pos = pos + 1
+        # Finished rows keep decoding their own (valid) samples: pad_id need not be a vocabulary id.
+        if step is not None:
+            logits = step(sampled[:, None], pos, t + i)
+        elif static_cache or compile:
+            slot = torch.full((1,), t + i, dtype=torch.long, device=device)
+            logits = forward(sampled[:, None], position_ids=pos, cache=cache, cache_position=slot)
+        else:
+            logits = model(sampled[:, None], position_ids=pos, cache=cache)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,292 @@
+"""The Llama decoder in plain PyTorch: RMSNorm, RoPE, grouped-query SDPA attention, SwiGLU, a static KV cache.
+
+Module names mirror transformers' `LlamaForCausalLM` exactly (`model.embed_tokens`, `model.layers.{i}.self_attn.
+{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`, the two layer norms, `model.norm`, `lm_head`), so HF
+state dicts and peft adapter keys map 1:1. Linear layers are ordinary submodules: the loader swaps `nn.Linear` for
+`NF4Linear`, and LoRA wraps either, without this file knowing.
+
+Masks accepted by `Llama.forward` (True / 1 = may attend):
+- `attention_mask` (B, L) 0/1 padding mask over the keys, combined with causality (as transformers does);
+- `attention_mask` (B or 1, 1 or H, T, T) bool or additive float, used exactly as given (it must encode causality);
+- `segment_ids` (B, T) int: packed examples; a token attends only to earlier tokens of its own segment, and when
+  `position_ids` is not given positions restart at 0 at every segment start.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+_SDPA_GQA: list[bool] = []  # filled on first use (no import-time work); a plain global so torch.compile traces it
+
+
+def _sdpa_has_gqa() -> bool:
+    """`enable_gqa` arrived in torch 2.5; older versions get an explicit repeat of k and v."""
+    if not _SDPA_GQA:
+        major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+        _SDPA_GQA.append((major, minor) >= (2, 5))
+    return _SDPA_GQA[0]
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / rms(x)); the normalization in float32, cast back to x's dtype before the scale (as HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is one fused kernel on CUDA where torch has one; on float32 input it equals HF's formula.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: k[i], v[i] (B, n_kv_heads, max_len, head_dim).
+
+    `key_mask` (B, max_len) bool marks slots holding real tokens (False for left padding). `seen` counts the slots
+    written by calls that let the model choose the slots (`cache_position=None`). Fixed shapes make a decode step
+    capturable in a CUDA graph when the caller passes `cache_position` as a tensor.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, devices):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=devices[0])
+        self.has_padding = False
+        self.max_len = max_len
+        self.seen = 0
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Record a (B, L) 0/1 mask for slots [0, L); later slots stay valid."""
+        self.key_mask[:, : attention_mask.shape[1]] = attention_mask.bool()
+        self.has_padding = True
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv=None, cache_position=None, n_keys=None):
+        """x (B, T, hidden) -> (B, T, hidden). `kv` = (k_cache, v_cache) buffers written at `cache_position` (T,),
+        of which the first `n_keys` slots (all when None) are attended."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
+            if not is_causal:  # attend the cache; a causal prefill from slot 0 only needs its own k, v
+                k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+        out = _sdpa(q, k, v, mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _sdpa(q, k, v, mask, is_causal):
+    """Grouped-query SDPA: k, v carry n_kv_heads, broadcast to q's heads without a copy where torch allows."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if _sdpa_has_gqa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_layernorm.weight.device
+
+    def forward(self, x, cos, sin, mask, is_causal, kv=None, cache_position=None, n_keys=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, cache_position, n_keys)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack, `model.*` in HF names: embed_tokens, layers, norm."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Llama causal LM: `model(input_ids (B, T) int64) -> logits (B, T, vocab)` in the weights' dtype.
+
+    `gradient_checkpointing` (bool attribute, default False) recomputes each decoder layer in backward while
+    training. Layers may sit on different devices (see `loading.plan_device_map`); activations follow them.
+    """
+
+    def __init__(self, config: LlamaConfig, init_std: float = 0.02):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config, device="cpu"), persistent=False)
+        self.gradient_checkpointing = False
+        self.init_weights(init_std)
+        self.tie_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) linears and embeddings, zero biases, unit norms (transformers' Llama init)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def tie_weights(self) -> None:
+        """Share `lm_head.weight` with `model.embed_tokens.weight` when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, on each layer's device."""
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        return KVCache(self.config, batch_size, max_len, dtype, [layer.device for layer in self.model.layers])
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
+                cache_position=None, logits_to_keep: int = 0):
+        """input_ids (B, T) int64 -> logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions.
+
+        With `cache`, new keys/values go to slots `cache_position` (T,) int64; when None, the next `cache.seen`
+        slots are used and attention reads only the filled prefix. With a tensor `cache_position` every slot is
+        read under a mask (fixed shapes for CUDA graphs). A 2D `attention_mask` with a cache covers slots [0, L).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        device = input_ids.device
+        auto_slots = cache is not None and cache_position is None
+        if cache is None:
+            cache_position = torch.arange(t, device=device)
+            n_keys = t
+            mask, is_causal = _mask_without_cache(attention_mask, segment_ids, b, t, device)
+            kv_slots = None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be combined with a KV cache; pack for training, not decoding")
+            if attention_mask is not None:
+                if attention_mask.dim() != 2:
+                    raise ValueError(f"with a cache attention_mask must be (B, L), got {tuple(attention_mask.shape)}")
+                cache.set_padding(attention_mask.to(cache.key_mask.device))
+            mask, is_causal, cache_position, n_keys = _mask_with_cache(cache, cache_position, t, device)
+            kv_slots = list(zip(cache.k, cache.v))
+        if position_ids is None:
+            position_ids = (_segment_positions(segment_ids) if segment_ids is not None
+                            else cache_position.unsqueeze(0).expand(b, t))
+        h = self.model.embed_tokens(input_ids)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(h.dtype)  # SDPA wants an additive mask in the query's dtype
+        per_device = {}
+        for i, layer in enumerate(self.model.layers):
+            dev = layer.device
+            if dev not in per_device:
+                cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(dev), h.dtype)
+                per_device[dev] = (cos, sin, None if mask is None else mask.to(dev), cache_position.to(dev))
+            cos, sin, layer_mask, slots = per_device[dev]
+            h = h.to(dev)
+            kv = None if kv_slots is None else kv_slots[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, layer_mask, is_causal, kv, slots, n_keys, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, layer_mask, is_causal, kv, slots, n_keys)
+        if auto_slots:
+            cache.seen += t
+        h = h.to(self.model.norm.weight.device)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(self.model.norm(h).to(self.lm_head.weight.device))
+
+
+def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) restarting at 0 wherever segment_ids (B, T) changes value."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+def _mask_without_cache(attention_mask, segment_ids, b, t, device):
+    """(mask, is_causal) for attention among the T new tokens only."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if segment_ids is not None:
+            raise ValueError("pass either a 4D attention_mask or segment_ids, not both")
+        return attention_mask.to(device), False
+    if attention_mask is None and segment_ids is None:
+        return None, True
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+        raise ValueError(f"attention_mask must be (B, T)=({b}, {t}) or 4D, got {tuple(attention_mask.shape)}")
+    idx = torch.arange(t, device=device)
+    allowed = (idx[None, :] <= idx[:, None])[None, None]  # (1, 1, T, T): query row, key column
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(device).bool()[:, None, None, :]
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, t):
+            raise ValueError(f"segment_ids must be (B, T)=({b}, {t}), got {tuple(segment_ids.shape)}")
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    # A padded query would otherwise see no key at all and SDPA would return NaN; its own slot keeps it finite.
+    return allowed | torch.eye(t, dtype=torch.bool, device=device), False
+
+
+def _mask_with_cache(cache: KVCache, cache_position, t: int, device):
+    """(mask, is_causal, cache_position, n_keys) for T new tokens written into `cache`."""
+    if cache_position is None:
+        start = cache.seen
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} used + {t} new does not fit")
+        cache_position = torch.arange(start, start + t, device=device)
+        n_keys = start + t
+        if not cache.has_padding and start == 0:
+            return None, True, cache_position, n_keys
+        if not cache.has_padding and t == 1:
+            return None, False, cache_position, n_keys
+    else:
+        n_keys = cache.max_len
+    slots = torch.arange(n_keys, device=device)
+    query_slots = cache_position.to(device)
+    allowed = (slots[None, :] <= query_slots[:, None]) & cache.key_mask[:, None, None, :n_keys].to(device)
+    return allowed | (slots[None, :] == query_slots[:, None]), False, query_slots, n_keys

@@ -1,0 +1,111 @@
+"""The ``nf4lora`` console script: ``train`` (what ``python train.py`` runs), ``generate``, ``merge``, ``quantize``
+and ``inspect``.
+
+Bad input (a missing path, a malformed data file, an invalid hyper-parameter, LoRA targets that match nothing, an
+incompatible ``--resume``, an occupied ``--output-dir``) ends with one line on stderr naming the problem and the fix,
+and exit code 2; argparse's own errors use code 2 as well. Ctrl-C during training exits with 130 after saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import (BLOCKSIZES, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments, config_from_args,
+                     requested_resume)
+from .loop import TrainingOOM
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_state, resolve_checkpoint
+    from .job import run_train
+
+    resume = requested_resume(args)
+    saved = load_state(resolve_checkpoint(resume))["config"] if resume else None
+    summary = run_train(config_from_args(args, saved))
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _model_loading_flags(parser: argparse.ArgumentParser, quantization: str, dtype: str = "auto") -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    parser.add_argument("--quantization", default=quantization, choices=QUANTIZATIONS,
+                        help=f"base weight format (default: {quantization})")
+    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="quantization blocksize")
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="double quantization of the absmax constants")
+    parser.add_argument("--dtype", default=dtype, choices=DTYPES,
+                        help=f"compute dtype and dtype of the unquantized tensors (default: {dtype})")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    parser = argparse.ArgumentParser(prog="nf4lora", description="QLoRA fine-tuning on NF4 Llama models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a LoRA adapter on a 4-bit base (no flags: the embedded demo)",
+                           description="Fine-tune a LoRA adapter on an NF4-quantized Llama. With no flags, trains "
+                                       "on a generated model and dataset, offline, in about two minutes on a CPU.")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    gen = sub.add_parser("generate", help="generate from a base model, optionally with an adapter")
+    _model_loading_flags(gen, "nf4")
+    gen.add_argument("--adapter", help="peft-format adapter directory")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    source.add_argument("--prompts-file", help="a file with one prompt per line (.txt) or prompt records (.jsonl)")
+    gen.add_argument("--template", default=None, help="wrap each prompt, e.g. the training --template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=commands.generate_command)
+
+    merge = sub.add_parser("merge", help="fold an adapter into the base and save a Hugging Face checkpoint")
+    _model_loading_flags(merge, "nf4")
+    merge.add_argument("--adapter", required=True, help="peft-format adapter directory")
+    merge.add_argument("--out", required=True, help="output directory")
+    merge.add_argument("--quantize", default="none", choices=("none", "nf4"),
+                       help="none: bf16 safetensors; nf4: a bitsandbytes-format 4-bit checkpoint")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.set_defaults(func=commands.merge_command)
+
+    quantize = sub.add_parser("quantize", help="save a bitsandbytes-format NF4 checkpoint")
+    _model_loading_flags(quantize, "nf4", dtype="bf16")
+    quantize.add_argument("--out", required=True, help="output directory")
+    quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    quantize.set_defaults(func=commands.quantize_command)
+
+    inspect = sub.add_parser("inspect", help="architecture, parameter counts, bytes per parameter, LoRA targets")
+    inspect.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    inspect.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
+    inspect.set_defaults(func=commands.inspect_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``nf4lora`` and ``python train.py``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"nf4lora {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingOOM as exc:
+        print(f"nf4lora {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nf4lora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

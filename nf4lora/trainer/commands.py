@@ -1,0 +1,238 @@
+"""The subcommands besides ``train``: ``generate``, ``merge``, ``quantize`` and ``inspect``.
+
+``merge`` folds the adapter into the base *as it was trained*: with the default ``--quantization nf4`` the base is
+loaded in NF4 like the trainer loads it, dequantized, and the LoRA update added, so the merged bf16 checkpoint
+reproduces the adapted model's outputs (up to bf16 rounding); ``--quantization none`` merges into the original
+full-precision weights instead. ``--quantize nf4`` re-quantizes the merged weights into a bitsandbytes-format 4-bit
+checkpoint, which rounds the small update against NF4's grid (the lora package warns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import UsageError
+from .job import resolve_device, resolve_dtype
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
+    from nf4lora.model import load_model
+
+    device = resolve_device(args.device)
+    quantization = None if args.quantization == "none" else args.quantization
+    model = load_model(args.model, quantization=quantization, dtype=resolve_dtype(args.dtype, device), device=device,
+                       blocksize=args.blocksize, double_quant=args.double_quant)
+    return model, device
+
+
+def _attach_adapter(model: torch.nn.Module, adapter: str) -> None:
+    from nf4lora.lora import load_adapter
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {adapter}: no adapter_config.json there; pass a peft adapter directory "
+                         f"(a run directory or one of its checkpoint-<step> directories)")
+    load_adapter(model, adapter)
+
+
+def _fresh_output(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise UsageError(f"--out {path} already exists and is not empty; pass --overwrite or choose another")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return path
+
+
+def _copy_tokenizer(model: str, out: Path) -> None:
+    from nf4lora.model.checkpoint import resolve_model_dir
+
+    source = Path(resolve_model_dir(model))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise UsageError(f"--prompts-file {path} does not exist; pass a .txt (one prompt per line) or .jsonl file")
+    if path.suffix == ".jsonl":
+        from .data import read_records
+
+        prompts = []
+        for record in read_records(path):
+            value = record.fields.get("prompt", record.fields.get("instruction"))
+            if not isinstance(value, str):
+                raise UsageError(f"{record.where}: no string 'prompt' (or 'instruction') field")
+            prompts.append(value)
+    else:
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_tokens: int, temperature: float,
+                    top_k: int | None, top_p: float | None, seed: int, emit: Any) -> list[int]:
+    """Decode one prompt with the KV cache, calling ``emit(piece)`` with each new piece of text as it appears.
+
+    Same sampling as ``nf4lora.model.generate`` (``sample_next``); this loop exists to print while decoding.
+    Returns the new token ids (without the EOS that stopped it).
+    """
+    from nf4lora.model import sample_next
+
+    device = model.model.embed_tokens.weight.device
+    ids = tokenizer.encode(text, bos=True, eos=False)
+    stop = set(tokenizer.eos_ids or model.config.eos_token_ids)
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device), cache=cache, logits_to_keep=1)
+        new: list[int] = []
+        shown = ""
+        for _ in range(max_new_tokens):
+            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            if int(token) in stop:
+                break
+            new.append(int(token))
+            decoded = tokenizer.decode(new)
+            emit(decoded[len(shown):])
+            shown = decoded
+            logits = model(token[:, None], cache=cache)
+    return new
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from nf4lora.model import load_tokenizer
+
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be > 0")
+    if args.template is not None and "{prompt}" not in args.template:
+        raise UsageError(f"--template {args.template!r} must contain {{prompt}}")
+    prompts = _read_prompts(args)
+    model, _ = _load(args)
+    tokenizer = load_tokenizer(args.model)
+    if args.adapter:
+        _attach_adapter(model, args.adapter)
+    model.eval()
+    for prompt in prompts:
+        text = args.template.format(prompt=prompt) if args.template else prompt
+        print(f">>> {prompt}", flush=True)
+        stream_generate(model, tokenizer, text, args.max_new_tokens, args.temperature, args.top_k or None,
+                        args.top_p, args.seed, emit=lambda piece: print(piece, end="", flush=True))
+        print(flush=True)
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from nf4lora.lora import merge_and_unload
+    from nf4lora.model import save_pretrained, save_quantized
+
+    out = _fresh_output(args.out, args.overwrite)
+    model, _ = _load(args)
+    _attach_adapter(model, args.adapter)
+    requantize = args.quantize == "nf4"
+    if requantize and args.quantization == "none":
+        raise UsageError("--quantize nf4 needs a 4-bit base to take its format from; drop --quantization none")
+    merge_and_unload(model, requantize=requantize)
+    if not requantize:
+        model.to(torch.bfloat16)
+    out.mkdir(parents=True)
+    (save_quantized if requantize else save_pretrained)(model, str(out))
+    _copy_tokenizer(args.model, out)
+    print(f"merged {'4-bit NF4' if requantize else 'bf16'} checkpoint written to {out}")
+    return 0
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    from nf4lora.model import save_quantized
+
+    if args.quantization == "none":
+        raise UsageError("quantize --quantization none would write nothing new; use nf4 or fp4")
+    out = _fresh_output(args.out, args.overwrite)
+    model, _ = _load(args)
+    out.mkdir(parents=True)
+    save_quantized(model, str(out))
+    _copy_tokenizer(args.model, out)
+    print(f"{args.quantization.upper()} checkpoint (bitsandbytes format, blocksize {args.blocksize}, double quant "
+          f"{'on' if args.double_quant else 'off'}) written to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ inspect
+
+def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    """Bytes of one 4-bit weight: packed nibbles + absmax (fp32, or uint8 + nested fp32 absmax and an offset).
+
+    The codebooks (16 and 256 floats) are shared constants and not counted.
+    """
+    blocks = math.ceil(numel / blocksize)
+    absmax = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + absmax
+
+
+def model_report(model_dir: str, blocksize: int) -> dict[str, Any]:
+    """Architecture, parameter counts and storage sizes, computed on the meta device (nothing is loaded)."""
+    from nf4lora.lora.model import linear_module_names
+    from nf4lora.model import Llama, LlamaConfig
+    from nf4lora.model.checkpoint import resolve_model_dir
+    from nf4lora.model.loading import LoadOptions
+
+    config = LlamaConfig.from_file(resolve_model_dir(model_dir))
+    with torch.device("meta"):
+        model = Llama(config)
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    total = sum(params.values())
+    targets = linear_module_names(model)
+    skipped = LoadOptions().skip_modules  # the loader keeps these (the output head) in the compute dtype
+    quantized = {name: params[f"{name}.weight"] for name in targets if name.rpartition(".")[2] not in skipped}
+    dense = total - sum(quantized.values())
+    linear = {"bf16": 2 * sum(quantized.values())}
+    for label, double in (("nf4", False), ("nf4_double_quant", True)):
+        linear[label] = sum(quantized_bytes(n, blocksize, double) for n in quantized.values())
+    sizes = {label: 2 * dense + nbytes for label, nbytes in linear.items()}
+    return {
+        "architecture": {k: getattr(config, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "tie_word_embeddings")},
+        "rope_scaling": config.rope_scaling,
+        "parameters": total, "quantized_parameters": sum(quantized.values()),
+        "bytes": sizes, "bytes_per_parameter": {k: v / total for k, v in sizes.items()},
+        "linear_bytes_per_parameter": {k: v / max(1, sum(quantized.values())) for k, v in linear.items()},
+        "lora_targets": sorted({name.rpartition(".")[2] for name in targets}), "linear_modules": targets,
+    }
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    report = model_report(args.model, args.blocksize)
+    arch = report["architecture"]
+    print(f"Llama: {arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, intermediate "
+          f"{arch['intermediate_size']}, heads {arch['num_attention_heads']} (kv {arch['num_key_value_heads']}, "
+          f"head_dim {arch['head_dim']}), vocab {arch['vocab_size']}, context {arch['max_position_embeddings']}, "
+          f"rope theta {arch['rope_theta']:g}{', scaling ' + str(report['rope_scaling']) if report['rope_scaling'] else ''}"
+          f", {'tied' if arch['tie_word_embeddings'] else 'untied'} embeddings")
+    print(f"parameters: {report['parameters']:,} ({report['quantized_parameters']:,} in linear layers that NF4 "
+          f"quantizes; embeddings, norms and lm_head stay bf16)")
+    print(f"{'format':<22}{'model size':>14}{'bytes/param':>14}{'linear bytes/param':>20}")
+    names = {"bf16": "bf16", "nf4": f"nf4 (block {args.blocksize})", "nf4_double_quant": "nf4 + double quant"}
+    for key, label in names.items():
+        print(f"{label:<22}{report['bytes'][key] / 2**20:>10.1f} MiB{report['bytes_per_parameter'][key]:>14.4f}"
+              f"{report['linear_bytes_per_parameter'][key]:>20.4f}")
+    print(f"linear modules LoRA can target (--target-modules): {','.join(report['lora_targets'])} "
+          f"({len(report['linear_modules'])} modules; all-linear selects all but the output head)")
+    json.dump(report, sys.stdout)
+    print()
+    return 0

@@ -1,0 +1,244 @@
+"""The optimization loop: gradient accumulation, clipping, schedule, evaluation, checkpoints, Ctrl-C and OOM.
+
+One optimizer step consumes ``grad_accum`` micro-batches. The loss is the token-weighted mean over all of them:
+each micro-batch contributes ``sum(token losses) / total targets of the step``, so the gradient equals that of one
+big batch whatever the padding or the split. Cross-entropy is computed in float32 from the logits.
+
+Exactness of ``--resume``: the data order is a function of the micro-batch index (see ``data.BatchPlan``), and a
+checkpoint stores the optimizer, scheduler and every RNG state after a completed step, so a resumed run replays the
+same micro-batches with the same dropout masks and produces the same losses bit for bit on the same machine.
+
+Ctrl-C: the first SIGINT asks the loop to stop after the current step, which then writes a checkpoint and
+returns; a second SIGINT interrupts at once. On CUDA out-of-memory in forward/backward, the paged optimizer's state
+is evicted to the host, the cache emptied, and the step retried once from the same RNG state; a second failure
+raises :class:`TrainingOOM` with what to change.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import IGNORE_INDEX, Batch, BatchPlan
+from .metrics import MetricsLog, Progress, gpu_memory_gib, perplexity
+
+
+class TrainingOOM(RuntimeError):
+    """Out of memory even after evicting optimizer state; the message says which flags to change."""
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier on the peak lr for optimizer step ``s`` (0-based): linear warmup, then constant/linear/cosine."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies in float32. logits: (B, T, V) any float dtype; labels: (B, T) int64."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """Right padding never reaches a real token through a causal mask, so unpacked rows need no mask at all
+    (SDPA's fast causal path); packed rows pass segment ids, which the model turns into block-diagonal attention."""
+    if batch.packed:
+        return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+    return {"input_ids": batch.input_ids}
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores besides the adapter and optimizer."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """Runs optimizer steps ``state.step + 1 .. total_steps`` over ``plan``.
+
+    ``save_adapter(dir)`` writes the peft-format adapter of ``model``. ``on_step(trainer, record)`` is called after
+    each optimizer step (tests use it to request a stop, as Ctrl-C does).
+    """
+
+    config: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: BatchPlan
+    total_steps: int
+    run_dir: Path
+    device: torch.device
+    save_adapter: Callable[[Path], None]
+    val_batches: list[Batch] = field(default_factory=list)
+    state: LoopState = field(default_factory=LoopState)
+    on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
+    stop_requested: bool = False
+    last_checkpoint: Path | None = None
+    progress: Progress = field(default_factory=lambda: Progress(0, 0, enabled=False))
+
+    def request_stop(self) -> None:
+        """Stop after the current optimizer step and write a checkpoint (what Ctrl-C does)."""
+        self.stop_requested = True
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _accumulate(self, batches: list[Batch], targets: int) -> float:
+        total = 0.0
+        for batch in batches:
+            logits = self.model(**model_inputs(batch))
+            loss_sum = causal_lm_loss_sum(logits, batch.labels)
+            (loss_sum / targets).backward()
+            total += loss_sum.item()
+        return total / targets
+
+    def _step_with_oom_retry(self, batches: list[Batch], targets: int) -> float:
+        rng = rng_state()
+        try:
+            return self._accumulate(batches, targets)
+        except torch.cuda.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            evict = getattr(self.optimizer, "evict", None)
+            freed = evict(2**62) if evict is not None else 0
+            torch.cuda.empty_cache()
+            self.progress.write(f"CUDA out of memory at step {self.state.step + 1}; evicted {freed / 2**20:.0f} MiB "
+                                 f"of optimizer state to the host, retrying the step")
+            set_rng_state(rng)
+        try:
+            return self._accumulate(batches, targets)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingOOM(
+                f"CUDA out of memory at step {self.state.step + 1} with --micro-batch {self.config.micro_batch} "
+                f"x --max-len {self.config.max_len} even after evicting optimizer state; lower --micro-batch "
+                f"(raise --grad-accum to keep the effective batch), lower --max-len, or keep "
+                f"--gradient-checkpointing on") from None
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics record."""
+        self.model.train()
+        first = self.state.step * self.config.grad_accum
+        batches = [self.plan.micro_batch_at(first + i).to(self.device) for i in range(self.config.grad_accum)]
+        targets = sum(b.num_targets() for b in batches)
+        lr = self.scheduler.get_last_lr()[0]
+        start = time.perf_counter()
+        loss = self._step_with_oom_retry(batches, targets) if targets else 0.0
+        limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        tokens = sum(int((b.segment_ids > 0).sum()) for b in batches)
+        self.state.step += 1
+        self.state.tokens += tokens
+        self.state.elapsed_s += seconds
+        record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "epoch": round(self.plan.epoch_of(first + self.config.grad_accum), 4), "tokens": self.state.tokens,
+                  "tokens_per_s": tokens / max(seconds, 1e-9), "elapsed_s": round(self.state.elapsed_s, 3)}
+        memory = gpu_memory_gib()
+        if memory is not None:
+            record["gpu_mem_gib"] = round(memory, 3)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Token-weighted mean loss and perplexity over the validation batches (None without validation data)."""
+        if not self.val_batches:
+            return None
+        self.model.eval()
+        total, targets = 0.0, 0
+        for batch in self.val_batches:
+            batch = batch.to(self.device)
+            total += causal_lm_loss_sum(self.model(**model_inputs(batch)), batch.labels).item()
+            targets += batch.num_targets()
+        loss = total / max(targets, 1)
+        return {"step": self.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
+
+    def checkpoint(self) -> Path:
+        state = {"config": self.config.to_dict(), "micro_batches": self.state.step * self.config.grad_accum,
+                 "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state()}
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
+        return self.last_checkpoint
+
+    # --------------------------------------------------------------------------------------------------- run
+    def run(self, metrics: MetricsLog) -> dict[str, Any]:
+        """Train to ``total_steps`` or until a stop request; returns a summary."""
+        self.progress = Progress(self.total_steps, self.state.step, self.config.progress)
+        first_loss = last_loss = None
+        last_eval = None
+        previous = self._install_sigint()
+        try:
+            while self.state.step < self.total_steps and not self.stop_requested:
+                record = self.train_step()
+                first_loss = record["loss"] if first_loss is None else first_loss
+                last_loss = record["loss"]
+                step = record["step"]
+                if step % self.config.logging_steps == 0 or step == self.total_steps:
+                    metrics.write(record)
+                self.progress.update(record)
+                if self.on_step is not None:
+                    self.on_step(self, record)
+                if (self.config.eval_steps and step % self.config.eval_steps == 0) or step == self.total_steps:
+                    last_eval = self.evaluate()
+                    if last_eval is not None:
+                        metrics.write(last_eval)
+                        self.progress.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
+                                             f"perplexity {last_eval['eval_ppl']:.2f}")
+                periodic = self.config.save_steps and step % self.config.save_steps == 0
+                if periodic or self.stop_requested or step == self.total_steps:
+                    self.checkpoint()
+        finally:
+            self.progress.close()
+            self._restore_sigint(previous)
+        return {"steps": self.state.step, "total_steps": self.total_steps, "first_loss": first_loss,
+                "last_loss": last_loss, "eval": last_eval, "tokens": self.state.tokens,
+                "train_seconds": round(self.state.elapsed_s, 2),
+                "tokens_per_s": self.state.tokens / max(self.state.elapsed_s, 1e-9),
+                "interrupted": self.state.step < self.total_steps,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _install_sigint(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            self.request_stop()
+            self.progress.write("Ctrl-C: saving a checkpoint after this step (press again to abort now)")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,119 @@
+"""Run reporting: ``metrics.jsonl``, the progress bar, the loss-curve PNG and the end-of-run summary.
+
+``metrics.jsonl`` holds one JSON object per line: training lines carry ``step``, ``loss``, ``lr``, ``grad_norm``,
+``epoch``, ``tokens``, ``tokens_per_s``, ``elapsed_s`` (and ``gpu_mem_gib`` on CUDA); evaluation lines carry
+``step``, ``eval_loss`` and ``eval_ppl``. On resume the lines after the checkpoint's step are dropped, so the file
+always describes one consistent trajectory. tqdm and matplotlib are optional extras.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Append-only JSON-lines writer, flushed per line so that a killed run keeps its history."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def gpu_memory_gib() -> float | None:
+    """Peak allocated CUDA memory of this process, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+class Progress:
+    """A tqdm bar when tqdm is installed and enabled; otherwise a plain line about every 5% of the run."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.enabled, self._bar = total, enabled, None
+        self._every = max(1, total // 20)
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict[str, Any]) -> None:
+        fields = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                  "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if record.get("gpu_mem_gib") is not None:
+            fields["mem"] = f"{record['gpu_mem_gib']:.2f}GiB"
+        if self._bar is not None:
+            self._bar.set_postfix(fields, refresh=False)
+            self._bar.update(1)
+        elif self.enabled and (record["step"] % self._every == 0 or record["step"] == self.total):
+            print(f"step {record['step']}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()),
+                  file=sys.stderr, flush=True)
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        elif self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """Write ``loss.png`` (train and eval loss against step); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # exp(50) is already astronomically bad; avoid inf in JSON

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
+
+from nf4lora.kernels import dequantize
+from nf4lora.kernels.dequantize_nf4 import dequantize_into
+from nf4lora.nf4.tensor import dequantize as dequantize_ref
+from nf4lora.nf4.tensor import quantize as quantize_ref
+
+
+
+@pytest.mark.parametrize(
+    "shape, blocksize, quant_type, double_quant",
+    [
+        ((64, 96), 64, "nf4", True),
+        ((33, 7), 32, "fp4", False),  # odd numel: the last byte holds one element
+        ((5, 1001), 64, "nf4", False),  # partial last block
+        ((300, 700), 256, "fp4", True),
+        ((3, 4096), 4096, "nf4", True),
+    ],
+)
+@pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
+def test_dequantize_equals_reference_exactly(triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype):
+    skip_interpreter_bf16(device, dtype)
+    q = quantize_ref(torch.randn(shape), blocksize, quant_type, double_quant)
+    out = dequantize(q.to(device), dtype)
+    assert out.shape == q.shape and out.dtype == dtype and out.device.type == device.type
+    assert torch.equal(out.cpu(), dequantize_ref(q, dtype))
+
+
+def test_dequantize_defaults_to_the_original_dtype(triton_mode, device):
+    q = quantize_ref(torch.randn(8, 64, dtype=torch.float16))
+    assert dequantize(q.to(device)).dtype == torch.float16
+
+
+def test_dequantize_any_16_value_codebook(triton_mode, device):
+    code = torch.rand(16) * 2 - 1  # unsorted, not NF4 or FP4
+    q = quantize_ref(torch.randn(6, 64), 32, code=code)
+    assert torch.equal(dequantize(q.to(device), torch.float32).cpu(), dequantize_ref(q, torch.float32))
+
+
+def test_dequantize_into_writes_the_given_buffer(triton_mode, device):
+    q = quantize_ref(torch.randn(16, 64)).to(device)
+    out = torch.full((16, 64), float("nan"), device=device)
+    assert dequantize_into(q, out) is out
+    assert torch.equal(out.cpu(), dequantize_ref(q.to("cpu"), torch.float32))
+
+
+def test_dequantize_refuses_bad_outputs(triton_mode, device):
+    q = quantize_ref(torch.randn(4, 64)).to(device)
+    with pytest.raises(TypeError, match="cannot dequantize to torch.int32"):
+        dequantize_into(q, torch.empty(4, 64, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="out must be contiguous with 256 elements, got 255"):
+        dequantize_into(q, torch.empty(255, device=device))
+
+
+def test_dequantize_refuses_state_on_another_device(triton_mode):
+    q = quantize_ref(torch.randn(4, 64))
+    q.state.code = q.state.code.to("meta")
+    with pytest.raises(ValueError, match="state.code is on meta but packed is on cpu"):
+        dequantize(q)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from nf4lora.kernels import dispatch, kernel_mode, use_kernels
+
+
+def test_mode_defaults_to_auto(monkeypatch):
+    monkeypatch.delenv("NF4LORA_KERNELS", raising=False)
+    assert kernel_mode() == "auto"
+
+
+@pytest.mark.parametrize("mode", ["auto", "triton", "reference"])
+def test_env_var_sets_the_mode(monkeypatch, mode):
+    monkeypatch.setenv("NF4LORA_KERNELS", mode.upper())
+    assert kernel_mode() == mode
+
+
+def test_bad_env_var_names_the_valid_modes(monkeypatch):
+    monkeypatch.setenv("NF4LORA_KERNELS", "fast")
+    with pytest.raises(ValueError, match=r"NF4LORA_KERNELS='fast' is not a kernel mode.*'reference'"):
+        kernel_mode()
+
+
+def test_context_manager_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("NF4LORA_KERNELS", "triton")
+    with use_kernels("reference"):
+        assert kernel_mode() == "reference"
+        with use_kernels("auto"):
+            assert kernel_mode() == "auto"
+        assert kernel_mode() == "reference"
+    assert kernel_mode() == "triton"
+
+
+def test_context_manager_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode='cuda' is not a kernel mode"):
+        with use_kernels("cuda"):
+            pass
+
+
+def test_auto_uses_reference_on_cpu_and_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv("NF4LORA_KERNELS", raising=False)
+    assert not dispatch.use_triton(torch.device("cpu"))
+    assert dispatch.use_triton(torch.device("cuda")) == dispatch.triton_available()
+
+
+def test_forced_modes_apply_on_every_device():
+    with use_kernels("reference"):
+        assert not dispatch.use_triton(torch.device("cuda"))
+    with use_kernels("triton"):
+        assert dispatch.use_triton(torch.device("cpu"))
+
+
+def test_forced_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    with use_kernels("triton"), pytest.raises(ValueError, match="triton package is not installed"):
+        dispatch.use_triton(torch.device("cpu"))

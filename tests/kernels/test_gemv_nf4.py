@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
+
+from nf4lora.kernels.gemv_nf4 import fused_matmul, split_k_chunk
+from nf4lora.nf4.tensor import dequantize as dequantize_ref
+from nf4lora.nf4.tensor import quantize as quantize_ref
+
+# Relative Frobenius error against float64 on the same rounded operands (the dequantized weight in
+# x.dtype, as the reference computes it): fp32 lands near 1e-7 (order-of-summation rounding), so 1e-5
+# is loose; fp16/bf16 outputs are rounded once, 2**-11 / 2**-8 relative, so 2e-3 / 1e-2.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def reference(x, q, bias):
+    w = dequantize_ref(q.to("cpu"), x.dtype).double()
+    return F.linear(x.cpu().double(), w, None if bias is None else bias.cpu().to(x.dtype).double())
+
+
+def rel_err(out, ref):
+    return float((out.cpu().double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize(
+    "M, N, K, blocksize, double_quant, block_m",
+    [
+        (1, 40, 96, 64, True, None),  # GEMV path, K % 64 == 32: partial K tile
+        (3, 40, 96, 64, False, None),  # tl.dot path with 13 padded rows
+        (17, 33, 200, 32, True, None),  # two M tiles, N not a multiple of 32, K % 32 == 8: blocks straddle rows
+        (1, 33, 100, 64, True, None),  # GEMV with blocks straddling rows
+        (3, 24, 2100, 64, True, None),  # split-K: three K chunks, the last one ragged
+        (5, 64, 256, 64, True, 64),  # the large-M fused tiling
+    ],
+)
+@pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, double_quant, block_m, dtype, with_bias):
+    skip_interpreter_bf16(device, dtype)
+    q = quantize_ref(torch.randn(N, K), blocksize, "nf4", double_quant)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N) if with_bias else None  # float32 bias with a lower-precision x: cast like F.linear
+    out = fused_matmul(x.to(device), q.to(device), None if bias is None else bias.to(device), block_m)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert not out.isnan().any(), "unwritten (poisoned) outputs"
+    assert rel_err(out, reference(x, q, bias)) < TOLERANCE[dtype]
+
+
+def test_split_k_chunks_are_aligned_and_cover_k(device):
+    for M, N, K in [(1, 64, 4096), (1, 28672, 8192), (16, 4096, 11008), (3, 24, 2100)]:
+        chunk = split_k_chunk(M, N, K, 16, device)
+        assert chunk % 1024 == 0 and 0 < chunk < K + 1024
+
+
+def test_fused_matmul_is_deterministic(device):
+    q = quantize_ref(torch.randn(24, 2100)).to(device)
+    x = torch.randn(2, 2100, device=device)
+    assert torch.equal(fused_matmul(x, q), fused_matmul(x, q))
+
+
+def test_fused_matmul_refuses_odd_k_and_unknown_tiling(device):
+    q = quantize_ref(torch.randn(8, 65)).to(device)
+    with pytest.raises(ValueError, match="needs an even in_features, got K=65"):
+        fused_matmul(torch.randn(1, 65, device=device), q)
+    q = quantize_ref(torch.randn(8, 64)).to(device)
+    with pytest.raises(ValueError, match=r"block_m=32 has no configs; valid: \[1, 16, 64, 128\]"):
+        fused_matmul(torch.randn(1, 64, device=device), q, block_m=32)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nf4lora.kernels import quantize
+from nf4lora.nf4 import codebook
+from nf4lora.nf4.tensor import quantize as quantize_ref
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy divides by zero
+
+
+def assert_same_bytes(q, ref):
+    assert torch.equal(q.packed.cpu(), ref.packed.cpu())
+    for name, t in ref.state.tensors().items():
+        got = getattr(q.state, name)
+        assert got.dtype == t.dtype and torch.equal(got.cpu(), t.cpu()), name
+    assert (q.shape, q.dtype, q.state.blocksize, q.state.quant_type) == (ref.shape, ref.dtype, ref.state.blocksize, ref.state.quant_type)
+    assert q.state.nested_blocksize == ref.state.nested_blocksize
+
+
+@pytest.mark.parametrize(
+    "shape, blocksize, quant_type, double_quant, dtype",
+    [
+        ((64, 96), 64, "nf4", True, torch.float32),
+        ((33, 7), 32, "fp4", False, torch.float16),  # odd numel: padded tail byte
+        ((5, 1001), 64, "nf4", True, torch.bfloat16),  # partial last block
+        ((300, 700), 256, "nf4", True, torch.float32),  # nested: a partial block of 256 absmax
+        ((3, 4096), 4096, "fp4", True, torch.float16),  # one block per row
+        ((129,), 128, "nf4", False, torch.float32),
+    ],
+)
+def test_quantize_matches_reference_bytes(triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype):
+    w = torch.randn(shape, dtype=torch.float32).to(dtype)
+    ref = quantize_ref(w, blocksize, quant_type, double_quant)
+    q = quantize(w.to(device), blocksize, quant_type, double_quant)
+    assert q.device.type == device.type
+    assert_same_bytes(q, ref)
+
+
+def test_quantize_all_zero_blocks_match_reference(triton_mode, poisoned, device):
+    w = torch.randn(10, 64)
+    w[2] = 0  # a full zero block: stored absmax 0
+    w[9, 40:] = 0  # the partial last block (numel 640 at blocksize 256) is not all zero...
+    tail = torch.zeros(1, 100)  # ...but here it is: stored absmax 1e-38
+    for t in (w, torch.cat([w.reshape(1, -1), tail], 1)):
+        assert_same_bytes(quantize(t.to(device), 256), quantize_ref(t, 256))
+
+
+def test_quantize_ties_take_the_lower_code(triton_mode, device):
+    code = codebook.nf4_code()
+    bounds, _ = codebook.quantize_bounds(code)
+    # each midpoint exactly, scaled by absmax 1 (the block's first element pins absmax to 1)
+    w = torch.cat([torch.ones(1), bounds, -bounds]).reshape(1, -1)
+    w = torch.nn.functional.pad(w, (0, 64 - w.shape[1]))
+    assert_same_bytes(quantize(w.to(device), 64, double_quant=False), quantize_ref(w, 64, double_quant=False))
+
+
+def test_quantize_custom_codebook_matches_reference(triton_mode, device):
+    code = torch.linspace(-1, 1, 16).flip(0)  # unsorted: exercises the order table
+    w = torch.randn(4, 96)
+    q = quantize(w.to(device), 32, code=code.to(device))
+    assert q.state.quant_type == "custom"
+    assert_same_bytes(q, quantize_ref(w, 32, code=code))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quantize_refuses_non_finite_weights(triton_mode, device, bad):
+    w = torch.randn(4, 64)
+    w[1, 3] = bad
+    with pytest.raises(ValueError, match="1 NaN or Inf values"):
+        quantize(w.to(device))
+
+
+def test_quantize_refuses_bad_blocksize_and_codebook(triton_mode, device):
+    w = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match="blocksize 48 is not supported"):
+        quantize(w, 48)
+    with pytest.raises(ValueError, match=r"custom codebook must be \(16,\) float32"):
+        quantize(w, code=torch.zeros(8))
+    with pytest.raises(TypeError, match="cannot quantize weight of dtype torch.int32"):
+        quantize(w.int())
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 150),
+    blocksize=st.sampled_from([32, 64, 128]),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_bytes_equal_reference_for_any_shape_and_scale(rows, cols, blocksize, scale, seed):
+    from nf4lora.kernels import use_kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * scale
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with use_kernels("triton"):
+        q = quantize(w.to(device), blocksize)
+    assert_same_bytes(q, quantize_ref(w, blocksize))

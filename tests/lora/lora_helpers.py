@@ -1,0 +1,120 @@
+"""Builders shared by the LoRA tests: a tiny random Llama, peft-side helpers (no network)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+
+def tiny_llama(bias: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer ``transformers.LlamaForCausalLM`` with ragged sizes (hidden 40, mlp 72, vocab 97)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    if bias:
+        with torch.no_grad():  # HF initialises biases to zero; make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model
+
+
+def peft_model(base, **config):
+    """peft's LoRA model on a deep copy of ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+class OneLayer(torch.nn.Module):
+    """The smallest model peft accepts: one linear layer named ``proj``."""
+
+    def __init__(self, proj: torch.nn.Module, loaded_in_4bit: bool = False) -> None:
+        super().__init__()
+        self.proj = proj
+        # peft picks its bitsandbytes LoRA class only for models flagged as 4-bit (as transformers flags them).
+        self.is_loaded_in_4bit = loaded_in_4bit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def copy_adapter_from_peft(peft_layer, our_layer, adapter: str = "default") -> None:
+    """Give our LoraLinear the LoRA (and DoRA magnitude) weights of a peft LoRA layer."""
+    with torch.no_grad():
+        our_layer.lora_A[adapter].weight.copy_(peft_layer.lora_A[adapter].weight)
+        our_layer.lora_B[adapter].weight.copy_(peft_layer.lora_B[adapter].weight)
+        if adapter in peft_layer.lora_magnitude_vector:
+            our_layer.lora_magnitude_vector[adapter].weight.copy_(peft_layer.lora_magnitude_vector[adapter].weight)
+
+
+def bnb_linear4bit(linear: torch.nn.Linear, compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64):
+    """bitsandbytes ``Linear4bit`` (NF4, double-quantized) holding ``linear``'s weight, quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                 blocksize=blocksize, compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+    return q.to("cpu")  # quantizes
+
+
+def bnb_dequantized(q) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+
+
+def quantize_linears(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Replace every ``nn.Linear`` except ``lm_head`` by ``NF4Linear`` in place (as a QLoRA model loads)."""
+    from nf4lora.nf4.linear import NF4Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, compute_dtype=compute_dtype))
+    return model
+
+
+def lora_module_names(model: torch.nn.Module) -> set[str]:
+    """Names of the LoRA-wrapped modules in our model or in a peft model (peft's prefix removed)."""
+    from peft.tuners.lora import LoraLayer
+
+    from nf4lora.lora import LoraLinear
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLinear, LoraLayer)):
+            names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad}
+
+
+def bnb_quantize_linears(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Replace every ``nn.Linear`` but ``lm_head`` by bitsandbytes ``Linear4bit`` in place; flag the model 4-bit."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, bnb_linear4bit(module, compute_dtype=compute_dtype))
+    model.is_loaded_in_4bit = True
+    return model

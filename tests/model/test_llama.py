@@ -1,0 +1,148 @@
+"""The Llama forward pass against transformers' LlamaForCausalLM, masks, packing, KV cache, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nf4lora.model import Llama, LlamaConfig, load_model
+
+from .conftest import VARIANTS, hf_model, rel_err
+
+# fp32: both sides run the same float32 math in a different op order; observed ~1e-7, the issue asks 1e-5.
+FP32_REL = 1e-5
+# bf16: 8 mantissa bits, rounding after every op of a 2-3 layer model; the issue asks 2e-2.
+BF16_REL = 2e-2
+
+
+def _ids(batch=2, length=12, vocab=96, seed=1):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fp32_logits_match_transformers(checkpoints, variant):
+    path = checkpoints(variant)
+    hf = hf_model(**VARIANTS[variant])
+    ours = load_model(path, dtype=torch.float32)
+    x = _ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+    assert got.shape == (2, 12, 96) and got.dtype == torch.float32
+    assert rel_err(got, expected) < FP32_REL
+
+
+@pytest.mark.parametrize("variant", ["gqa", "llama3"])
+def test_bf16_logits_match_transformers(checkpoints, variant):
+    hf = hf_model(**VARIANTS[variant]).to(torch.bfloat16)
+    ours = load_model(checkpoints(variant), dtype=torch.bfloat16)
+    x = _ids()
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, expected) < BF16_REL
+
+
+def test_padding_mask_matches_transformers(checkpoints):
+    hf = hf_model()
+    ours = load_model(checkpoints("gqa"), dtype=torch.float32)
+    x = _ids(3, 9)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    with torch.no_grad():
+        expected = hf(x, attention_mask=mask).logits
+        got = ours(x, attention_mask=mask)
+    keep = mask.bool()
+    assert torch.isfinite(got).all()
+    assert rel_err(got[keep], expected[keep]) < FP32_REL
+
+
+def _tiny(**overrides) -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **overrides)
+    return Llama(cfg).eval()
+
+
+def test_segment_ids_keep_packed_examples_independent():
+    model = _tiny()
+    a, b = _ids(1, 5, 50, seed=2), _ids(1, 7, 50, seed=3)
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        got = model(packed, segment_ids=segments)
+        alone = torch.cat([model(a), model(b)], dim=1)
+    # Same math on the same rows; only the SDPA masking path differs, so float32 rounding order alone.
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_4d_boolean_mask_equals_segment_ids():
+    model = _tiny()
+    x = _ids(2, 8, 50)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 2, 2]])
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask4d = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]])
+    with torch.no_grad():
+        a = model(x, segment_ids=seg)
+        b = model(x, attention_mask=mask4d, position_ids=pos)
+        c = model(x, attention_mask=torch.where(mask4d, 0.0, float("-inf")), position_ids=pos)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)  # additive vs boolean mask: same softmax, fp32 rounding
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["prefix", "static_slots"])
+def test_kv_cache_decoding_matches_full_forward(static):
+    model = _tiny()
+    x = _ids(2, 10, 50)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 16)
+        steps = [model(x[:, :6], cache=cache)]
+        for i in range(6, 10):
+            slot = torch.tensor([i]) if static else None
+            pos = torch.full((2, 1), i) if static else None
+            steps.append(model(x[:, i:i + 1], cache=cache, cache_position=slot, position_ids=pos))
+    # Same math; attention over cached keys reorders the fp32 reductions.
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    model = _tiny().train()
+    x = _ids(2, 8, 50)
+
+    def grads(checkpointing: bool):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(x).float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:  # recomputation replays the exact same kernels on the same inputs
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_module_names_mirror_transformers():
+    hf_keys = set(hf_model().state_dict())
+    assert set(_tiny_from_base().state_dict()) == hf_keys
+
+
+def _tiny_from_base() -> Llama:
+    return Llama(LlamaConfig.from_hf_dict(hf_model().config.to_dict()))
+
+
+def test_tied_embeddings_share_one_parameter(checkpoints):
+    model = load_model(checkpoints("tied"), dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_forward_rejects_bad_inputs():
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="KV cache holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=model.new_cache(1, 4))

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from nf4lora.trainer.cli import main
+from nf4lora.trainer.config import TrainConfig
+from nf4lora.trainer.job import run_train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, data_file):
+    """A run on the tiny NF4 model: its directory holds the adapter that the commands below use."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig(model=str(tiny_model_dir), data=str(data_file), output_dir=str(run), max_steps=3,
+                         micro_batch=2, lr=1e-2, max_len=192, progress=False, max_new_tokens=0, dtype="fp32")
+    run_train(config, log=lambda _: None)
+    return run
+
+
+def adapted_logits(model_dir, adapter, ids, quantization="nf4"):
+    from nf4lora.lora import load_adapter
+    from nf4lora.model import load_model
+
+    model = load_model(str(model_dir), quantization=quantization, dtype=torch.float32)
+    load_adapter(model, str(adapter))
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+IDS = torch.randint(3, 300, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+def test_merge_output_loads_in_transformers_and_matches_the_adapter_model(tmp_path, tiny_model_dir, trained):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(trained), "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.model").is_file()
+    merged = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        actual = merged(input_ids=IDS).logits
+    expected = adapted_logits(tiny_model_dir, trained, IDS)
+    # The merged weights are stored in bf16 (relative rounding <= 2**-9 per weight); through two layers of this
+    # tiny model that moves logits of magnitude ~1 by well under 1e-2.
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_merge_with_nf4_requantizes_the_merged_weights(tmp_path, tiny_model_dir, trained):
+    from safetensors.torch import load_file
+
+    from nf4lora.model import load_model
+
+    dense, four_bit = tmp_path / "dense", tmp_path / "merged4"
+    common = ["--model", str(tiny_model_dir), "--adapter", str(trained), "--dtype", "fp32"]
+    assert main(["merge", *common, "--out", str(dense)]) == 0
+    with pytest.warns(UserWarning):
+        assert main(["merge", *common, "--out", str(four_bit), "--quantize", "nf4"]) == 0
+    model = load_model(str(four_bit), dtype=torch.float32)
+    assert sum(1 for m in model.modules() if type(m).__name__ == "NF4Linear") == 14
+    merged = load_file(str(dense / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"].float()
+    stored = model.model.layers[0].self_attn.q_proj.weight.dequantize(torch.float32)
+    # Every weight lands on one of NF4's 16 levels: the widest gap between levels is 0.304 of the block absmax,
+    # so rounding moves a weight by at most 0.152 * absmax; bf16 storage of the dense copy adds < 0.4%.
+    blocks = merged.flatten().view(-1, 64)
+    bound = 0.16 * blocks.abs().amax(dim=1, keepdim=True)
+    assert ((stored.flatten().view(-1, 64) - blocks).abs() <= bound).all()
+    assert not torch.equal(stored, merged)
+
+
+def test_quantize_writes_bitsandbytes_format_that_reloads_bit_exactly(tmp_path, tiny_model_dir):
+    from nf4lora.model import load_model
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    stored = load_model(str(out))
+    direct = load_model(str(tiny_model_dir), quantization="nf4", dtype=torch.bfloat16)
+    a = stored.model.layers[1].mlp.down_proj.weight
+    b = direct.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32))
+    code = main(["quantize", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert code == 2
+
+
+def test_generate_streams_the_same_tokens_as_model_generate(capsys, tmp_path, tiny_model_dir, trained):
+    from nf4lora.lora import load_adapter
+    from nf4lora.model import generate, load_model, load_tokenizer
+
+    prompt = "Either party may terminate this Agreement"
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(trained), "--prompt", prompt,
+                 "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f">>> {prompt}"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_adapter(load_model(str(tiny_model_dir), quantization="nf4", dtype=torch.float32), str(trained))
+    ids = tokenizer.encode(prompt)
+    expected = generate(model.eval(), [ids], max_new_tokens=12)[0, len(ids):].tolist()
+    expected = [t for t in expected if t not in tokenizer.eos_ids][:12]
+    assert "\n".join(out[1:]) == tokenizer.decode(expected)
+
+
+def test_generate_reads_a_prompts_file_and_rejects_a_missing_adapter(capsys, tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts-file", str(prompts),
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert ">>> first prompt" in out and ">>> second prompt" in out
+    code = main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--prompt", "x"])
+    assert code == 2 and "no adapter_config.json there" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from nf4lora.trainer.job import run_train
+from nf4lora.trainer.loop import Trainer
+from nf4lora.trainer.metrics import read_metrics
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def stop_after(step):
+    def hook(trainer: Trainer, record):
+        if record["step"] == step:
+            trainer.request_stop()
+
+    return hook
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, max_steps=12, save_steps=5, eval_steps=6)
+    summary = run_train(config, log=lambda _: None)
+    run = tmp_path / "run"
+    curve = losses(run)
+    # From ~ln(320) = 5.77 nats; 12 steps of this tiny model reliably gain > 0.5 nats, noise is ~0.1 per step.
+    assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.3
+    for name in ("run_config.json", "metrics.jsonl", "summary.json", "adapter_config.json",
+                 "adapter_model.safetensors", "checkpoint-5/trainer_state.pt", "checkpoint-10/adapter_model.safetensors",
+                 "checkpoint-12/trainer_state.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".checkpoint-*"))
+    evals = [r for r in read_metrics(run) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12] and evals[1]["eval_ppl"] == pytest.approx(
+        torch.tensor(evals[1]["eval_loss"]).exp().item(), rel=1e-6)
+    assert summary["sample"]["completion"] is not None and not summary["interrupted"]
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_config, tmp_path):
+    full = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "full"), max_new_tokens=0, micro_batch=2,
+                               val_fraction=0.0)
+    run_train(full, log=lambda _: None)
+    part = dataclasses.replace(full, output_dir=str(tmp_path / "part"))
+    summary = run_train(part, on_step=stop_after(3), log=lambda _: None)
+    assert summary["interrupted"] and summary["checkpoint"].endswith("checkpoint-3")
+    assert len(losses(tmp_path / "part")) == 3
+    run_train(dataclasses.replace(part, resume=str(tmp_path / "part")), log=lambda _: None)
+    # Same machine, same kernels, same RNG streams: a resumed run is bit-identical, not merely close.
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_resume_with_a_different_rank_is_refused(tiny_config, tmp_path):
+    from nf4lora.trainer.config import UsageError
+
+    config = dataclasses.replace(tiny_config, max_steps=1, max_new_tokens=0)
+    run_train(config, log=lambda _: None)
+    with pytest.raises(UsageError, match="incompatible checkpoint, it was trained with lora_r=16 but this run has "
+                                         "lora_r=8"):
+        run_train(dataclasses.replace(config, lora_r=8, resume=config.output_dir), log=lambda _: None)
+
+
+def test_packed_training_runs_and_counts_every_example(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, packing=True, max_steps=2, max_new_tokens=0, val_fraction=0.0)
+    summary = run_train(config, log=lambda _: None)
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(losses(tmp_path / "run"))))
+
+
+def test_peft_loads_the_adapter_and_matches_our_logits(tiny_config, tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from nf4lora.lora import load_adapter
+    from nf4lora.model import load_model
+
+    config = dataclasses.replace(tiny_config, quantization="none", max_steps=3, max_new_tokens=0)
+    run_train(config, log=lambda _: None)
+    run = tmp_path / "run"
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, str(run)).eval()
+    ours = load_adapter(load_model(str(tiny_model_dir), dtype=torch.float32), str(run)).eval()
+    ids = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        actual = ours(ids)
+    # Same fp32 weights and the same math; only the order of floating-point sums differs between implementations.
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # The adapter trained (B is no longer zero), so the comparison above is not base-vs-base.
+    from nf4lora.lora import disable_adapters
+
+    with torch.no_grad(), disable_adapters(ours):
+        bare = ours(ids)
+    assert (bare - actual).abs().max() > 1e-3
+
+
+def test_cuda_oom_evicts_optimizer_state_and_retries_once(tiny_config, monkeypatch):
+    from nf4lora.optim import PagedAdamW
+
+    evicted = []
+    monkeypatch.setattr(PagedAdamW, "evict", lambda self, nbytes: evicted.append(nbytes) or 0)
+    calls = {"n": 0}
+    real = Trainer._accumulate
+
+    def flaky(self, batches, targets):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batches, targets)
+
+    monkeypatch.setattr(Trainer, "_accumulate", flaky)
+    summary = run_train(dataclasses.replace(tiny_config, max_steps=3, max_new_tokens=0), log=lambda _: None)
+    assert summary["steps"] == 3 and len(evicted) == 1
+
+
+def test_repeated_cuda_oom_fails_with_an_actionable_message(tiny_config, monkeypatch):
+    from nf4lora.trainer.loop import TrainingOOM
+
+    def always(self, batches, targets):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Trainer, "_accumulate", always)
+    with pytest.raises(TrainingOOM, match=r"lower --micro-batch \(raise --grad-accum to keep the effective batch\)"):
+        run_train(dataclasses.replace(tiny_config, max_steps=2, max_new_tokens=0), log=lambda _: None)
+
+
+def test_run_config_records_the_resolved_settings(tiny_config, tmp_path):
+    run_train(dataclasses.replace(tiny_config, max_steps=1, max_new_tokens=0), log=lambda _: None)
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["lora_r"] == tiny_config.lora_r and saved["resolved_model"] == tiny_config.model
