@@ -1,6 +1,7 @@
 """Benchmark the NF4 Triton kernels against bitsandbytes and bf16 cuBLAS on one GPU.
 
-    PYTHONPATH=.bnb:. python benchmarks/kernels.py [--shapes 4096x4096,...] [--out-dir DIR] [--quick]
+    PYTHONPATH=.bnb:. python benchmarks/kernels.py [--shapes 4096x4096,...] [--ops linear,...] [--ms 1,2]
+        [--out-dir DIR]
 
 For each weight shape (N, K) -- Llama-2-7B and Llama-3-70B projections by default -- one random
 bf16 weight is quantized (NF4, blocksize 64, double quantization) and every peer uses it:
@@ -47,6 +48,7 @@ from nf4lora.kernels.reference import dequantize_reference, quantize_reference  
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672))
 SMALL_MS = (1, 2, 4, 8, 16)
+OPS = ("quantize", "dequantize", "linear", "large")
 LARGE_M = 4096
 COLUMNS = (
     "op", "shape", "M", "ours_ms", "bnb_ms", "bf16_ms", "alt_ms", "GB/s", "%copy", "TFLOP/s",
@@ -63,31 +65,14 @@ def q_bytes(q) -> int:
     return q.nbytes
 
 
-def bench_shape(N: int, K: int, bnb, ceilings: dict, quick: bool) -> list[dict]:
+def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tuple[int, ...]) -> list[dict]:
     rows = []
     copy_gbs = ceilings["copy_gbs"]
     shape = f"{N}x{K}"
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
 
-    # ---- quantize -------------------------------------------------------------------
     q = quantize(w)
-    ref = quantize_reference(w)
     bq, bstate = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    check = {
-        "bytes==reference": torch.equal(q.packed, ref.packed) and torch.equal(q.state.absmax, ref.state.absmax)
-        and torch.equal(q.state.nested_absmax, ref.state.nested_absmax),
-        "packed==bnb": torch.equal(q.packed, bq.reshape(-1)),
-        "absmax==bnb": torch.equal(q.state.absmax, bstate.absmax),
-    }
-    ours = bench(lambda: quantize(w))
-    theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
-    nbytes = w.numel() * 2 + q_bytes(q)
-    rows.append(dict(op="quantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
-        "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
-        "check": check,
-    }))
-
-    # ---- dequantize -----------------------------------------------------------------
     n_copies = copies_for(q_bytes(q) + w.numel() * 2)
     qs = [q] + [quantize(w) for _ in range(n_copies - 1)]
     bqs = [(bq, bstate)] + [
@@ -95,23 +80,43 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, quick: bool) -> list[dict]:
         for _ in range(n_copies - 1)
     ]
     out = dequantize(q, torch.bfloat16)
+
+    # ---- quantize -------------------------------------------------------------------
+    ref = quantize_reference(w)
+    check = {
+        "bytes==reference": torch.equal(q.packed, ref.packed) and torch.equal(q.state.absmax, ref.state.absmax)
+        and torch.equal(q.state.nested_absmax, ref.state.nested_absmax),
+        "packed==bnb": torch.equal(q.packed, bq.reshape(-1)),
+        "absmax==bnb": torch.equal(q.state.absmax, bstate.absmax),
+    }
+    if "quantize" in ops:
+        ours = bench(lambda: quantize(w))
+        theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        nbytes = w.numel() * 2 + q_bytes(q)
+        rows.append(dict(op="quantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
+            "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
+            "check": check,
+        }))
+
+    # ---- dequantize -----------------------------------------------------------------
     check = {
         "exact==reference": torch.equal(out, dequantize_reference(q, torch.bfloat16)),
         "exact==bnb": torch.equal(out, bnb.functional.dequantize_4bit(bq, bstate)),
     }
-    ours = bench_rotating([lambda qi=qi: dequantize(qi, torch.bfloat16) for qi in qs])
-    theirs = bench_rotating([lambda b=b: bnb.functional.dequantize_4bit(*b) for b in bqs])
-    nbytes = q_bytes(q) + w.numel() * 2
-    rows.append(dict(op="dequantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
-        "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
-        "check": check,
-    }))
+    if "dequantize" in ops:
+        ours = bench_rotating([lambda qi=qi: dequantize(qi, torch.bfloat16) for qi in qs])
+        theirs = bench_rotating([lambda b=b: bnb.functional.dequantize_4bit(*b) for b in bqs])
+        nbytes = q_bytes(q) + w.numel() * 2
+        rows.append(dict(op="dequantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
+            "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
+            "check": check,
+        }))
 
     # ---- small M (inference) --------------------------------------------------------
     w_copies = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
     w_deq = out.float()
     with torch.no_grad():
-        for M in SMALL_MS if not quick else (1, 16):
+        for M in small_ms if "linear" in ops else ():
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             y = nf4_linear(x, q)
             y_bnb = bnb.matmul_4bit(x, bq.t(), quant_state=bstate)
@@ -129,6 +134,8 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, quick: bool) -> list[dict]:
             }))
 
     # ---- large M: forward + backward (grad to x) ------------------------------------
+    if "large" not in ops:
+        return rows
     x = torch.randn(LARGE_M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(LARGE_M, N, device="cuda", dtype=torch.bfloat16)
 
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="M in (1, 16) only")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--ms", default=",".join(map(str, SMALL_MS)), help="small M values for the linear op")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -174,22 +182,28 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ops = set(args.ops.split(","))
+    if not ops <= set(OPS):
+        raise SystemExit(f"--ops {args.ops!r}: valid ops are {', '.join(OPS)}")
+    small_ms = tuple(int(m) for m in args.ms.split(","))
+    # a subset run must not overwrite the full table of the same day
+    family = "kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset"
     env = environment(extra_packages=("bitsandbytes",))
     ceilings = device_ceilings()
     print(f"ceilings: {ceilings}", flush=True)
     rows: list[dict] = []
-    config = {"shapes": shapes, "small_m": SMALL_MS, "large_m": LARGE_M, "blocksize": 64, "quant_type": "nf4",
+    config = {"shapes": shapes, "ops": sorted(ops), "small_m": small_ms, "large_m": LARGE_M, "blocksize": 64, "quant_type": "nf4",
               "double_quant": True, "dtype": "bfloat16"}
     for N, K in shapes:
         try:
-            shape_rows = bench_shape(N, K, bnb, ceilings, args.quick)
+            shape_rows = bench_shape(N, K, bnb, ceilings, ops, small_ms)
         except Exception as error:  # noqa: BLE001 -- record the failure, keep the other shapes' numbers
             shape_rows = [{"op": "error", "shape": f"{N}x{K}", "check": f"{type(error).__name__}: {error}"}]
         rows += shape_rows
         print(markdown_table(shape_rows, COLUMNS), flush=True)
-        write_results("kernels", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
+        write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
         torch.cuda.empty_cache()
-    paths = write_results("kernels", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
+    paths = write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
     print(markdown_table(rows, COLUMNS))
     print(json.dumps({"results": [str(p) for p in paths], "ceilings": ceilings}))
     return 0

@@ -15,9 +15,14 @@ Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` 
 partial sums go to a (n_splits, M, N) buffer and a second launch adds them in a fixed order with
 the bias (deterministic: no atomics). Otherwise the bias is fused into the single launch.
 
-Numerics: the weight is dequantized exactly as ``nf4lora.nf4.dequantize`` does (fp32 product,
-rounded once to x.dtype), then multiplied in x.dtype precision with fp32 accumulation (fp32 x uses
-IEEE fp32 dot, not tf32). Needs K even (rows start on a byte); ``nf4_linear`` routes odd K through
+Numerics: where K is a multiple of the blocksize, a sub-tile row of SUB_K weights shares one
+absmax, so it multiplies the row's partial dot product once instead of every weight: the GEMV
+computes ``absmax * sum(code[idx] * x)`` in fp32 (no rounding of the weight at all), the tensor-core
+path ``absmax * (x @ code[idx].T)`` with the codes rounded to x.dtype (bf16: 2**-9 relative, the
+same size as rounding the dequantized weight). Results therefore match the reference (which
+rounds the dequantized weight to x.dtype) within the dtype's matmul tolerance, not bit for bit;
+fp32 x uses an IEEE fp32 dot, not tf32. Elsewhere (blocks straddling rows) each weight is
+dequantized as the reference does, then multiplied. Needs K even (rows start on a byte); ``nf4_linear`` routes odd K through
 ``matmul_nf4.dequant_matmul``. Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N out.
 """
 
@@ -78,7 +83,7 @@ def _nf4_matmul_kernel(
     # outputs: out (M, N) when not split, else fp32 partials (n_splits, M, N)
     out_ptr, partial_ptr,
     # sizes and strides
-    M, N, K, K_CHUNK, stride_xm, stride_wn, stride_om,
+    M, N, K, K_CHUNK, stride_xm, stride_om,
     # format
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
     PTX: tl.constexpr,
@@ -97,9 +102,7 @@ def _nf4_matmul_kernel(
     n_mask = rn < N
     m_mask = rm < M
     row_start = rn.to(tl.int64) * K  # flat element index of W[n, 0]; even because K is even
-    # stride_wn = K // 2 as its own argument: Triton then knows rows start 16-byte aligned (when they
-    # do) and loads 16 bytes per thread; derived from K inside the kernel it lost that and loaded bytes
-    row_bytes = packed_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    row_bytes = packed_ptr + (row_start // 2)[:, None]
     sub_byte = tl.arange(0, SUB_BYTES)
     x_rows = x_ptr + rm.to(tl.int64) * stride_xm
 
@@ -116,32 +119,43 @@ def _nf4_matmul_kernel(
             col_byte = k // 2 + sub_byte
             byte_mask = n_mask[:, None] & (col_byte < k_end // 2)[None, :]
             packed = tl.load(row_bytes + col_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
-            if ALIGNED:  # K % BLOCKSIZE == 0: the sub-tile row lies in one block
-                scale = decode_absmax(
+            code_hi = tl.load(code_ptr + (packed >> 4))
+            code_lo = tl.load(code_ptr + (packed & 0xF))
+            x_col = k + 2 * sub_byte
+            x_mask = x_col < k_end
+            if BLOCK_M == 1:
+                x_even = tl.load(x_ptr + x_col, mask=x_mask, other=0.0).to(tl.float32)[None, :]
+                x_odd = tl.load(x_ptr + x_col + 1, mask=x_mask, other=0.0).to(tl.float32)[None, :]
+            else:
+                xm = m_mask[:, None] & x_mask[None, :]
+                x_even = tl.load(x_rows[:, None] + x_col[None, :], mask=xm, other=0.0)
+                x_odd = tl.load(x_rows[:, None] + x_col[None, :] + 1, mask=xm, other=0.0)
+            if ALIGNED:
+                # K % BLOCKSIZE == 0: a sub-tile row lies in one block, so its absmax factors out of
+                # the row's dot product and multiplies once per row instead of once per element
+                row_scale = decode_absmax(
                     absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (row_start + k) // BLOCKSIZE,
                     n_mask & (k + 0 * rn < k_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
-                )[:, None]
-            else:  # blocks straddle rows: one absmax index per byte
+                )
+                if BLOCK_M == 1:
+                    acc += row_scale[:, None] * (code_hi * x_even + code_lo * x_odd)
+                else:
+                    part = tl.dot(x_even, tl.trans(code_hi.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
+                    part += tl.dot(x_odd, tl.trans(code_lo.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
+                    acc += part * row_scale[None, :]
+            else:  # blocks straddle rows: one absmax per byte, applied to each weight
                 scale = decode_absmax(
                     absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                     (row_start[:, None] + 2 * col_byte[None, :]) // BLOCKSIZE, byte_mask,
                     NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
                 )
-            # round to x.dtype exactly as the reference's dequantized weight
-            w_hi = (tl.load(code_ptr + (packed >> 4)) * scale).to(x_ptr.dtype.element_ty)
-            w_lo = (tl.load(code_ptr + (packed & 0xF)) * scale).to(x_ptr.dtype.element_ty)
-            x_col = k + 2 * sub_byte
-            x_mask = x_col < k_end
-            if BLOCK_M == 1:
-                x_even = tl.load(x_ptr + x_col, mask=x_mask, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + x_col + 1, mask=x_mask, other=0.0).to(tl.float32)
-                acc += w_hi.to(tl.float32) * x_even[None, :] + w_lo.to(tl.float32) * x_odd[None, :]
-            else:
-                xm = m_mask[:, None] & x_mask[None, :]
-                x_even = tl.load(x_rows[:, None] + x_col[None, :], mask=xm, other=0.0)
-                x_odd = tl.load(x_rows[:, None] + x_col[None, :] + 1, mask=xm, other=0.0)
-                acc += tl.dot(x_even, tl.trans(w_hi), input_precision=DOT_PRECISION)
-                acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=DOT_PRECISION)
+                if BLOCK_M == 1:
+                    acc += (code_hi * scale) * x_even + (code_lo * scale) * x_odd
+                else:
+                    w_hi = (code_hi * scale).to(x_ptr.dtype.element_ty)
+                    w_lo = (code_lo * scale).to(x_ptr.dtype.element_ty)
+                    acc += tl.dot(x_even, tl.trans(w_hi), input_precision=DOT_PRECISION)
+                    acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=DOT_PRECISION)
     if BLOCK_M == 1:
         result = tl.sum(acc, axis=1)[None, :]
     else:
@@ -212,7 +226,7 @@ def fused_matmul(
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
     _nf4_matmul_kernel[grid](
         x2d, qweight.packed, *format_args(qweight), out if bias is None else bias, out, partial,
-        M, N, K, k_chunk, x2d.stride(0), K // 2, out.stride(0),
+        M, N, K, k_chunk, x2d.stride(0), out.stride(0),
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
         DOUBLE_QUANT=state.double_quant, ALIGNED=K % state.blocksize == 0,
         PTX=not interpreting(), HAS_BIAS=bias is not None, SPLIT=n_splits > 1,

@@ -25,7 +25,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 _MAX_HEADER_BYTES = 100 * 2**20
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+MODEL_FILES = ("*.json", "*.safetensors", "tokenizer.model")
+TOKENIZER_FILES = ("*.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class TensorEntry:
     nbytes: int
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike) -> str:
-    """A local directory for `path_or_id`: the directory itself, or a hub snapshot (cache first, honours
-    HF_HUB_OFFLINE). Errors name the path or id and what to do."""
+def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] = MODEL_FILES) -> str:
+    """A local directory for `path_or_id`: the directory itself, or a hub snapshot of the files matching
+    `patterns` (cache first, honours HF_HUB_OFFLINE). Errors name the path or id and what to do."""
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
@@ -52,7 +53,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> str:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(path, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(path, allow_patterns=list(patterns))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"{path!r} is not a local directory, and as a hub id it is not in the local Hugging Face cache and the "

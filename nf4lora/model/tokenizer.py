@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from .checkpoint import resolve_model_dir
+from .checkpoint import TOKENIZER_FILES, resolve_model_dir
 
 
 def _read_json(path: str) -> dict:
@@ -142,7 +142,7 @@ class HFTokenizer:
 
 def load_tokenizer(path_or_id) -> SentencePieceTokenizer | HFTokenizer:
     """The tokenizer of a local model directory or hub id: `tokenizer.model` if present, else `tokenizer.json`."""
-    model_dir = resolve_model_dir(path_or_id)
+    model_dir = resolve_model_dir(path_or_id, TOKENIZER_FILES)
     if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
         return SentencePieceTokenizer(model_dir)
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):

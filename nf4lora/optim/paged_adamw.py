@@ -221,45 +221,52 @@ class PagedAdamW(AdamW):
                 else:
                     streamed.append((page, g, row))
         # the slots are allocated before any update, so an out-of-memory error leaves every parameter unchanged
-        slots = self._slots(max(page.nbytes for page, *_ in streamed), work[0][0].device) if streamed else []
+        device = work[0][0].device
+        capacity = max([self.page_bytes] + [page.nbytes for page, *_ in streamed])
+        slots = [torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)] if streamed else []
+        # what the first copy-in must wait for: the main stream up to the slots' allocation, not the resident
+        # pages' update, which it overlaps
+        ready = torch.cuda.current_stream(device).record_event() if streamed and device.type == "cuda" else None
         adamw_update(resident, scalars)
         _release_grads(resident)
         if streamed:
-            self._stream(streamed, slots, scalars)
+            self._stream(_batches(streamed, capacity), slots, ready, scalars)
 
-    @staticmethod
-    def _slots(nbytes: int, device: torch.device) -> list[torch.Tensor]:
-        """The double buffer: two device byte buffers of `nbytes`."""
-        return [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
-
-    def _stream(self, jobs: list[tuple[_Page, torch.Tensor, int]], slots: list[torch.Tensor],
-                scalars: list[list[float]]) -> None:
-        device = slots[0].device
-        cuda = device.type == "cuda"
+    def _stream(self, batches: list[list[tuple[_Page, torch.Tensor, int]]], slots: list[torch.Tensor],
+                ready: torch.cuda.Event | None, scalars: list[list[float]]) -> None:
+        """Update paged-out pages through the two `slots` (module docstring), a batch of pages per slot fill."""
+        cuda = slots[0].device.type == "cuda"
         if cuda:
-            main = torch.cuda.current_stream(device)
-            h2d, d2h = self._side_streams(device)
-            h2d.wait_stream(main)  # gradients are ready and the previous step's write-backs are ordered before
+            main = torch.cuda.current_stream(slots[0].device)
+            h2d, d2h = self._side_streams(slots[0].device)
+            h2d.wait_event(ready)  # the previous step's write-backs were ordered before it too
             slot_free: list[torch.cuda.Event | None] = [None, None]
-        for i, (page, g, row) in enumerate(jobs):
-            slot = slots[i % 2][:page.nbytes]
+        for i, batch in enumerate(batches):
+            placed, offset = [], 0
+            for page, g, row in batch:
+                placed.append((page, g, row, slots[i % 2][offset:offset + page.nbytes]))
+                offset += page.nbytes
             if cuda:
                 with torch.cuda.stream(h2d):
                     if slot_free[i % 2] is not None:
                         h2d.wait_event(slot_free[i % 2])
-                    slot.copy_(page.buffer, non_blocking=True)
+                    for page, _, _, slot in placed:
+                        slot.copy_(page.buffer, non_blocking=True)
                 main.wait_stream(h2d)
             else:
-                slot.copy_(page.buffer)
-            views = state_views(slot, page.numel, page.eight_bit)
-            adamw_update([Segment(page.param, g, page.start, page.numel, views, row)], scalars)
+                for page, _, _, slot in placed:
+                    slot.copy_(page.buffer)
+            adamw_update([Segment(page.param, g, page.start, page.numel, state_views(slot, page.numel, page.eight_bit),
+                                  row) for page, g, row, slot in placed], scalars)
             if cuda:
                 d2h.wait_stream(main)
                 with torch.cuda.stream(d2h):
-                    page.buffer.copy_(slot, non_blocking=True)
+                    for page, _, _, slot in placed:
+                        page.buffer.copy_(slot, non_blocking=True)
                     slot_free[i % 2] = d2h.record_event()
             else:
-                page.buffer.copy_(slot)
+                for page, _, _, slot in placed:
+                    page.buffer.copy_(slot)
         if cuda:
             main.wait_stream(d2h)
             for slot in slots:
@@ -277,6 +284,20 @@ class PagedAdamW(AdamW):
         if self._writeback is not None:
             self._writeback.synchronize()
             self._writeback = None
+
+
+def _batches(jobs: list[tuple[_Page, torch.Tensor, int]], capacity: int) -> list[list[tuple[_Page, torch.Tensor, int]]]:
+    """Consecutive pages grouped so each group fits one slot of `capacity` bytes (one copy each way per page, one
+    launch per group): many small pages, as LoRA's, then cost a launch per slot rather than per page."""
+    batches: list[list] = []
+    used = capacity
+    for job in jobs:
+        if used + job[0].nbytes > capacity:
+            batches.append([])
+            used = 0
+        batches[-1].append(job)
+        used += job[0].nbytes
+    return batches
 
 
 def _check_budget(nbytes: int | None) -> None:

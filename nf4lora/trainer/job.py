@@ -294,9 +294,13 @@ def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.schedule, config.warmup_steps, p.total_steps))
     state = LoopState()
+    fp16 = resolve_dtype(config.dtype, p.device) == torch.float16
+    scaler = torch.amp.GradScaler(p.device.type) if fp16 else None
     if p.resume_state is not None:
         optimizer.load_state_dict(p.resume_state["optimizer"])
         scheduler.load_state_dict(p.resume_state["scheduler"])
+        if scaler is not None and p.resume_state.get("scaler") is not None:
+            scaler.load_state_dict(p.resume_state["scaler"])
         state = LoopState(step=p.resume_state["step"], tokens=p.resume_state["tokens"],
                           elapsed_s=p.resume_state["elapsed_s"])
     _create_run_dir(p, config)
@@ -311,7 +315,7 @@ def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], 
         save_adapter(model, str(directory), base_model_name_or_path=str(p.model_dir))
 
     trainer = Trainer(config, model, optimizer, scheduler, p.plan, p.total_steps, p.run_dir, p.device,
-                      write_adapter, val_batches=val, state=state, on_step=on_step)
+                      write_adapter, val_batches=val, state=state, on_step=on_step, scaler=scaler)
     metrics = MetricsLog(p.run_dir, resume_step=state.step if p.resume_state is not None else None)
     try:
         summary = trainer.run(metrics)

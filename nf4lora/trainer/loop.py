@@ -8,6 +8,9 @@ Exactness of ``--resume``: the data order is a function of the micro-batch index
 checkpoint stores the optimizer, scheduler and every RNG state after a completed step, so a resumed run replays the
 same micro-batches with the same dropout masks and produces the same losses bit for bit on the same machine.
 
+With fp16 compute a dynamic loss scaler (``torch.amp.GradScaler``) scales the loss, unscales before clipping and
+skips steps whose gradients overflowed; bf16 and fp32 need none.
+
 Ctrl-C: the first SIGINT asks the loop to stop after the current step, which then writes a checkpoint and
 returns; a second SIGINT interrupts at once. On CUDA out-of-memory in forward/backward, the paged optimizer's state
 is evicted to the host, the cache emptied, and the step retried once from the same RNG state; a second failure
@@ -99,6 +102,7 @@ class Trainer:
     stop_requested: bool = False
     last_checkpoint: Path | None = None
     progress: Progress = field(default_factory=lambda: Progress(0, 0, enabled=False))
+    scaler: torch.amp.GradScaler | None = None  # fp16 compute only: dynamic loss scaling
 
     def request_stop(self) -> None:
         """Stop after the current optimizer step and write a checkpoint (what Ctrl-C does)."""
@@ -114,7 +118,8 @@ class Trainer:
         for batch in batches:
             logits = self.model(**model_inputs(batch))
             loss_sum = causal_lm_loss_sum(logits, batch.labels)
-            (loss_sum / targets).backward()
+            loss = loss_sum / targets
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.item()
         return total / targets
 
@@ -149,8 +154,14 @@ class Trainer:
         start = time.perf_counter()
         loss = self._step_with_oom_retry(batches, targets) if targets else 0.0
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when the unscaled gradients hold inf/nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -186,7 +197,7 @@ class Trainer:
         state = {"config": self.config.to_dict(), "micro_batches": self.state.step * self.config.grad_accum,
                  "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state()}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_state()}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
         return self.last_checkpoint
 

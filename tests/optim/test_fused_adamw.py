@@ -6,6 +6,7 @@ import torch
 from nf4lora.kernels import use_kernels
 from nf4lora.nf4.blockwise import dequantize_blockwise, quantize_blockwise
 from nf4lora.nf4.codebook import dynamic_map
+from nf4lora.optim import AdamW
 from nf4lora.optim.adamw import state_layout, state_views
 from nf4lora.optim.fused_adamw import QBLOCK, Segment, adamw_update, step_scalars
 
@@ -120,3 +121,24 @@ def test_step_scalars_are_float32_values():
     assert step_size == pytest.approx(1e-3 / (1 - 0.9**3), rel=1e-7)
     assert inv_bc2 == pytest.approx((1 - 0.999**3) ** -0.5, rel=1e-7)
     assert decay == pytest.approx(1 - 1e-5, rel=1e-7)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_first_step_8bit_states_are_bitsandbytes_quantized_moments(bnb_functional, device, path):
+    # from zero state, step 1 stores m = g * (1 - beta1) and v = (g * g) * (1 - beta2): the optimizer's codes and
+    # absmax must be bitsandbytes' blockwise quantization of exactly those (signed map for m, unsigned for v)
+    g = torch.Generator().manual_seed(3)
+    param = torch.nn.Parameter(torch.randn(77, 130, generator=g).to(device))
+    grad = torch.randn(77, 130, generator=g) * 0.01
+    grad[:2] = 0.0  # whole zero blocks, as LoRA's A gets at step 1
+    param.grad = grad.to(device)
+    optimizer = AdamW([param], lr=1e-3, optim_bits=8)
+    with use_kernels(path):
+        optimizer.step()
+    state = optimizer.state_dict()["state"][0]
+    _, _, one_minus_beta1, _, one_minus_beta2, *_ = step_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+    moments = {"1": (grad * one_minus_beta1, True), "2": ((grad * grad) * one_minus_beta2, False)}
+    for name, (moment, signed) in moments.items():
+        codes, bnb_state = bnb_functional.quantize_blockwise(moment, code=dynamic_map(signed), blocksize=QBLOCK)
+        assert torch.equal(state["state" + name].cpu(), codes), name
+        assert torch.equal(state["absmax" + name].cpu(), bnb_state.absmax), name

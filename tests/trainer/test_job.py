@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -41,12 +42,12 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_config, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_config, tmp_path):
     full = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "full"), max_new_tokens=0, micro_batch=2,
-                               val_fraction=0.0)
+                               val_fraction=0.0, max_steps=5)
     run_train(full, log=lambda _: None)
     part = dataclasses.replace(full, output_dir=str(tmp_path / "part"))
     summary = run_train(part, on_step=stop_after(3), log=lambda _: None)
     assert summary["interrupted"] and summary["checkpoint"].endswith("checkpoint-3")
-    assert len(losses(tmp_path / "part")) == 3
+    assert len(losses(tmp_path / "part")) == 3 and len(losses(tmp_path / "full")) == 5
     run_train(dataclasses.replace(part, resume=str(tmp_path / "part")), log=lambda _: None)
     # Same machine, same kernels, same RNG streams: a resumed run is bit-identical, not merely close.
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
@@ -128,3 +129,25 @@ def test_run_config_records_the_resolved_settings(tiny_config, tmp_path):
     run_train(dataclasses.replace(tiny_config, max_steps=1, max_new_tokens=0), log=lambda _: None)
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["lora_r"] == tiny_config.lora_r and saved["resolved_model"] == tiny_config.model
+
+
+def test_fp16_compute_trains_with_a_loss_scaler(tiny_config, tmp_path):
+    from nf4lora.trainer.checkpoint import load_state
+
+    summary = run_train(dataclasses.replace(tiny_config, dtype="fp16", max_steps=2, max_new_tokens=0),
+                        log=lambda _: None)
+    assert summary["steps"] == 2 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+    assert load_state(tmp_path / "run" / "checkpoint-2")["scaler"]["scale"] > 0
+
+
+def test_every_option_family_trains_together(tiny_config, tmp_path):
+    """DoRA + rsLoRA on an FP4 base without double quant, 8-bit paged AdamW, cosine with warmup, weight decay,
+    a regex target list, no gradient checkpointing: two finite steps and a reloadable adapter."""
+    config = dataclasses.replace(tiny_config, use_dora=True, use_rslora=True, quantization="fp4", double_quant=False,
+                                 blocksize=128, optimizer="paged-adamw-8bit", schedule="cosine", warmup_steps=1,
+                                 weight_decay=0.01, target_modules=r".*\.(q_proj|v_proj|down_proj)",
+                                 gradient_checkpointing=False, max_steps=2, max_new_tokens=2)
+    summary = run_train(config, log=lambda _: None)
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"] and summary["sample"] is not None
+    assert all(math.isfinite(x) for x in losses(tmp_path / "run"))
