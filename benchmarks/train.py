@@ -14,7 +14,8 @@ Cases: the seed's LoRA (r=16, alpha=32 on q/k/v/o) and QLoRA's all-linear r=64 (
 
 Correctness before timing: both base models give the same logits on one 128-token sequence, within bf16
 tolerance (the run exits 1 otherwise). Reported per case: tokens/s over ``--steps`` timed steps after
-two warm-up steps, and peak GPU memory (``max_memory_allocated`` from model build to the last step). Results go
+two warm-up steps, and peak GPU memory (``max_memory_allocated`` from LoRA injection to the last step: the 4-bit
+model, adapter, optimizer and activations; the dense weights used to build the model are freed before). Results go
 to ``<date>_train_<gpu>.{json,md}`` in ``--out`` (default benchmarks/results). ``--tiny`` runs a 2-layer model on
 whatever device is there (a smoke test of the script itself; its numbers mean nothing).
 """

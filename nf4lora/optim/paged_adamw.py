@@ -16,15 +16,19 @@ caching allocator at once (call `torch.cuda.empty_cache()` to hand them to other
 evicts down to it, or promotes paged-out pages (first parameter first) up to it.
 
 Step. All resident pages are updated by one fused launch (`fused_adamw.adamw_update`), exactly as `AdamW` updates
-whole parameters. Then the paged-out pages stream through a double buffer of two page-sized device slots:
-    side stream h2d:  copy page i into slot i % 2     (after the write-back of page i - 2 left that slot)
-    current stream:   update page i in its slot        (after its copy-in)
-    side stream d2h:  copy slot i % 2 back to page i   (after its update)
-so page i + 1 is paged in while page i is updated and page i - 1 written back; the two copy directions run on
-separate streams and use both directions of the link. The current stream waits for the last write-back before
-`step()` returns, and host-side reads of paged-out state (`state_dict`, `evict`) synchronize on it first.
-GPU memory held by the optimizer is therefore at most `budget` + 2 pages (the slots exist only during `step()`),
-for any number of parameters; a budget smaller than one parameter's state pages within that parameter.
+whole parameters. Then the paged-out pages stream through a double buffer of two `page_bytes` device slots, a
+batch of consecutive pages per slot fill (one page, or several small ones such as LoRA's, one launch per batch):
+    side stream h2d:  copy batch i into slot i % 2     (after the write-back of batch i - 2 left that slot)
+    current stream:   update batch i in its slot        (after its copy-in)
+    side stream d2h:  copy slot i % 2 back to its pages (after its update)
+so batch i + 1 is paged in while batch i is updated and batch i - 1 written back, and the first copy-in overlaps
+the resident update; the two copy directions run on separate streams and use both directions of the link. The
+slots are allocated before any update (an out-of-memory error there leaves every parameter unchanged). The
+current stream waits for the last write-back before `step()` returns, and host-side reads of paged-out state
+(`state_dict`, `evict`) synchronize on it first.
+GPU memory held by the optimizer is therefore at most `budget` + 2 * `page_bytes` (the slots exist only during
+`step()`), plus a few KiB of kernel tables, for any number of parameters; a budget smaller than one parameter's
+state pages within that parameter.
 
 Exactness. Every page runs the same element-wise arithmetic as `AdamW` on the same numbers (8-bit pages start on
 block boundaries, so each block's absmax is the same), so PagedAdamW's parameters and states equal AdamW's bit
@@ -222,15 +226,14 @@ class PagedAdamW(AdamW):
                     streamed.append((page, g, row))
         # the slots are allocated before any update, so an out-of-memory error leaves every parameter unchanged
         device = work[0][0].device
-        capacity = max([self.page_bytes] + [page.nbytes for page, *_ in streamed])
-        slots = [torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)] if streamed else []
+        slots = [torch.empty(self.page_bytes, dtype=torch.uint8, device=device) for _ in range(2)] if streamed else []
         # what the first copy-in must wait for: the main stream up to the slots' allocation, not the resident
         # pages' update, which it overlaps
         ready = torch.cuda.current_stream(device).record_event() if streamed and device.type == "cuda" else None
         adamw_update(resident, scalars)
         _release_grads(resident)
         if streamed:
-            self._stream(_batches(streamed, capacity), slots, ready, scalars)
+            self._stream(_batches(streamed, self.page_bytes), slots, ready, scalars)
 
     def _stream(self, batches: list[list[tuple[_Page, torch.Tensor, int]]], slots: list[torch.Tensor],
                 ready: torch.cuda.Event | None, scalars: list[list[float]]) -> None:

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     source.add_argument("--prompts-file", help="a file with one prompt per line (.txt) or prompt records (.jsonl)")
-    gen.add_argument("--template", default=None, help="wrap each prompt, e.g. the training --template")
+    gen.add_argument("--template", default=None,
+                     help="wrap each prompt ({prompt} placeholder); default: the template of the run that trained "
+                          "--adapter, else none")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

@@ -115,6 +115,17 @@ def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_t
     return new
 
 
+def _training_template(adapter: str | None) -> str | None:
+    """The prompt template of the nf4lora run an adapter came from (its run dir or one of its checkpoints)."""
+    if adapter is None:
+        return None
+    for directory in (Path(adapter), Path(adapter).parent):
+        path = directory / "run_config.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("template")
+    return None
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from nf4lora.model import load_tokenizer
 
@@ -123,13 +134,14 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.template is not None and "{prompt}" not in args.template:
         raise UsageError(f"--template {args.template!r} must contain {{prompt}}")
     prompts = _read_prompts(args)
+    template = args.template if args.template is not None else _training_template(args.adapter)
     model, _ = _load(args)
     tokenizer = load_tokenizer(args.model)
     if args.adapter:
         _attach_adapter(model, args.adapter)
     model.eval()
     for prompt in prompts:
-        text = args.template.format(prompt=prompt) if args.template else prompt
+        text = template.format(prompt=prompt) if template else prompt
         print(f">>> {prompt}", flush=True)
         stream_generate(model, tokenizer, text, args.max_new_tokens, args.temperature, args.top_k or None,
                         args.top_p, args.seed, emit=lambda piece: print(piece, end="", flush=True))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nf4lora.trainer.cli import main
-from nf4lora.trainer.config import TrainConfig
+from nf4lora.trainer.config import DEFAULT_TEMPLATE, TrainConfig
 from nf4lora.trainer.job import run_train
 
 
@@ -92,7 +92,7 @@ def test_generate_streams_the_same_tokens_as_model_generate(capsys, tmp_path, ti
     assert out[0] == f">>> {prompt}"
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_adapter(load_model(str(tiny_model_dir), quantization="nf4", dtype=torch.float32), str(trained))
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(DEFAULT_TEMPLATE.format(prompt=prompt))  # the training run's template by default
     expected = generate(model.eval(), [ids], max_new_tokens=12)[0, len(ids):].tolist()
     expected = [t for t in expected if t not in tokenizer.eos_ids][:12]
     assert "\n".join(out[1:]) == tokenizer.decode(expected)
