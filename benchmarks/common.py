@@ -199,7 +199,8 @@ def write_results(
         f"# {family} on {env['gpu']['name']}\n\n"
         f"{env['date']}, git {env['git_sha']}, "
         + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
-        + f"; measured copy bandwidth {ceilings.get('copy_gbs')} GB/s, bf16 matmul {ceilings.get('bf16_matmul_tflops')} TFLOP/s.\n\n"
+        + f"; measured copy bandwidth {ceilings.get('copy_gbs')} GB/s,"
+        + f" bf16 matmul {ceilings.get('bf16_matmul_tflops')} TFLOP/s.\n\n"
     )
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(header + (summary + "\n\n" if summary else "") + markdown_table(rows, columns) + "\n")

@@ -91,7 +91,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
     }
     if "quantize" in ops:
         ours = bench(lambda: quantize(w))
-        theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        theirs = bench(lambda: bnb.functional.quantize_4bit(w, 64, compress_statistics=True, quant_type="nf4"))
         nbytes = w.numel() * 2 + q_bytes(q)
         rows.append(dict(op="quantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
             "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
@@ -164,7 +164,8 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
         "TFLOP/s": flops / ours / 1e9, "vs_bnb": theirs / ours, "vs_bf16": dense / ours, "check": check,
     }))
     rows.append(dict(op="fwd", shape=shape, M=LARGE_M, ours_ms=fwd_deq, bf16_ms=fwd_dense, alt_ms=fwd_fused, **{
-        "TFLOP/s": flops / 2 / fwd_deq / 1e9, "vs_bf16": fwd_dense / fwd_deq, "check": {"fused/deq": fwd_fused / fwd_deq},
+        "TFLOP/s": flops / 2 / fwd_deq / 1e9, "vs_bf16": fwd_dense / fwd_deq,
+        "check": {"fused/deq": fwd_fused / fwd_deq},
     }))
     return rows
 
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = device_ceilings()
     print(f"ceilings: {ceilings}", flush=True)
     rows: list[dict] = []
-    config = {"shapes": shapes, "ops": sorted(ops), "small_m": small_ms, "large_m": LARGE_M, "blocksize": 64, "quant_type": "nf4",
-              "double_quant": True, "dtype": "bfloat16"}
+    config = {"shapes": shapes, "ops": sorted(ops), "small_m": small_ms, "large_m": LARGE_M, "blocksize": 64,
+              "quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}
     for N, K in shapes:
         try:
             shape_rows = bench_shape(N, K, bnb, ceilings, ops, small_ms)

@@ -98,7 +98,9 @@ def _quantize_blockwise_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def _lookup_tables(code_values: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lookup_tables(
+    code_values: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code, table, order) on ``device``: for 16 codes the sorted midpoints and the sort order, for
     256 the reference's bin table (order unused). Cached so that quantizing a model's layers does not
     rebuild them (a 65536-entry search) and copy them to the device for every weight."""

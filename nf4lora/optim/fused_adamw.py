@@ -276,6 +276,7 @@ def _block_starts(numels: tuple[int, ...], device: torch.device) -> tuple[torch.
 # unchanged (the usual case: gradients come back at the same addresses), so a step costs one small upload of
 # scalars. The count keeps PagedAdamW's one-page launches from displacing the table of its resident pages.
 _TABLES: dict[tuple[torch.device, bool, int], tuple[list[int], torch.Tensor, int]] = {}
+_SCALAR_TABLES: dict[torch.device, tuple[list[list[float]], torch.Tensor]] = {}
 
 
 def _address_table(segments: list[Segment], eight_bit: bool) -> tuple[torch.Tensor, int, int]:
@@ -322,7 +323,11 @@ def adamw_update_triton(segments: list[Segment], scalars: list[list[float]]) -> 
     if not segments:
         return
     device = segments[0].param.device
-    scalars_table = torch.tensor(scalars, dtype=torch.float32).reshape(-1, _SCALARS).to(device, non_blocking=True)
+    cached = _SCALAR_TABLES.get(device)
+    if cached is None or cached[0] != scalars:  # once per step: PagedAdamW's batches reuse the step's table
+        table = torch.tensor(scalars, dtype=torch.float32).reshape(-1, _SCALARS).to(device, non_blocking=True)
+        cached = _SCALAR_TABLES[device] = ([list(row) for row in scalars], table)
+    scalars_table = cached[1]
     groups: dict[tuple, list[Segment]] = {}
     for seg in segments:
         groups.setdefault((seg.param.dtype, seg.grad.dtype, seg.eight_bit), []).append(seg)

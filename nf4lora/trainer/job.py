@@ -43,7 +43,7 @@ DEFAULT_ARCH = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers
                 "max_position_embeddings": 1024}
 DEFAULT_VOCAB = 1024
 BUNDLED_RECORDS = 1200
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------ device and dtype
@@ -60,7 +60,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that has it, else fp32 (CPU bf16 matmuls are slower than fp32 on most hosts)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 # ------------------------------------------------------------------------------------------- model building

@@ -20,7 +20,9 @@ from nf4lora.nf4.tensor import quantize as quantize_ref
     ],
 )
 @pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
-def test_dequantize_equals_reference_exactly(triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype):
+def test_dequantize_equals_reference_exactly(
+    triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype
+):
     skip_interpreter_bf16(device, dtype)
     q = quantize_ref(torch.randn(shape), blocksize, quant_type, double_quant)
     out = dequantize(q.to(device), dtype)

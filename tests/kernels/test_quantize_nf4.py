@@ -15,7 +15,8 @@ def assert_same_bytes(q, ref):
     for name, t in ref.state.tensors().items():
         got = getattr(q.state, name)
         assert got.dtype == t.dtype and torch.equal(got.cpu(), t.cpu()), name
-    assert (q.shape, q.dtype, q.state.blocksize, q.state.quant_type) == (ref.shape, ref.dtype, ref.state.blocksize, ref.state.quant_type)
+    header = (q.shape, q.dtype, q.state.blocksize, q.state.quant_type)
+    assert header == (ref.shape, ref.dtype, ref.state.blocksize, ref.state.quant_type)
     assert q.state.nested_blocksize == ref.state.nested_blocksize
 
 
@@ -30,7 +31,9 @@ def assert_same_bytes(q, ref):
         ((129,), 128, "nf4", False, torch.float32),
     ],
 )
-def test_quantize_matches_reference_bytes(triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype):
+def test_quantize_matches_reference_bytes(
+    triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype
+):
     w = torch.randn(shape, dtype=torch.float32).to(dtype)
     ref = quantize_ref(w, blocksize, quant_type, double_quant)
     q = quantize(w.to(device), blocksize, quant_type, double_quant)

@@ -56,14 +56,15 @@ def test_any_page_size_budget_and_eviction_give_adamw_bits(page_kib, budget_kib,
     _assert_same_run(params, adamw, paged_params, paged)
 
 
+@pytest.mark.parametrize("budget", [0, 6000])  # 0: a slot fill holds two pages; 6000: some pages stay resident
 @pytest.mark.parametrize("optim_bits", [32, 8])
-def test_triton_step_gives_the_reference_bits_with_paging(device, optim_bits):
-    # Triton on the GPU (or under TRITON_INTERPRET=1 on the CPU): many segments in one launch, pages streamed
+def test_triton_step_gives_the_reference_bits_with_paging(device, optim_bits, budget):
+    # Triton on the GPU (or under TRITON_INTERPRET=1 on the CPU): several segments in one launch, pages streamed
     # through the double buffer, vs AdamW on the pure-PyTorch path
     params, paged_params = make_params(device=device), make_params(device=device)
     adamw = AdamW(param_groups(params), lr=1e-2, optim_bits=optim_bits)
-    paged = PagedAdamW(param_groups(paged_params), lr=1e-2, optim_bits=optim_bits, gpu_budget_bytes=6000,
-                       page_bytes=4096)
+    paged = PagedAdamW(param_groups(paged_params), lr=1e-2, optim_bits=optim_bits, gpu_budget_bytes=budget,
+                       page_bytes=16384)
     with use_kernels("reference"):
         run_steps(adamw, params, 3)
     with use_kernels("triton"):

@@ -6,8 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from nf4lora.trainer.checkpoint import list_checkpoints, load_state
 from nf4lora.trainer.cli import main
 
