@@ -16,7 +16,8 @@ path: ours (Triton, paged or not, 32- or 8-bit) must equal it bit for bit, torch
 Reported per row: median step ms (CUDA events, triton do_bench, Python overhead included as in training), GPU
 memory the optimizer holds after its steps (allocated delta) and its peak during a step, the device memory it
 takes (`cudaMemGetInfo` delta: counts bitsandbytes' managed pages that the allocator does not see), and for the
-1/8 budget rows the copy floor: paged-out bytes copied in and out at the measured pinned host<->device bandwidth.
+1/8 budget rows the copy floors: paged-out bytes copied in then out at the measured pinned host->device and
+device->host rates (copy_floor), or both directions at once at the measured duplex rate (duplex_floor).
 Then a demonstration that a training step whose forward runs out of memory (pressure made with
 `torch.cuda.set_per_process_memory_fraction`) completes after `evict()` + `empty_cache()`, and equals the
 unconstrained step bit for bit. Prints a table, then one JSON line; writes `<date>_optim_<gpu>.{json,md}` into
@@ -46,7 +47,7 @@ CHECK_STEPS = 2
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32}
 COLUMNS = (
     "set", "optimizer", "step_ms", "vs_torch_fused", "vs_adamw", "held_MiB", "peak_MiB", "device_MiB",
-    "budget_MiB", "paged_out_MiB", "copy_floor_ms", "vs_copy_floor", "check",
+    "budget_MiB", "paged_out_MiB", "copy_floor_ms", "duplex_floor_ms", "vs_copy_floor", "check",
 )
 MIB = 2**20
 

@@ -100,10 +100,12 @@ def peak_gib(device: torch.device) -> float | None:
 def build_ours(arch: dict, device: torch.device) -> nn.Module:
     """Our Llama with NF4 (double-quantized) linears quantized on the device from the seeded bf16 weights."""
     from nf4lora.model import Llama, LlamaConfig
+    from nf4lora.model.rope import rope_inv_freq
     from nf4lora.nf4.linear import NF4Linear
 
     with torch.device(device):
         model = Llama(LlamaConfig(**arch)).to(torch.bfloat16)
+    model.inv_freq = rope_inv_freq(model.config, device=device)  # fp32 on the device, as load_model leaves it
     fill_weights(model, device)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":

@@ -4,7 +4,7 @@ Hyperparameters and their meaning are torch.optim.AdamW's (decoupled weight deca
 float32 for every parameter dtype. With `optim_bits=8` the moments are stored as bitsandbytes' blockwise 8-bit
 states (256 elements per block, signed dynamic map for the first moment, unsigned for the second) and
 dequantized into float32 inside the step; parameters with fewer than `min_8bit_size` elements keep float32 states,
-as bitsandbytes does. The update arithmetic, the kernel and the state formats are in `fused_adamw.py`.
+as bitsandbytes does. The arithmetic and state formats are in `fused_adamw.py`, the kernel in `triton_adamw.py`.
 
 State of a parameter p (`optimizer.state[p]`): `step` (int), the state tensors as flat views of one byte `buffer`
 per parameter (`state_layout`; one buffer so that `PagedAdamW` moves a page with one copy), and the `segment` the
@@ -14,8 +14,10 @@ fused step reuses between steps.
 `step` as a 0-d float32 tensor (as torch.optim.AdamW does) and
 - 32-bit: `exp_avg`, `exp_avg_sq`, float32, the parameter's shape (torch.optim.AdamW's keys);
 - 8-bit: `state1`, `state2` uint8 in the parameter's shape, `absmax1`, `absmax2` (ceil(numel/256),) float32.
-`load_state_dict` copies the tensors into the optimizer's own buffers and refuses a dict whose groups, parameter
-counts, state kinds or shapes differ from this optimizer's.
+The tensors are views of the live state, as torch's are (deep-copy to keep a snapshot; `PagedAdamW` returns CPU
+copies). `load_state_dict` copies the tensors into the optimizer's own buffers, accepts torch.optim.AdamW's
+32-bit dicts, and refuses a dict whose groups, parameter counts, state kinds or shapes differ from this
+optimizer's (or that asks for amsgrad / maximize).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ class PagedAdamW(AdamW):
         self._wait_writeback()
         for page in self._pages():
             if not page.resident and self._fits(page.nbytes):
-                device_buffer = self._device_buffer(page.nbytes, page.device)
+                device_buffer = _device_buffer(page.nbytes, page.device)
                 if device_buffer is None:
                     return
                 device_buffer.copy_(page.buffer)
@@ -164,13 +164,6 @@ class PagedAdamW(AdamW):
 
     def _fits(self, nbytes: int) -> bool:
         return self._budget is None or self._resident_bytes + nbytes <= self._budget
-
-    def _device_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor | None:
-        """A zeroed device buffer, or None where the device is out of memory."""
-        try:
-            return torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        except torch.cuda.OutOfMemoryError:
-            return None
 
     # -- state storage (AdamW's hooks) ----------------------------------------------------------------------------
 
@@ -188,7 +181,7 @@ class PagedAdamW(AdamW):
         state["pages"] = []
         for start in range(0, p.numel(), size):
             page = _Page(p, start, min(size, p.numel() - start), eight_bit)
-            device_buffer = self._device_buffer(page.nbytes, p.device) if self._fits(page.nbytes) else None
+            device_buffer = _device_buffer(page.nbytes, p.device) if self._fits(page.nbytes) else None
             if device_buffer is None:
                 page.place(_host_buffer(page.nbytes, p.device, zero=True), resident=False)
             else:
@@ -308,6 +301,14 @@ def _batches(jobs: list[tuple[_Page, torch.Tensor, int]], capacity: int) -> list
 def _check_budget(nbytes: int | None) -> None:
     if nbytes is not None and nbytes < 0:
         raise ValueError(f"gpu_budget_bytes must be None or >= 0, got {nbytes}")
+
+
+def _device_buffer(nbytes: int, device: torch.device) -> torch.Tensor | None:
+    """A zeroed byte buffer on `device`, or None where the device is out of memory."""
+    try:
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 def _host_buffer(nbytes: int, device: torch.device, zero: bool = False) -> torch.Tensor:

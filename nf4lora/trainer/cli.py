@@ -9,6 +9,7 @@ and exit code 2; argparse's own errors use code 2 as well. Ctrl-C during trainin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import (BLOCKSIZES, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments, config_from_args,
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nf4lora {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `nf4lora inspect ... | head` closed stdout early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ DEFAULT_TEMPLATE = "### Clause:\n{prompt}\n\n### Summary:\n"
 
 # The embedded demo (neither --model nor --data) adapts a small *random* base, which wants a higher learning rate
 # and more steps than fine-tuning a pretrained 7B does; explicit flags and TOML keys still win over these.
-DEMO_DEFAULTS = {"lr": 1e-3, "micro_batch": 8, "epochs": 2.0, "schedule": "cosine", "warmup_steps": 10,
+DEMO_DEFAULTS = {"lr": 1e-3, "micro_batch": 8, "epochs": 1.5, "schedule": "cosine", "warmup_steps": 10,
                  "eval_steps": 50}
 
 # Fields that fix the shape of the trainable state: a checkpoint is only resumable when these agree.

@@ -205,7 +205,7 @@ class Trainer:
     def run(self, metrics: MetricsLog) -> dict[str, Any]:
         """Train to ``total_steps`` or until a stop request; returns a summary."""
         self.progress = Progress(self.total_steps, self.state.step, self.config.progress)
-        first_loss = last_loss = None
+        first_step, first_loss, last_loss = self.state.step + 1, None, None
         last_eval = None
         previous = self._install_sigint()
         try:
@@ -231,7 +231,8 @@ class Trainer:
         finally:
             self.progress.close()
             self._restore_sigint(previous)
-        return {"steps": self.state.step, "total_steps": self.total_steps, "first_loss": first_loss,
+        return {"steps": self.state.step, "total_steps": self.total_steps, "first_step": first_step,
+                "first_loss": first_loss,
                 "last_loss": last_loss, "eval": last_eval, "tokens": self.state.tokens,
                 "train_seconds": round(self.state.elapsed_s, 2),
                 "tokens_per_s": self.state.tokens / max(self.state.elapsed_s, 1e-9),

@@ -19,3 +19,13 @@ def device() -> torch.device:
 def bnb_functional():
     """bitsandbytes.functional, the live reference for the 8-bit state format (CPU)."""
     return pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """The optimizer tests step small tensors, where intra-op threads only add synchronisation (and, on a busy
+    2-core runner, spin for milliseconds per op): run them on one thread, then restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

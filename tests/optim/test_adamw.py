@@ -83,8 +83,8 @@ def test_8bit_states_follow_bitsandbytes_layout_with_small_params_in_32bit():
     assert "state1" in state[3]
 
 
-def _bnb_protocol_errors(optimizer_factory, steps=50):
-    """bitsandbytes' test_optimizer8bit protocol (50 steps, as its XPU variant): params randn*0.1, grads randn*0.01;
+def _bnb_protocol_errors(optimizer_factory, steps=100):
+    """bitsandbytes' test_optimizer8bit protocol (100 steps): params randn*0.1, grads randn*0.01;
     after each step compare with float32 AdamW, then re-synchronise the float32 run to the 8-bit one (params and
     dequantized states). Returns the worst value of each measure over the steps."""
     g = torch.Generator().manual_seed(0)
