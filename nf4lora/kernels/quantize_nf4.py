@@ -106,7 +106,7 @@ def _lookup_tables(
     rebuild them (a 65536-entry search) and copy them to the device for every weight."""
     code = torch.tensor(code_values, dtype=torch.float32)  # float32 values round-trip through Python floats
     if code.numel() == 256:
-        table, order = blockwise._bin_table(code).to(torch.int32), code
+        table, order = blockwise.bin_table(code).to(torch.int32), code
     else:
         table, order = codebook.quantize_bounds(code)
     return code.to(device), table.to(device), order.to(device=device, dtype=torch.int32)
@@ -124,7 +124,7 @@ def _launch(x: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.T
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1)),)  # noqa: E731
     _quantize_blockwise_kernel[grid](
         x, offset if eight_bit else absmax, table, order, out, absmax, n, n_blocks,
-        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise._LUT_BINS, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, enable_fp_fusion=False,
     )
     return out, absmax
 

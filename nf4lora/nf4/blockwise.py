@@ -68,14 +68,21 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(scaled, bounds, right=False)].to(torch.uint8)
 
 
-_LUT_BINS = 65536
+LUT_BINS = 65536
+_bin_tables: dict[tuple, torch.Tensor] = {}
 
 
-def _bin_table(code: torch.Tensor) -> torch.Tensor:
-    """(65536,) int64: for each bin centre of [-1, 1], the index of the nearest entry of a sorted 256-entry code."""
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    centres = -1.0 + (2.0 * torch.arange(_LUT_BINS, dtype=torch.float32, device=code.device)) / (_LUT_BINS - 1)
-    return torch.searchsorted(midpoints, centres, right=False)
+def bin_table(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) int64: for each bin centre of [-1, 1], the index of the nearest entry of a sorted 256-entry code.
+
+    Cached per codebook value and device: optimizers and double quantization look it up on every call.
+    """
+    key = (str(code.device), tuple(code.tolist()))
+    if key not in _bin_tables:
+        midpoints = 0.5 * (code[:-1] + code[1:])
+        centres = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32, device=code.device)) / (LUT_BINS - 1)
+        _bin_tables[key] = torch.searchsorted(midpoints, centres, right=False)
+    return _bin_tables[key]
 
 
 def _quantize_8bit(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +90,8 @@ def _quantize_8bit(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tu
     blocks = torch.nn.functional.pad(flat, (0, num_blocks(n, blocksize) * blocksize - n)).view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax).unsqueeze(1)).clamp(-1.0, 1.0)
-    bins = ((scaled + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).long()
-    indices = _bin_table(code)[bins.clamp(0, _LUT_BINS - 1)]
+    bins = ((scaled + 1.0) * 0.5 * (LUT_BINS - 1) + 0.5).long()
+    indices = bin_table(code)[bins.clamp(0, LUT_BINS - 1)]
     indices[absmax == 0] = 0
     return indices.reshape(-1)[:n].to(torch.uint8), absmax
 

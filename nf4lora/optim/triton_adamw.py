@@ -166,7 +166,7 @@ def quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     tables = []
     for signed in (True, False):
         code = dynamic_map(signed)
-        tables += [code.to(device), _blockwise._bin_table(code).to(torch.uint8).to(device)]
+        tables += [code.to(device), _blockwise.bin_table(code).to(torch.uint8).to(device)]
     return tuple(tables)
 
 
@@ -227,7 +227,7 @@ def _launch(segments: list[Segment], scalars_table: torch.Tensor, eight_bit: boo
         table, numel, table[_ADDRESSES * count:], scalars_table,
         *quant_tables(device),
         P_DTYPE=_triton_dtype(segments[0].param.dtype), G_DTYPE=_triton_dtype(segments[0].grad.dtype),
-        EIGHT_BIT=eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK, LUT_BINS=_blockwise._LUT_BINS, ALIGN=align,
+        EIGHT_BIT=eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK, LUT_BINS=_blockwise.LUT_BINS, ALIGN=align,
         SEARCH_STEPS=max(count - 1, 1).bit_length(), ADDRESSES=_ADDRESSES, SCALARS=SCALARS, num_warps=_NUM_WARPS,
         enable_fp_fusion=False,  # no FMA contraction: every op rounds once, as in the reference
     )
