@@ -114,7 +114,8 @@ def build_ours(arch: dict, device: torch.device) -> nn.Module:
     return model.eval()
 
 
-def run_ours(arch: dict, steps: int, device: torch.device, reference_ids: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+def run_ours(arch: dict, steps: int, device: torch.device,
+             reference_ids: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
     from nf4lora.lora import delete_adapter, inject_lora
     from nf4lora.trainer.config import TrainConfig
     from nf4lora.trainer.data import BatchPlan, Example
@@ -183,7 +184,8 @@ def build_peer(arch: dict, device: torch.device) -> nn.Module:
     return model.eval()
 
 
-def run_peer(arch: dict, steps: int, device: torch.device, reference_ids: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+def run_peer(arch: dict, steps: int, device: torch.device,
+             reference_ids: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -234,7 +234,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(f"Llama: {arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, intermediate "
           f"{arch['intermediate_size']}, heads {arch['num_attention_heads']} (kv {arch['num_key_value_heads']}, "
           f"head_dim {arch['head_dim']}), vocab {arch['vocab_size']}, context {arch['max_position_embeddings']}, "
-          f"rope theta {arch['rope_theta']:g}{', scaling ' + str(report['rope_scaling']) if report['rope_scaling'] else ''}"
+          f"rope theta {arch['rope_theta']:g}"
+          f"{', scaling ' + str(report['rope_scaling']) if report['rope_scaling'] else ''}"
           f", {'tied' if arch['tie_word_embeddings'] else 'untied'} embeddings")
     print(f"parameters: {report['parameters']:,} ({report['quantized_parameters']:,} in linear layers that NF4 "
           f"quantizes; embeddings, norms and lm_head stay bf16)")

@@ -40,7 +40,8 @@ ERROR_CASES = {
     "alpha": (lambda t, f: ["--lora-alpha", "0"], r"--lora-alpha 0.0 must be > 0"),
     "dropout": (lambda t, f: ["--lora-dropout", "1.0"], r"--lora-dropout 1.0 must be in \[0, 1\)"),
     "targets": (lambda t, f: ["--target-modules", "qq_proj"],
-                r"--target-modules qq_proj: .*matches no linear module; valid names: down_proj,.*q_proj.*, or all-linear"),
+                r"--target-modules qq_proj: .*matches no linear module; "
+                r"valid names: down_proj,.*q_proj.*, or all-linear"),
 }
 
 

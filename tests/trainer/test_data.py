@@ -157,7 +157,8 @@ def test_instruction_records_join_instruction_and_input_in_the_masked_prompt():
 def test_truncation_keeps_the_prefix_and_drops_examples_left_without_targets():
     ex = example({"text": "abcdefgh"}, "text", max_len=4)
     assert ex.input_ids == [BOS, *encode("abc")] and len(ex.labels) == 4
-    records = [Record({"prompt": "a long prompt", "completion": "c"}, "r0"), Record({"prompt": "", "completion": "c"}, "r1")]
+    records = [Record({"prompt": "a long prompt", "completion": "c"}, "r0"),
+               Record({"prompt": "", "completion": "c"}, "r1")]
     examples, dropped = build_examples(records, "prompt-completion", encode, BOS, EOS, "{prompt}", max_len=5)
     assert dropped == 1 and len(examples) == 1
 

@@ -30,7 +30,8 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_config, tmp_path):
     # From ~ln(320) = 5.77 nats; 12 steps of this tiny model reliably gain > 0.5 nats, noise is ~0.1 per step.
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.3
     for name in ("run_config.json", "metrics.jsonl", "summary.json", "adapter_config.json",
-                 "adapter_model.safetensors", "checkpoint-5/trainer_state.pt", "checkpoint-10/adapter_model.safetensors",
+                 "adapter_model.safetensors", "checkpoint-5/trainer_state.pt",
+                 "checkpoint-10/adapter_model.safetensors",
                  "checkpoint-12/trainer_state.pt"):
         assert (run / name).is_file(), name
     assert not list(run.glob(".checkpoint-*"))
