@@ -269,7 +269,7 @@ def run_optimizer(name, factory, bits, info, init, grads, references, device, ti
 
 def oom_eviction_demo(layers: int = 16, dim: int = 4096, tokens: int = 8192) -> dict:
     """A train step whose forward runs out of memory completes after evict() + empty_cache(), bit-exactly."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # memory-fraction calls need an index
     generator = torch.Generator(device=device).manual_seed(1)
     weights = [torch.nn.Parameter(torch.randn(dim, dim, generator=generator, device=device) * 0.02)
                for _ in range(layers)]
