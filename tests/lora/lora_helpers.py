@@ -41,6 +41,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def err_vs_magnitude(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor) -> float:
+    """max |actual - expected| / max magnitude, in float64.
+
+    `magnitude` is the same computation on the absolute values of every operand, which bounds the sum of the
+    absolute terms behind each output: the scale that float rounding errors are relative to. Unlike `rel_err`,
+    this does not blow up when the terms cancel (a one-element output can be far smaller than its terms).
+    """
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / magnitude.double().abs().max().clamp_min(1e-30)).item()
+
+
 class OneLayer(torch.nn.Module):
     """The smallest model peft accepts: one linear layer named ``proj``."""
 
