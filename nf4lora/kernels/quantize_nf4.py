@@ -143,12 +143,7 @@ def quantize_triton(
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.numel() == 0:
         blockwise.check_float_input(w, "weight")
     check_blocksize(blocksize)
-    if code is None:
-        code = codebook.get_code(quant_type)
-    else:
-        if code.shape != (16,) or code.dtype != torch.float32:
-            raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
-        quant_type = "custom"
+    code, quant_type = codebook.resolve_code(quant_type, code)
     code = code.cpu()
     packed, absmax = _launch(w.contiguous().reshape(-1), code, blocksize, offset=None)
     if not bool(torch.isfinite(absmax).all()):

@@ -69,6 +69,18 @@ def get_code(quant_type: str) -> torch.Tensor:
     raise ValueError(f"unknown quant_type {quant_type!r}; valid: {', '.join(QUANT_TYPES)}")
 
 
+def resolve_code(quant_type: str, code: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """The codebook to quantize with and the quant_type to record: `quant_type`'s table, or a custom `code`.
+
+    A custom codebook must be (16,) float32 with values in [-1, 1]; it is recorded as quant_type "custom".
+    """
+    if code is None:
+        return get_code(quant_type), quant_type
+    if code.shape != (16,) or code.dtype != torch.float32:
+        raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
+    return code, "custom"
+
+
 @functools.cache
 def _dynamic_map(signed: bool) -> torch.Tensor:
     # Dettmers' dynamic tree quantization (arXiv:1511.04561) with bitsandbytes' parameters: 8 bits, at most 7

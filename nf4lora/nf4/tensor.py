@@ -20,7 +20,7 @@ from .blockwise import (
     pack_nibbles,
     unpack_nibbles,
 )
-from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code
+from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, resolve_code
 from .double_quant import compress_absmax, decompress_absmax
 
 
@@ -149,12 +149,7 @@ def quantize(
     """
     check_float_input(w, "weight")
     check_blocksize(blocksize)
-    if code is None:
-        code = get_code(quant_type)
-    else:
-        if code.shape != (16,) or code.dtype != torch.float32:
-            raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
-        quant_type = "custom"
+    code, quant_type = resolve_code(quant_type, code)
     code = code.to(w.device)
     absmax, scaled = blockwise_absmax_and_scaled(w.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:

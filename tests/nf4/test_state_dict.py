@@ -17,6 +17,17 @@ def _bnb_linear4bit_state_dict(bnb, w, quant_type, double_quant, blocksize):
     return layer.to("cpu").state_dict()
 
 
+def _bnb_dequantize(bnb, state_dict, prefix):
+    """bitsandbytes' own decoding of the Linear4bit entries under `prefix` (the way transformers loads them)."""
+    param = bnb.nn.Params4bit.from_prequantized(
+        data=state_dict[prefix],
+        quantized_stats={k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k != prefix},
+        requires_grad=False,
+        device="cpu",
+    )
+    return bnb.functional.dequantize_4bit(param.data, param.quant_state)
+
+
 @pytest.mark.parametrize("quant_type,double_quant", itertools.product(["nf4", "fp4"], [False, True]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_is_identical_to_bitsandbytes_linear4bit(quant_type, double_quant, dtype):
@@ -35,28 +46,15 @@ def test_bitsandbytes_state_dict_loads_and_decodes_identically(quant_type, doubl
     w = torch.randn(64, 256, dtype=torch.bfloat16)
     theirs = _bnb_linear4bit_state_dict(bnb, w, quant_type, double_quant, 128)
     loaded = from_bnb_state_dict(theirs, "weight")
-    layer_weight = bnb.nn.Params4bit.from_prequantized(
-        data=theirs["weight"],
-        quantized_stats={k.removeprefix("weight."): v for k, v in theirs.items() if k != "weight"},
-        requires_grad=False,
-        device="cpu",
-    )
-    expected = bnb.functional.dequantize_4bit(layer_weight.data, layer_weight.quant_state)
     assert loaded.shape == w.shape and loaded.dtype == w.dtype
-    assert torch.equal(dequantize(loaded), expected)
+    assert torch.equal(dequantize(loaded), _bnb_dequantize(bnb, theirs, "weight"))
 
 
 def test_our_state_dict_loads_into_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes")
     q = quantize(torch.randn(32, 512), blocksize=64)
     ours = to_bnb_state_dict(q, "layer.weight")
-    param = bnb.nn.Params4bit.from_prequantized(
-        data=ours["layer.weight"],
-        quantized_stats={k.removeprefix("layer.weight."): v for k, v in ours.items() if k != "layer.weight"},
-        requires_grad=False,
-        device="cpu",
-    )
-    assert torch.equal(bnb.functional.dequantize_4bit(param.data, param.quant_state), dequantize(q))
+    assert torch.equal(_bnb_dequantize(bnb, ours, "layer.weight"), dequantize(q))
 
 
 def test_round_trip_preserves_every_field():

@@ -41,11 +41,9 @@ def _segments(device, dtype, eight_bit, seed=0):
 SCALARS = [step_scalars(1e-2, 0.9, 0.999, 1e-8, 0.05, 7), step_scalars(3e-3, 0.8, 0.99, 1e-6, 0.0, 1)]
 
 
-@pytest.mark.parametrize("eight_bit", [False, True], ids=["32bit", "8bit"])
-def test_triton_kernel_matches_reference_bit_for_bit(device, eight_bit):
-    # both paths round every operation once (no FMA, div_rn / sqrt_rn), so they agree exactly
-    triton_segments = _segments(device, torch.float32, eight_bit)
-    reference_segments = _segments(device, torch.float32, eight_bit)
+def _assert_triton_equals_reference(device, dtype, eight_bit):
+    triton_segments = _segments(device, dtype, eight_bit)
+    reference_segments = _segments(device, dtype, eight_bit)
     with use_kernels("triton"):
         adamw_update(triton_segments, SCALARS)
     with use_kernels("reference"):
@@ -54,6 +52,12 @@ def test_triton_kernel_matches_reference_bit_for_bit(device, eight_bit):
         assert torch.equal(a.param, b.param)
         for name in a.state:
             assert torch.equal(a.state[name], b.state[name]), name
+
+
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["32bit", "8bit"])
+def test_triton_kernel_matches_reference_bit_for_bit(device, eight_bit):
+    # both paths round every operation once (no FMA, div_rn / sqrt_rn), so they agree exactly
+    _assert_triton_equals_reference(device, torch.float32, eight_bit)
 
 
 @pytest.mark.gpu
@@ -62,16 +66,7 @@ def test_triton_kernel_matches_reference_bit_for_bit(device, eight_bit):
 @pytest.mark.parametrize("eight_bit", [False, True], ids=["32bit", "8bit"])
 def test_triton_kernel_matches_reference_for_half_params_on_gpu(dtype, eight_bit):
     # the update is float32 either way; both paths round the new parameter to `dtype` once
-    triton_segments = _segments("cuda", dtype, eight_bit)
-    reference_segments = _segments("cuda", dtype, eight_bit)
-    with use_kernels("triton"):
-        adamw_update(triton_segments, SCALARS)
-    with use_kernels("reference"):
-        adamw_update(reference_segments, SCALARS)
-    for a, b in zip(triton_segments, reference_segments):
-        assert torch.equal(a.param, b.param)
-        for name in a.state:
-            assert torch.equal(a.state[name], b.state[name]), name
+    _assert_triton_equals_reference("cuda", dtype, eight_bit)
 
 
 def test_segment_offsets_update_only_their_slice():
