@@ -36,7 +36,7 @@ def _bnb_reference_dequantize(bnb_functional, packed, state):
     return compute(packed.view(-1), absmax.float(), state.code, state.blocksize, state.shape, state.dtype)
 
 
-@pytest.mark.parametrize("quant_type,double_quant", itertools.product(["nf4", "fp4"], [False, True]))
+@pytest.mark.parametrize("quant_type,double_quant", list(itertools.product(["nf4", "fp4"], [False, True])))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_matches_bitsandbytes_bytes_absmax_and_values(bnb_functional, quant_type, double_quant, dtype):
     generator = torch.Generator().manual_seed(hash((quant_type, double_quant, str(dtype))) % 2**31)

@@ -28,7 +28,7 @@ def _bnb_dequantize(bnb, state_dict, prefix):
     return bnb.functional.dequantize_4bit(param.data, param.quant_state)
 
 
-@pytest.mark.parametrize("quant_type,double_quant", itertools.product(["nf4", "fp4"], [False, True]))
+@pytest.mark.parametrize("quant_type,double_quant", list(itertools.product(["nf4", "fp4"], [False, True])))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_is_identical_to_bitsandbytes_linear4bit(quant_type, double_quant, dtype):
     bnb = pytest.importorskip("bitsandbytes")
@@ -40,7 +40,7 @@ def test_state_dict_is_identical_to_bitsandbytes_linear4bit(quant_type, double_q
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
 
 
-@pytest.mark.parametrize("quant_type,double_quant", itertools.product(["nf4", "fp4"], [False, True]))
+@pytest.mark.parametrize("quant_type,double_quant", list(itertools.product(["nf4", "fp4"], [False, True])))
 def test_bitsandbytes_state_dict_loads_and_decodes_identically(quant_type, double_quant):
     bnb = pytest.importorskip("bitsandbytes")
     w = torch.randn(64, 256, dtype=torch.bfloat16)
