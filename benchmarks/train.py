@@ -97,6 +97,14 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def replace_linears(model: nn.Module, make) -> None:
+    """Swap every nn.Linear but the output head for `make(linear)`, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(module))
+
+
 # ----------------------------------------------------------------------------------------------------------- ours
 
 def build_ours(arch: dict, device: torch.device) -> nn.Module:
@@ -109,10 +117,7 @@ def build_ours(arch: dict, device: torch.device) -> nn.Module:
         model = Llama(LlamaConfig(**arch)).to(torch.bfloat16)
     model.inv_freq = rope_inv_freq(model.config, device=device)  # fp32 on the device, as load_model leaves it
     fill_weights(model, device)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, compute_dtype=torch.bfloat16))
+    replace_linears(model, lambda module: NF4Linear.from_linear(module, compute_dtype=torch.bfloat16))
     return model.eval()
 
 
@@ -177,20 +182,20 @@ def build_peer(arch: dict, device: torch.device) -> nn.Module:
     finally:
         torch.set_default_dtype(previous)
     fill_weights(model, device)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            # Same 4-bit bytes as ours: quantized by nf4lora (bitsandbytes' CPU format) and handed over as a
-            # prequantized state. bitsandbytes' own CUDA double quantization rounds some absmax codes differently
-            # (nf4/blockwise.py), which would make the two base models differ by more than their kernels do.
-            state = to_bnb_state_dict(nf4_quantize(module.weight.detach(), 64, "nf4", True), "weight")
-            q4 = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, device="meta",
-                                   compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-            q4.weight = bnb.nn.Params4bit.from_prequantized(
-                data=state["weight"], requires_grad=False, device=device,
-                quantized_stats={key.removeprefix("weight."): value for key, value in state.items() if key != "weight"},
-            )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q4)
+    def to_linear4bit(module: nn.Linear) -> nn.Module:
+        # Same 4-bit bytes as ours: quantized by nf4lora (bitsandbytes' CPU format) and handed over as a
+        # prequantized state. bitsandbytes' own CUDA double quantization rounds some absmax codes differently
+        # (nf4/blockwise.py), which would make the two base models differ by more than their kernels do.
+        state = to_bnb_state_dict(nf4_quantize(module.weight.detach(), 64, "nf4", True), "weight")
+        q4 = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, device="meta",
+                               compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        q4.weight = bnb.nn.Params4bit.from_prequantized(
+            data=state["weight"], requires_grad=False, device=device,
+            quantized_stats={key.removeprefix("weight."): value for key, value in state.items() if key != "weight"},
+        )
+        return q4
+
+    replace_linears(model, to_linear4bit)
     model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets; peft checks it
     return model.eval()
 
