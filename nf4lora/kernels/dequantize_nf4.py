@@ -5,11 +5,11 @@ dtype (fp32, fp16 or bf16), where with double quantization
 ``absmax[b] = nested_code[q[b]] * nested_absmax[b // 256] + offset`` (float32, no fused multiply-add).
 Equal bit for bit to ``nf4lora.nf4.dequantize`` (``reference.dequantize_reference``).
 
-Layout: each program owns ``BLOCKS`` whole quantization blocks as a (BLOCKS, blocksize / 2) tile of
-packed bytes, so each absmax is loaded and decoded once per block and the byte loads are contiguous
-runs (16-byte vector loads). The 16-entry LUT is read from ``state.code`` (64 bytes, stays in L1).
-The two values of a byte are interleaved in registers and stored contiguously. (Storing each pair
-as one 32/64-bit word instead, skipping the interleave, measured 6% slower on an H200.)
+Layout: each program owns ``BLOCKS`` whole quantization blocks as a (BLOCKS, blocksize / 8) tile of
+32-bit words, so each absmax is loaded and decoded once per block, the loads are 16-byte vectors,
+and a thread's 32 outputs are contiguous (16-byte vector stores). Codes are looked up with a warp
+shuffle (``codes.py``). A tensor whose element count is not a multiple of 8 has its packed bytes
+copied to a word-aligned buffer first (small odd shapes only; weight matrices never need it).
 Bytes moved: n/2 packed + 4 n/blocksize absmax (1 + 4/256 with double quant) + n * itemsize out.
 """
 
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
 from nf4lora.kernels.dispatch import interpreting, tuning_space
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -26,54 +27,23 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _configs() -> list[triton.Config]:
-    # ELEMS = elements per program. On an H200 the autotuner picked the smallest tile offered
-    # (4096, 4 warps) over 8192-32768 at every benchmark shape, so smaller ones are offered too.
+    # ELEMS = elements per program (at least one block)
     return tuning_space(
         [
             triton.Config({"ELEMS": 4096}, num_warps=4),
             triton.Config({"ELEMS": 2048}, num_warps=4),
-            triton.Config({"ELEMS": 2048}, num_warps=2),
             triton.Config({"ELEMS": 8192}, num_warps=8),
             triton.Config({"ELEMS": 8192}, num_warps=4),
+            triton.Config({"ELEMS": 16384}, num_warps=8),
         ]
     )
-
-
-@triton.jit
-def _add_rn(a, b, PTX: tl.constexpr):
-    """a + b rounded on its own: an inline ``add.rn`` cannot be fused with the product feeding it."""
-    if PTX:
-        return tl.inline_asm_elementwise(
-            "add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    return a + b
-
-
-@triton.jit
-def decode_absmax(
-    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, mask,
-    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-):
-    """float32 absmax of quantization blocks ``blocks`` (any shape of int indices); 0 where ``mask`` is off.
-
-    Shared with the matmul kernel. The nested decode rounds the product before adding the offset,
-    as the reference does; ``PTX`` (compiled, not interpreted) makes that hold even where the
-    kernel is compiled with fp fusion on.
-    """
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = _add_rn(tl.load(nested_code_ptr + q) * nested, tl.load(offset_ptr), PTX)
-    else:
-        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
-    return scale
 
 
 @triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "DOUBLE_QUANT"])
 @triton.jit
 def _dequantize_kernel(
     # inputs
-    packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+    words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
     # output
     out_ptr,
     # sizes
@@ -84,21 +54,28 @@ def _dequantize_kernel(
     ELEMS: tl.constexpr,
 ):
     BLOCKS: tl.constexpr = max(ELEMS // BLOCKSIZE, 1)
-    HALF: tl.constexpr = BLOCKSIZE // 2
+    WORDS: tl.constexpr = BLOCKSIZE // 8
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    block_mask = blocks < n_blocks
     scale = decode_absmax(
-        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, block_mask,
+        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, blocks < n_blocks,
         NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
     )
-    byte_offs = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < (n_elements + 1) // 2, other=0).to(tl.int32)
-    # high nibble = element 2i (format note in nf4lora/nf4/codebook.py)
-    hi = tl.load(code_ptr + (packed >> 4)) * scale[:, None]
-    lo = tl.load(code_ptr + (packed & 0xF)) * scale[:, None]
-    values = tl.interleave(hi, lo)
+    word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+    words = tl.load(words_ptr + word_offs, mask=word_offs < (n_elements + 7) // 8, other=0)
+    lane_codes = lane_code(code_ptr, words, PTX)
+    values = dequantize_words(words, scale[:, None], lane_codes, code_ptr, out_ptr.dtype.element_ty, PTX)
     out_offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=out_offs < n_elements)
+    tl.store(out_ptr + out_offs, values, mask=out_offs < n_elements)
+
+
+def packed_words(q: QuantizedTensor) -> torch.Tensor:
+    """``q.packed`` as int32 words of 8 codes, copied into a zero-padded buffer when not whole words."""
+    packed = q.packed
+    if packed.numel() % 4 or packed.storage_offset() % 4:
+        padded = torch.zeros(triton.cdiv(packed.numel(), 4) * 4, dtype=torch.uint8, device=packed.device)
+        padded[: packed.numel()] = packed
+        packed = padded
+    return packed.view(torch.int32)
 
 
 def format_args(q: QuantizedTensor) -> tuple:
@@ -133,7 +110,7 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     n_blocks = state.absmax.numel()
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
     _dequantize_kernel[grid](
-        q.packed, *format_args(q), out, n, n_blocks,
+        packed_words(q), *format_args(q), out, n, n_blocks,
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
         DOUBLE_QUANT=state.double_quant, PTX=not interpreting(),
         enable_fp_fusion=False,

@@ -1,33 +1,29 @@
 """Fused dequantize-matmul ``y = x @ dequant(W).T + bias`` for a 4-bit ``QuantizedTensor`` W (N, K).
 
-One kernel serves every M, by a constexpr ``BLOCK_M``:
+Two kernels stream the packed weight once, as 32-bit words of 8 codes:
 
-- ``BLOCK_M == 1`` (decode, M = 1): a GEMV on the CUDA cores. Each program streams UNROLL
-  (BLOCK_N, SUB_K / 2) sub-tiles of packed bytes per step (SUB_K = min(blocksize, 64), so a sub-tile
-  row has a single absmax), dequantizes them in registers and accumulates elementwise products
-  against one row of x, reducing once at the end; only x, the packed weight and absmax are read.
-- ``BLOCK_M >= 16`` (M = 2..16, and the fused large-M candidate timed against ``matmul_nf4``): the same
-  streamed sub-tiles feed ``tl.dot`` on the tensor cores. A byte holds elements (2i, 2i+1), so a
-  sub-tile splits into its high- and low-nibble halves and x into its even and odd columns, with
-  no interleave: ``acc += absmax * (x_even @ code_hi.T + x_odd @ code_lo.T)``.
+- ``_gemv_kernel`` (M = 1, decode): CUDA cores. A program owns BLOCK_N rows; each step reads a
+  (BLOCK_N, SUB_W) tile of words (one quantization block, or a slice of one, per row), looks up the
+  8 codes of every word and multiplies them by the matching 8 entries of x in fp32, then scales the
+  row's partial sum once by its absmax. x is read as 32-bit pairs and reused by the rows a thread
+  owns, so the weight dominates the traffic.
+- ``_tile_kernel`` (M = 2..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
+  ``benchmarks/kernels.py``): tensor cores. The same tile is dequantized in registers (code * absmax
+  in fp32, rounded once to x.dtype, as the reference rounds it) and fed to ``tl.dot`` as the A
+  operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows of W, not the few rows
+  of x.
+
+Both look codes up with a warp shuffle (``codes.py``): 3 instructions per weight in the GEMV
+(shift, shuffle, fma).
 
 Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` chunks whose fp32
 partial sums go to a (n_splits, M, N) buffer and a second launch adds them in a fixed order with
 the bias (deterministic: no atomics). Otherwise the bias is fused into the single launch.
 
-Numerics: where K is a multiple of the blocksize, a sub-tile row of SUB_K weights shares one
-absmax, so it multiplies the row's partial dot product once instead of every weight: the GEMV
-computes ``absmax * sum(code[idx] * x)`` in fp32 (the weight is never rounded), the tensor-core
-path ``absmax * (x @ code[idx].T)`` with the codes rounded to x.dtype (bf16: 2**-9 relative, the
-size of the reference's own rounding of the dequantized weight). Results match the reference
-within the dtype's matmul tolerance, not bit for bit; fp32 x uses an IEEE fp32 dot, not tf32.
-Where blocks straddle rows each weight is dequantized as the reference does, then multiplied.
-Needs K even (rows start on a byte); ``nf4_linear`` routes odd K to ``matmul_nf4.dequant_matmul``.
-
-Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Measured on an H200
-(benchmarks/results/2026-11-28_kernels-subset_h200.md): M = 1 streams the 7B/70B projections at
-0.5-0.66 TB/s (0.18-0.21 ms at 28672x8192), 0.5-0.65x the speed of bitsandbytes' GEMV and bf16
-F.linear; the per-element LUT gather and unpacking keep it issue-bound, far from copy bandwidth.
+Needs K % 8 == 0 and K % blocksize == 0 (``supports``), true of every Llama projection;
+``nf4_linear`` sends other shapes to ``matmul_nf4.dequant_matmul``.
+Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Measured on an H200:
+benchmarks/results/ (the ``linear`` rows, M = 1..16).
 """
 
 from __future__ import annotations
@@ -38,142 +34,162 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dequantize_nf4 import check_quantized, decode_absmax, format_args
+from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code, lookup
+from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
 from nf4lora.kernels.dispatch import interpreting, tuning_space
 from nf4lora.nf4.tensor import QuantizedTensor
 
-# K chunks for split-K are multiples of this, so every step (SUB_K * UNROLL <= 512) tiles a chunk exactly
+# K chunks for split-K are multiples of this many columns, so every chunk holds whole steps
 K_CHUNK_ALIGN = 1024
 # aim for this many programs per multiprocessor before splitting K further
 PROGRAMS_PER_SM = 4
+WORDS_PER_SUB_TILE = 8  # 64 columns per sub-tile row (fewer when the blocksize is 32)
 
-_CONFIGS = {
-    # (BLOCK_N, UNROLL, num_warps, num_stages) per BLOCK_M; the first entry is the interpreter's.
-    # A step reads UNROLL sub-tiles of (BLOCK_N, SUB_K / 2) bytes: each row of a sub-tile is one
-    # quantization block (or a slice of one), so its absmax is one value per row.
-    # Software pipelining (num_stages > 1) would stage the LUT and absmax gathers through shared
-    # memory too (up to 540 KB at BLOCK_M 16), so the small-M configs mostly rely on occupancy.
-    1: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (128, 4, 8, 1), (256, 2, 8, 1), (64, 2, 4, 2), (32, 4, 4, 1)],
-    16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (128, 2, 8, 1), (32, 4, 4, 1), (64, 2, 4, 2)],
-    64: [(64, 1, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3)],
-    128: [(128, 1, 8, 3), (128, 2, 8, 3)],
+# (BLOCK_N, UNROLL, num_warps) per kernel; the first entry is the interpreter's. A step reads UNROLL
+# sub-tiles of (BLOCK_N, SUB_W) words. num_stages stays 1: the pipeliner would stage the tiles
+# through shared memory, while unrolling keeps the loads in flight in registers.
+GEMV_CONFIGS = [(256, 1, 4), (256, 2, 4), (128, 2, 4), (512, 1, 8), (256, 2, 8), (128, 4, 4)]
+TILE_CONFIGS = {
+    16: [(64, 1, 4), (128, 1, 4), (128, 2, 8), (64, 2, 4), (256, 1, 8)],
+    64: [(64, 1, 4), (128, 1, 8), (128, 2, 8)],
+    128: [(64, 1, 4), (128, 1, 8)],
 }
-SUB_K_MAX = 64  # columns per sub-tile (fewer when the blocksize is smaller)
+BLOCK_MS = (1, *TILE_CONFIGS)
 
 
-def _configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_N": n, "UNROLL": u}, num_warps=w, num_stages=s)
-        for n, u, w, s in sorted({c for table in _CONFIGS.values() for c in table})
-    ]
+def _configs(table: list[tuple[int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": n, "UNROLL": u}, num_warps=w, num_stages=1) for n, u, w in table]
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune_tile(configs, named_args, **kwargs):
     """Keep the configs listed for this BLOCK_M (the first one only under the interpreter)."""
-    wanted = tuning_space(_CONFIGS[kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))])
-    keyed = {(c.kwargs["BLOCK_N"], c.kwargs["UNROLL"], c.num_warps, c.num_stages): c for c in configs}
+    wanted = tuning_space(TILE_CONFIGS[kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))])
+    keyed = {(c.kwargs["BLOCK_N"], c.kwargs["UNROLL"], c.num_warps): c for c in configs}
     return [keyed[w] for w in wanted]
 
 
+@triton.jit
+def _x_pair(x_ptr, pair, mask, X_WORDS: tl.constexpr, X_FP16: tl.constexpr):
+    """float32 (x[2 * pair], x[2 * pair + 1]); with X_WORDS, x_ptr is a 16-bit x viewed as int32."""
+    if X_WORDS:
+        v = tl.load(x_ptr + pair, mask=mask, other=0)
+        if X_FP16:
+            even = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:  # bf16 is the top half of a float32
+            even = (v << 16).to(tl.float32, bitcast=True)
+            odd = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        even = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _store_result(
+    result, rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Store ``result`` (BLOCK_M, BLOCK_N) fp32: as split ``pid_s``'s partial, or biased into out."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(partial_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], result, mask=mask)
+    else:
+        if HAS_BIAS:  # rounded to out's dtype first, as F.linear adds a bias of x's dtype
+            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(out_ptr.dtype.element_ty)
+            result += bias.to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(tuning_space(GEMV_CONFIGS)), key=["N", "K_WORDS", "CHUNK_WORDS", "DOUBLE_QUANT"])
+@triton.jit
+def _gemv_kernel(
+    x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr,
+    out_ptr, partial_ptr,
+    N, K_WORDS, CHUNK_WORDS,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
+    X_WORDS: tl.constexpr, X_FP16: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    SUB_W: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rows = words_ptr + (rn.to(tl.int64) * K_WORDS)[:, None]
+    first_block = rn.to(tl.int64) * (K_WORDS // (BLOCKSIZE // 8))
+    word = tl.arange(0, SUB_W)
+    w_begin = pid_s * CHUNK_WORDS
+    w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
+    acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
+    lane_codes = lane_code(code_ptr, acc, PTX)
+    for w0 in range(w_begin, w_end, SUB_W * UNROLL):
+        for u in tl.static_range(UNROLL):
+            w = w0 + u * SUB_W
+            live = w + word < w_end
+            words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
+            # byte p of a word holds elements 2p (high nibble) and 2p + 1 (low nibble)
+            part = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
+            for p in tl.static_range(4):
+                x_even, x_odd = _x_pair(x_ptr, (w + word) * 4 + p, live, X_WORDS, X_FP16)
+                part += lookup(lane_codes, code_ptr, words >> (8 * p + 4), PTX) * x_even[None, :]
+                part += lookup(lane_codes, code_ptr, words >> (8 * p), PTX) * x_odd[None, :]
+            scale = decode_absmax(
+                absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, first_block + w // (BLOCKSIZE // 8),
+                n_mask & (rn * 0 + w < w_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
+            )
+            acc += part * scale[:, None]
+    result = tl.sum(acc, axis=1)[None, :]
+    rm = tl.arange(0, 1)
+    _store_result(result, rm, rn, rm < 1, n_mask, pid_s, 1, N, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT)
+
+
 @triton.autotune(
-    configs=_configs(),
-    key=["M", "N", "K", "K_CHUNK", "BLOCK_M", "DOUBLE_QUANT", "ALIGNED"],
-    prune_configs_by={"early_config_prune": _prune},
+    configs=_configs(sorted({c for table in TILE_CONFIGS.values() for c in table})),
+    key=["M", "N", "K_WORDS", "CHUNK_WORDS", "BLOCK_M", "DOUBLE_QUANT"],
+    prune_configs_by={"early_config_prune": _prune_tile},
 )
 @triton.jit
-def _nf4_matmul_kernel(
-    # inputs
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr,
-    # outputs: out (M, N) when not split, else fp32 partials (n_splits, M, N)
+def _tile_kernel(
+    x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr,
     out_ptr, partial_ptr,
-    # sizes and strides
-    M, N, K, K_CHUNK, stride_xm, stride_om,
-    # format
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-    PTX: tl.constexpr,
-    # epilogue
+    M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    # tiling
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr, UNROLL: tl.constexpr,
+    SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    SUB_BYTES: tl.constexpr = SUB_K // 2
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
     m_mask = rm < M
-    row_start = rn.to(tl.int64) * K  # flat element index of W[n, 0]; even because K is even
-    row_bytes = packed_ptr + (row_start // 2)[:, None]
-    sub_byte = tl.arange(0, SUB_BYTES)
-    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
-
-    k_begin = pid_s * K_CHUNK
-    k_end = tl.minimum(k_begin + K_CHUNK, K)
-    if BLOCK_M == 1:
-        # elementwise products accumulate in the tile's shape; one reduction after the loop
-        acc = tl.zeros([BLOCK_N, SUB_BYTES], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, SUB_K * UNROLL):
+    rows = words_ptr + (rn.to(tl.int64) * K_WORDS)[:, None]
+    first_block = rn.to(tl.int64) * (K_WORDS // (BLOCKSIZE // 8))
+    word = tl.arange(0, SUB_W)
+    col = tl.arange(0, SUB_W * 8)
+    x_rows = x_ptr + (rm.to(tl.int64) * stride_xm)[None, :]
+    w_begin = pid_s * CHUNK_WORDS
+    w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    lane_codes = lane_code(code_ptr, tl.zeros([BLOCK_N, SUB_W], dtype=tl.int32), PTX)
+    for w0 in range(w_begin, w_end, SUB_W * UNROLL):
         for u in tl.static_range(UNROLL):
-            k = k0 + u * SUB_K
-            col_byte = k // 2 + sub_byte
-            byte_mask = n_mask[:, None] & (col_byte < k_end // 2)[None, :]
-            packed = tl.load(row_bytes + col_byte[None, :], mask=byte_mask, other=0).to(tl.int32)
-            code_hi = tl.load(code_ptr + (packed >> 4))
-            code_lo = tl.load(code_ptr + (packed & 0xF))
-            x_col = k + 2 * sub_byte
-            x_mask = x_col < k_end
-            if BLOCK_M == 1:
-                x_even = tl.load(x_ptr + x_col, mask=x_mask, other=0.0).to(tl.float32)[None, :]
-                x_odd = tl.load(x_ptr + x_col + 1, mask=x_mask, other=0.0).to(tl.float32)[None, :]
-            else:
-                xm = m_mask[:, None] & x_mask[None, :]
-                x_even = tl.load(x_rows[:, None] + x_col[None, :], mask=xm, other=0.0)
-                x_odd = tl.load(x_rows[:, None] + x_col[None, :] + 1, mask=xm, other=0.0)
-            if ALIGNED:
-                # K % BLOCKSIZE == 0: a sub-tile row lies in one block, so its absmax factors out of
-                # the row's dot product and multiplies once per row instead of once per element
-                row_scale = decode_absmax(
-                    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, (row_start + k) // BLOCKSIZE,
-                    n_mask & (k + 0 * rn < k_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
-                )
-                if BLOCK_M == 1:
-                    acc += row_scale[:, None] * (code_hi * x_even + code_lo * x_odd)
-                else:
-                    part = tl.dot(x_even, tl.trans(code_hi.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
-                    part += tl.dot(x_odd, tl.trans(code_lo.to(x_ptr.dtype.element_ty)), input_precision=DOT_PRECISION)
-                    acc += part * row_scale[None, :]
-            else:  # blocks straddle rows: one absmax per byte, applied to each weight
-                scale = decode_absmax(
-                    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-                    (row_start[:, None] + 2 * col_byte[None, :]) // BLOCKSIZE, byte_mask,
-                    NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
-                )
-                if BLOCK_M == 1:
-                    acc += (code_hi * scale) * x_even + (code_lo * scale) * x_odd
-                else:
-                    w_hi = (code_hi * scale).to(x_ptr.dtype.element_ty)
-                    w_lo = (code_lo * scale).to(x_ptr.dtype.element_ty)
-                    acc += tl.dot(x_even, tl.trans(w_hi), input_precision=DOT_PRECISION)
-                    acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=DOT_PRECISION)
-    if BLOCK_M == 1:
-        result = tl.sum(acc, axis=1)[None, :]
-    else:
-        result = acc
-
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        tl.store(partial_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], result, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(out_ptr.dtype.element_ty)
-            result += bias.to(tl.float32)[None, :]
-        out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+            w = w0 + u * SUB_W
+            live = w + word < w_end
+            words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
+            scale = decode_absmax(
+                absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, first_block + w // (BLOCKSIZE // 8),
+                n_mask & (rn * 0 + w < w_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
+            )[:, None]
+            tile = dequantize_words(words, scale, lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)
+            x_tile = tl.load(x_rows + (w * 8 + col)[:, None], mask=m_mask[None, :] & (w * 8 + col < w_end * 8)[:, None], other=0.0)
+            acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
+    _store_result(
+        tl.trans(acc), rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr,
+        HAS_BIAS, SPLIT,
+    )
 
 
 @triton.jit
@@ -198,11 +214,16 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) -> int:
-    """Columns of K per program: all of K unless N/32 x M/BLOCK_M tiles underfill the GPU."""
+    """Columns of K per program: all of K unless N/128 x M/BLOCK_M tiles underfill the GPU."""
     sms = 4 if interpreting() or device.type != "cuda" else _multiprocessors(device.index or 0)
-    tiles = triton.cdiv(N, 32) * triton.cdiv(M, block_m)
+    tiles = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
     splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), triton.cdiv(K, K_CHUNK_ALIGN))
     return triton.cdiv(triton.cdiv(K, max(splits, 1)), K_CHUNK_ALIGN) * K_CHUNK_ALIGN
+
+
+def supports(K: int, blocksize: int) -> bool:
+    """Whether the fused kernels take in_features K: whole 32-bit words and whole blocks per row."""
+    return K % 8 == 0 and K % blocksize == 0
 
 
 def fused_matmul(
@@ -210,33 +231,51 @@ def fused_matmul(
 ) -> torch.Tensor:
     """``x2d @ dequant(qweight).T + bias`` in one fused launch (two with split-K).
 
-    x2d: (M, K) fp32/fp16/bf16; qweight: (N, K), K even; bias: (N,) or None -> (M, N) in x2d.dtype.
-    ``block_m`` defaults to 1 for M == 1 and 16 otherwise; 64 or 128 give the large-M fused variant.
+    x2d: (M, K) fp32/fp16/bf16; qweight: (N, K) with ``supports(K, blocksize)``; bias: (N,) or None
+    -> (M, N) in x2d.dtype. ``block_m`` defaults to 1 (the GEMV) for M == 1 and 16 otherwise; 64 or
+    128 give the large-M tiling.
     """
     check_quantized(qweight)
     M, K = x2d.shape
     N = qweight.shape[0]
-    if K % 2:
-        raise ValueError(f"the fused kernel needs an even in_features, got K={K}; use matmul_nf4.dequant_matmul")
+    state = qweight.state
+    if not supports(K, state.blocksize):
+        raise ValueError(
+            f"the fused kernels need in_features K divisible by 8 and by the blocksize {state.blocksize}, "
+            f"got K={K}; use matmul_nf4.dequant_matmul"
+        )
     block_m = (1 if M == 1 else 16) if block_m is None else block_m
-    if block_m not in _CONFIGS:
-        raise ValueError(f"block_m={block_m} has no configs; valid: {sorted(_CONFIGS)}")
+    if block_m not in BLOCK_MS:
+        raise ValueError(f"block_m={block_m} has no configs; valid: {list(BLOCK_MS)}")
+    if block_m == 1 and M != 1:
+        raise ValueError(f"block_m=1 is the GEMV, for M=1; got M={M}")
     x2d = x2d.contiguous()
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     k_chunk = split_k_chunk(M, N, K, block_m, x2d.device)
     n_splits = triton.cdiv(K, k_chunk)
     partial = torch.empty((n_splits, M, N), dtype=torch.float32, device=x2d.device) if n_splits > 1 else out
-    state = qweight.state
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
-    _nf4_matmul_kernel[grid](
-        x2d, qweight.packed, *format_args(qweight), out if bias is None else bias, out, partial,
-        M, N, K, k_chunk, x2d.stride(0), out.stride(0),
+    words = packed_words(qweight)
+    common = dict(
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
-        DOUBLE_QUANT=state.double_quant, ALIGNED=K % state.blocksize == 0,
-        PTX=not interpreting(), HAS_BIAS=bias is not None, SPLIT=n_splits > 1,
-        DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, SUB_K=min(state.blocksize, SUB_K_MAX),
+        DOUBLE_QUANT=state.double_quant, PTX=not interpreting(), HAS_BIAS=bias is not None, SPLIT=n_splits > 1,
+        SUB_W=min(state.blocksize // 8, WORDS_PER_SUB_TILE),
     )
+    args = (words, *format_args(qweight), out if bias is None else bias, out, partial)
+    if block_m == 1:
+        x_words = x2d.element_size() == 2
+        if x_words and x2d.storage_offset() % 2:
+            x2d = x2d.clone()  # an int32 view needs 4-byte alignment
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
+        _gemv_kernel[grid](
+            x2d.view(torch.int32) if x_words else x2d, *args, N, K // 8, k_chunk // 8,
+            X_WORDS=x_words, X_FP16=x2d.dtype == torch.float16, **common,
+        )
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
+        _tile_kernel[grid](
+            x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
+            DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **common,
+        )
     if n_splits > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(M * N, block),)](

@@ -57,10 +57,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
 def _linear_forward(x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     if not use_triton(x2d.device):
         return linear_reference(x2d, qweight, bias)
-    if x2d.shape[0] <= SMALL_M_MAX and x2d.shape[1] % 2 == 0:
-        from nf4lora.kernels.gemv_nf4 import gemv_nf4
+    if x2d.shape[0] <= SMALL_M_MAX:
+        from nf4lora.kernels.gemv_nf4 import gemv_nf4, supports
 
-        return gemv_nf4(x2d, qweight, bias)
+        if supports(x2d.shape[1], qweight.state.blocksize):
+            return gemv_nf4(x2d, qweight, bias)
     from nf4lora.kernels.matmul_nf4 import dequant_matmul
 
     return dequant_matmul(x2d, qweight, bias)

@@ -25,12 +25,14 @@ def rel_err(out, ref):
 @pytest.mark.parametrize(
     "M, N, K, blocksize, double_quant, block_m",
     [
-        (1, 40, 96, 64, True, None),  # GEMV path, K % 64 == 32: partial K tile
-        (3, 40, 96, 64, False, None),  # tl.dot path with 13 padded rows
-        (17, 33, 200, 32, True, None),  # two M tiles, N not a multiple of 32, K % 32 == 8: blocks straddle rows
-        (1, 33, 100, 64, True, None),  # GEMV with blocks straddling rows
-        (3, 24, 2100, 64, True, None),  # split-K: three K chunks, the last one ragged
-        (5, 64, 256, 64, True, 64),  # the large-M fused tiling
+        (1, 40, 96, 32, True, None),  # GEMV, 4-word sub-tiles
+        (1, 300, 192, 64, False, None),  # GEMV, N over one 256-row tile
+        (1, 24, 2112, 64, True, None),  # GEMV split-K: three K chunks, the last one ragged
+        (1, 16, 512, 256, True, None),  # blocks wider than a sub-tile
+        (3, 40, 96, 32, False, None),  # tensor-core tile with 13 padded rows
+        (17, 33, 192, 64, True, None),  # two M tiles, N not a multiple of the tile
+        (3, 24, 2112, 64, True, None),  # tile kernel with split-K
+        (5, 64, 256, 128, True, 64),  # the large-M fused tiling
     ],
 )
 @pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
@@ -47,21 +49,24 @@ def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, do
 
 
 def test_split_k_chunks_are_aligned_and_cover_k(device):
-    for M, N, K in [(1, 64, 4096), (1, 28672, 8192), (16, 4096, 11008), (3, 24, 2100)]:
+    for M, N, K in [(1, 64, 4096), (1, 28672, 8192), (16, 4096, 11008), (3, 24, 2112)]:
         chunk = split_k_chunk(M, N, K, 16, device)
         assert chunk % 1024 == 0 and 0 < chunk < K + 1024
 
 
 def test_fused_matmul_is_deterministic(device):
-    q = quantize_ref(torch.randn(24, 2100)).to(device)
-    x = torch.randn(2, 2100, device=device)
+    q = quantize_ref(torch.randn(24, 2112)).to(device)
+    x = torch.randn(2, 2112, device=device)
     assert torch.equal(fused_matmul(x, q), fused_matmul(x, q))
 
 
-def test_fused_matmul_refuses_odd_k_and_unknown_tiling(device):
-    q = quantize_ref(torch.randn(8, 65)).to(device)
-    with pytest.raises(ValueError, match="needs an even in_features, got K=65"):
-        fused_matmul(torch.randn(1, 65, device=device), q)
+def test_fused_matmul_refuses_unaligned_k_and_unknown_tiling(device):
+    for K in (65, 100):  # not whole words; whole words but not whole blocks
+        q = quantize_ref(torch.randn(8, K)).to(device)
+        with pytest.raises(ValueError, match=f"divisible by 8 and by the blocksize 64, got K={K}"):
+            fused_matmul(torch.randn(1, K, device=device), q)
     q = quantize_ref(torch.randn(8, 64)).to(device)
     with pytest.raises(ValueError, match=r"block_m=32 has no configs; valid: \[1, 16, 64, 128\]"):
         fused_matmul(torch.randn(1, 64, device=device), q, block_m=32)
+    with pytest.raises(ValueError, match="block_m=1 is the GEMV, for M=1; got M=2"):
+        fused_matmul(torch.randn(2, 64, device=device), q, block_m=1)

@@ -1,0 +1,90 @@
+"""Triton device helpers that read packed 4-bit codes and their absmax; shared by the kernels.
+
+Packed weights are read as 32-bit words of 8 codes. Byte p of a little-endian word holds elements
+2p (high nibble) and 2p + 1 (low nibble), so element j of a word sits at bit ``WORD_SHIFTS[j]``.
+
+The 16-entry lookup is the hot instruction of every kernel here. Compiled (``PTX``), each thread
+keeps ``code[lane % 16]`` in one register (``lane_code``) and a lookup is one warp shuffle whose
+source lane is the word shifted right: ``shfl`` reads only the low 5 bits of the lane, and lanes
+16-31 hold copies of lanes 0-15, so the nibble needs no mask. That replaces a 64-bit address
+computation and an L1 gather per element. The interpreter, which has no inline PTX, gathers from
+``state.code`` instead. Both read any 16-value codebook.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rn(a, b, PTX: tl.constexpr):
+    """a + b rounded on its own: an inline ``add.rn`` cannot be fused with the product feeding it."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a + b
+
+
+@triton.jit
+def decode_absmax(
+    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, mask,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
+):
+    """float32 absmax of quantization blocks ``blocks`` (any shape of int indices); 0 where ``mask`` is off.
+
+    The nested decode rounds the product before adding the offset, as the reference does; ``PTX``
+    (compiled, not interpreted) makes that hold even where the kernel is compiled with fp fusion on.
+    """
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = _add_rn(tl.load(nested_code_ptr + q) * nested, tl.load(offset_ptr), PTX)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def lane_code(code_ptr, like, PTX: tl.constexpr):
+    """``code[laneid % 16]`` in every element of ``like``'s shape: one register per thread (compiled)."""
+    if PTX:
+        lane = tl.inline_asm_elementwise(
+            "mov.u32 $0, %laneid;", "=r,r", [tl.zeros_like(like)], dtype=tl.int32, is_pure=True, pack=1
+        )
+        return tl.load(code_ptr + (lane & 15))
+    return tl.zeros_like(like).to(tl.float32)
+
+
+@triton.jit
+def lookup(lane_codes, code_ptr, idx, PTX: tl.constexpr):
+    """float32 ``code[idx & 15]`` for int32 ``idx``; the bits above its low nibble are ignored."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r", [lane_codes, idx],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )
+    return tl.load(code_ptr + (idx & 15))
+
+
+@triton.jit
+def dequantize_words(words, scale, lane_codes, code_ptr, dtype: tl.constexpr, PTX: tl.constexpr):
+    """(R, W) int32 words and (R, 1) float32 scales -> (R, 8 W) ``code * scale`` rounded once to ``dtype``.
+
+    Element 8c + j of a row is code j of word c. The products are plain float32 multiplies, as in the
+    reference, so the result is bit-exact.
+    """
+    v0 = (lookup(lane_codes, code_ptr, words >> 4, PTX) * scale).to(dtype)
+    v1 = (lookup(lane_codes, code_ptr, words, PTX) * scale).to(dtype)
+    v2 = (lookup(lane_codes, code_ptr, words >> 12, PTX) * scale).to(dtype)
+    v3 = (lookup(lane_codes, code_ptr, words >> 8, PTX) * scale).to(dtype)
+    v4 = (lookup(lane_codes, code_ptr, words >> 20, PTX) * scale).to(dtype)
+    v5 = (lookup(lane_codes, code_ptr, words >> 16, PTX) * scale).to(dtype)
+    v6 = (lookup(lane_codes, code_ptr, words >> 28, PTX) * scale).to(dtype)
+    v7 = (lookup(lane_codes, code_ptr, words >> 24, PTX) * scale).to(dtype)
+    # each join adds an innermost axis: the inner joins split on j >> 2, the outer one on j & 1, so
+    # the reshape lists j in order
+    even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    return tl.reshape(tl.join(even, odd), [words.shape[0], words.shape[1] * 8])
