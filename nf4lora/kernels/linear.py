@@ -26,7 +26,7 @@ from nf4lora.nf4.tensor import QuantizedTensor
 # (benchmarks/results/2026-11-28_kernels-subset_h200.md, bf16, Llama projections): fused wins at
 # M = 1 (0.18-0.21 ms vs 0.30 ms at 28672x8192 / 8192x28672) and at M = 2 on three of four shapes,
 # ties at M = 4, and loses from M = 8 (0.32-0.39 ms vs 0.30 ms).
-SMALL_M_MAX = 2
+SMALL_M_MAX = 16
 
 
 def quantize(
