@@ -47,14 +47,18 @@ def decode_absmax(
 
 
 @triton.jit
-def lane_code(code_ptr, like, PTX: tl.constexpr):
-    """``code[laneid % 16]`` in every element of ``like``'s shape: one register per thread (compiled)."""
+def lane_code(code_ptr, PTX: tl.constexpr):
+    """``code[laneid % 16]``, a scalar: each thread's own entry (compiled; 0 under the interpreter).
+
+    A scalar, not a tensor, on purpose: a tensor of lane-dependent values would be wrong after any
+    layout conversion that moves elements between lanes, while a scalar is broadcast in place.
+    """
     if PTX:
         lane = tl.inline_asm_elementwise(
-            "mov.u32 $0, %laneid;", "=r,r", [tl.zeros_like(like)], dtype=tl.int32, is_pure=True, pack=1
+            "mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=True, pack=1
         )
         return tl.load(code_ptr + (lane & 15))
-    return tl.zeros_like(like).to(tl.float32)
+    return 0.0
 
 
 @triton.jit

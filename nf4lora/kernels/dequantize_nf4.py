@@ -62,7 +62,7 @@ def _dequantize_kernel(
     )
     word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
     words = tl.load(words_ptr + word_offs, mask=word_offs < (n_elements + 7) // 8, other=0)
-    lane_codes = lane_code(code_ptr, words, PTX)
+    lane_codes = lane_code(code_ptr, PTX)
     values = dequantize_words(words, scale[:, None], lane_codes, code_ptr, out_ptr.dtype.element_ty, PTX)
     out_offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + out_offs, values, mask=out_offs < n_elements)

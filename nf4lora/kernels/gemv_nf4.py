@@ -122,7 +122,7 @@ def _gemv_kernel(
     w_begin = pid_s * CHUNK_WORDS
     w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
-    lane_codes = lane_code(code_ptr, acc, PTX)
+    lane_codes = lane_code(code_ptr, PTX)
     for w0 in range(w_begin, w_end, SUB_W * UNROLL):
         for u in tl.static_range(UNROLL):
             w = w0 + u * SUB_W
@@ -173,7 +173,7 @@ def _tile_kernel(
     w_begin = pid_s * CHUNK_WORDS
     w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    lane_codes = lane_code(code_ptr, tl.zeros([BLOCK_N, SUB_W], dtype=tl.int32), PTX)
+    lane_codes = lane_code(code_ptr, PTX)
     for w0 in range(w_begin, w_end, SUB_W * UNROLL):
         for u in tl.static_range(UNROLL):
             w = w0 + u * SUB_W
