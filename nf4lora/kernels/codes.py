@@ -28,22 +28,42 @@ def _add_rn(a, b, PTX: tl.constexpr):
 
 
 @triton.jit
-def decode_absmax(
-    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, mask,
-    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-):
-    """float32 absmax of quantization blocks ``blocks`` (any shape of int indices); 0 where ``mask`` is off.
+def load_absmax(absmax_ptr, nested_absmax_ptr, blocks, mask, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The stored absmax of quantization blocks ``blocks`` and, with double quantization, their nested absmax.
+
+    Split from ``decode_absmax`` so that a kernel can issue these loads a step ahead of their use.
+    """
+    if DOUBLE_QUANT:
+        stored = tl.load(absmax_ptr + blocks, mask=mask, other=0)
+        nested = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+    else:
+        stored = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+        nested = stored.to(tl.float32)  # unused; typed as the other branch's (triton 3.6 checks both)
+    return stored, nested
+
+
+@triton.jit
+def decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr):
+    """float32 absmax from ``load_absmax``'s values: ``nested_code[stored] * nested + offset`` or ``stored``.
 
     The nested decode rounds the product before adding the offset, as the reference does; ``PTX``
     (compiled, not interpreted) makes that hold even where the kernel is compiled with fp fusion on.
     """
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = _add_rn(tl.load(nested_code_ptr + q) * nested, tl.load(offset_ptr), PTX)
+        scale = _add_rn(tl.load(nested_code_ptr + stored.to(tl.int32)) * nested, tl.load(offset_ptr), PTX)
     else:
-        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+        scale = stored.to(tl.float32)
     return scale
+
+
+@triton.jit
+def decode_absmax(
+    absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, mask,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
+):
+    """float32 absmax of quantization blocks ``blocks`` (any shape of int indices); 0 where ``mask`` is off."""
+    stored, nested = load_absmax(absmax_ptr, nested_absmax_ptr, blocks, mask, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
 
 
 @triton.jit

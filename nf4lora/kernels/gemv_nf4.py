@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code, lookup
+from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
 from nf4lora.kernels.dispatch import interpreting, tuning_space
 from nf4lora.nf4.tensor import QuantizedTensor
@@ -45,26 +45,26 @@ K_CHUNK_ALIGN = 1024
 PROGRAMS_PER_SM = 4
 WORDS_PER_SUB_TILE = 8  # 64 columns per sub-tile row (fewer when the blocksize is 32)
 
-# (BLOCK_N, UNROLL, num_warps) per kernel; the first entry is the interpreter's. A step reads UNROLL
-# sub-tiles of (BLOCK_N, SUB_W) words. num_stages stays 1: the pipeliner would stage the tiles
-# through shared memory, while unrolling keeps the loads in flight in registers.
-GEMV_CONFIGS = [(256, 1, 4), (256, 2, 4), (128, 2, 4), (512, 1, 8), (256, 2, 8), (128, 4, 4)]
+# (BLOCK_N, num_warps) per kernel; the first entry is the interpreter's. A step reads a (BLOCK_N,
+# SUB_W) tile of words. num_stages stays 1: the pipeliner would stage the tiles through shared
+# memory, while the kernels keep two steps of loads in flight in registers themselves.
+GEMV_CONFIGS = [(256, 4), (128, 4), (512, 8), (256, 8), (128, 2), (64, 2)]
 TILE_CONFIGS = {
-    16: [(64, 1, 4), (128, 1, 4), (128, 2, 8), (64, 2, 4), (256, 1, 8)],
-    64: [(64, 1, 4), (128, 1, 8), (128, 2, 8)],
-    128: [(64, 1, 4), (128, 1, 8)],
+    16: [(64, 4), (128, 4), (128, 8), (256, 8), (64, 2)],
+    64: [(64, 4), (128, 8)],
+    128: [(64, 4), (128, 8)],
 }
 BLOCK_MS = (1, *TILE_CONFIGS)
 
 
-def _configs(table: list[tuple[int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": n, "UNROLL": u}, num_warps=w, num_stages=1) for n, u, w in table]
+def _configs(table: list[tuple[int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1) for n, w in table]
 
 
 def _prune_tile(configs, named_args, **kwargs):
     """Keep the configs listed for this BLOCK_M (the first one only under the interpreter)."""
     wanted = tuning_space(TILE_CONFIGS[kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))])
-    keyed = {(c.kwargs["BLOCK_N"], c.kwargs["UNROLL"], c.num_warps): c for c in configs}
+    keyed = {(c.kwargs["BLOCK_N"], c.num_warps): c for c in configs}
     return [keyed[w] for w in wanted]
 
 
@@ -83,6 +83,21 @@ def _x_pair(x_ptr, pair, mask, X_WORDS: tl.constexpr, X_FP16: tl.constexpr):
         even = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
         odd = tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
     return even, odd
+
+
+@triton.jit
+def _load_step(
+    rows, first_block, rn, n_mask, word, w, w_end, absmax_ptr, nested_absmax_ptr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+):
+    """The (BLOCK_N, SUB_W) words at word column ``w`` and their rows' stored absmax (zeros past ``w_end``)."""
+    live = w + word < w_end
+    words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
+    stored, nested = load_absmax(
+        absmax_ptr, nested_absmax_ptr, first_block + w // (BLOCKSIZE // 8), n_mask & (rn * 0 + w < w_end),
+        NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    return words, stored, nested
 
 
 @triton.jit
@@ -110,7 +125,7 @@ def _gemv_kernel(
     N, K_WORDS, CHUNK_WORDS,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
     X_WORDS: tl.constexpr, X_FP16: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    SUB_W: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    SUB_W: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -123,22 +138,31 @@ def _gemv_kernel(
     w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
-    for w0 in range(w_begin, w_end, SUB_W * UNROLL):
-        for u in tl.static_range(UNROLL):
-            w = w0 + u * SUB_W
-            live = w + word < w_end
-            words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
-            # byte p of a word holds elements 2p (high nibble) and 2p + 1 (low nibble)
-            part = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
-            for p in tl.static_range(4):
-                x_even, x_odd = _x_pair(x_ptr, (w + word) * 4 + p, live, X_WORDS, X_FP16)
-                part += lookup(lane_codes, code_ptr, words >> (8 * p + 4), PTX) * x_even[None, :]
-                part += lookup(lane_codes, code_ptr, words >> (8 * p), PTX) * x_odd[None, :]
-            scale = decode_absmax(
-                absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, first_block + w // (BLOCKSIZE // 8),
-                n_mask & (rn * 0 + w < w_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
-            )
-            acc += part * scale[:, None]
+    # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
+    words, stored, nested = _load_step(
+        rows, first_block, rn, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    words_1, stored_1, nested_1 = _load_step(
+        rows, first_block, rn, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    for w in range(w_begin, w_end, SUB_W):
+        words_2, stored_2, nested_2 = _load_step(
+            rows, first_block, rn, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        )
+        live = w + word < w_end
+        # byte p of a word holds elements 2p (high nibble) and 2p + 1 (low nibble)
+        part = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
+        for p in tl.static_range(4):
+            x_even, x_odd = _x_pair(x_ptr, (w + word) * 4 + p, live, X_WORDS, X_FP16)
+            part += lookup(lane_codes, code_ptr, words >> (8 * p + 4), PTX) * x_even[None, :]
+            part += lookup(lane_codes, code_ptr, words >> (8 * p), PTX) * x_odd[None, :]
+        scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
+        acc += part * scale[:, None]
+        words, stored, nested = words_1, stored_1, nested_1
+        words_1, stored_1, nested_1 = words_2, stored_2, nested_2
     result = tl.sum(acc, axis=1)[None, :]
     rm = tl.arange(0, 1)
     _store_result(result, rm, rn, rm < 1, n_mask, pid_s, 1, N, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT)
@@ -156,7 +180,7 @@ def _tile_kernel(
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+    SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -174,18 +198,27 @@ def _tile_kernel(
     w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
-    for w0 in range(w_begin, w_end, SUB_W * UNROLL):
-        for u in tl.static_range(UNROLL):
-            w = w0 + u * SUB_W
-            live = w + word < w_end
-            words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
-            scale = decode_absmax(
-                absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, first_block + w // (BLOCKSIZE // 8),
-                n_mask & (rn * 0 + w < w_end), NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
-            )[:, None]
-            tile = dequantize_words(words, scale, lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)
-            x_tile = tl.load(x_rows + (w * 8 + col)[:, None], mask=m_mask[None, :] & (w * 8 + col < w_end * 8)[:, None], other=0.0)
-            acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
+    # two steps in flight, as in the GEMV
+    words, stored, nested = _load_step(
+        rows, first_block, rn, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    words_1, stored_1, nested_1 = _load_step(
+        rows, first_block, rn, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    for w in range(w_begin, w_end, SUB_W):
+        words_2, stored_2, nested_2 = _load_step(
+            rows, first_block, rn, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        )
+        x_mask = m_mask[None, :] & (w * 8 + col < w_end * 8)[:, None]
+        x_tile = tl.load(x_rows + (w * 8 + col)[:, None], mask=x_mask, other=0.0)
+        scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
+        tile = dequantize_words(words, scale[:, None], lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)
+        acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
+        words, stored, nested = words_1, stored_1, nested_1
+        words_1, stored_1, nested_1 = words_2, stored_2, nested_2
     _store_result(
         tl.trans(acc), rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr,
         HAS_BIAS, SPLIT,
