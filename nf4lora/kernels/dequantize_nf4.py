@@ -21,6 +21,7 @@ import triton.language as tl
 
 from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
 from nf4lora.kernels.dispatch import interpreting, tuning_space
+from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,6 +69,9 @@ def _dequantize_kernel(
     tl.store(out_ptr + out_offs, values, mask=out_offs < n_elements)
 
 
+_launch_dequantize = CachedLaunch(_dequantize_kernel)
+
+
 def packed_words(q: QuantizedTensor) -> torch.Tensor:
     """``q.packed`` as int32 words of 8 codes, copied into a zero-padded buffer when not whole words."""
     packed = q.packed
@@ -109,8 +113,9 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     state = q.state
     n_blocks = state.absmax.numel()
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
-    _dequantize_kernel[grid](
-        packed_words(q), *format_args(q), out, n, n_blocks,
+    key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype, out.device)
+    _launch_dequantize(
+        grid, key, packed_words(q), *format_args(q), out, n, n_blocks,
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
         DOUBLE_QUANT=state.double_quant, PTX=not interpreting(),
         enable_fp_fusion=False,

@@ -13,6 +13,7 @@ which takes precedence over the variable while it is active:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -57,8 +58,9 @@ def use_kernels(mode: str) -> Iterator[None]:
         stack.pop()
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is Linux-only)."""
+    """True when the ``triton`` package can be imported (it is Linux-only). Cached: every op asks."""
     return importlib.util.find_spec("triton") is not None
 
 

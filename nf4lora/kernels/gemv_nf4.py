@@ -37,6 +37,7 @@ import triton.language as tl
 from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
 from nf4lora.kernels.dispatch import interpreting, tuning_space
+from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
 # K chunks for split-K are multiples of this many columns, so every chunk holds whole steps
@@ -241,6 +242,11 @@ def _split_k_reduce_kernel(
     tl.store(out_ptr + (offs // N) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_gemv = CachedLaunch(_gemv_kernel)
+_launch_tile = CachedLaunch(_tile_kernel)
+_launch_reduce = CachedLaunch(_split_k_reduce_kernel)
+
+
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -294,26 +300,30 @@ def fused_matmul(
         SUB_W=min(state.blocksize // 8, WORDS_PER_SUB_TILE),
     )
     args = (words, *format_args(qweight), out if bias is None else bias, out, partial)
+    key = (
+        M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
+        x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device,
+    )
     if block_m == 1:
         x_words = x2d.element_size() == 2
         if x_words and x2d.storage_offset() % 2:
             x2d = x2d.clone()  # an int32 view needs 4-byte alignment
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
-        _gemv_kernel[grid](
-            x2d.view(torch.int32) if x_words else x2d, *args, N, K // 8, k_chunk // 8,
+        _launch_gemv(
+            grid, key, x2d.view(torch.int32) if x_words else x2d, *args, N, K // 8, k_chunk // 8,
             X_WORDS=x_words, X_FP16=x2d.dtype == torch.float16, **common,
         )
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
-        _tile_kernel[grid](
-            x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
+        _launch_tile(
+            grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
             DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **common,
         )
     if n_splits > 1:
         block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(M * N, block),)](
-            partial, out if bias is None else bias, out, M, N, n_splits, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=block,
+        _launch_reduce(
+            lambda meta: (triton.cdiv(M * N, block),), key, partial, out if bias is None else bias, out,
+            M, N, n_splits, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block,
         )
     return out
 

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.dispatch import tuning_space
+from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
 from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize
 
@@ -97,6 +98,9 @@ def _quantize_blockwise_kernel(
         tl.store(out_ptr + byte_offs, ((hi << 4) | lo).to(tl.uint8), mask=byte_offs < (n_elements + 1) // 2)
 
 
+_launch_quantize = CachedLaunch(_quantize_blockwise_kernel)
+
+
 @functools.lru_cache(maxsize=64)
 def _lookup_tables(
     code_values: tuple[float, ...], device: torch.device
@@ -122,7 +126,8 @@ def _launch(x: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.T
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1)),)  # noqa: E731
-    _quantize_blockwise_kernel[grid](
+    _launch_quantize(
+        grid, (n, blocksize, eight_bit, x.dtype, x.device),
         x, offset if eight_bit else absmax, table, order, out, absmax, n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, enable_fp_fusion=False,
     )

@@ -39,3 +39,17 @@ def test_gpu_bf16_nf4_linear_forward_and_backward_match_reference(M, K):
     for out, ref in ((y, F.linear(xd, wd, bias.detach().double())), (gx, g.double() @ wd), (gb, g.double().sum(0))):
         # bf16 output rounding (2**-8 relative) plus fp32 accumulation: 1e-2
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_gpu_cached_relaunch_matches_fresh_launch_and_respects_alignment():
+    # second and later calls skip the JIT through launch.CachedLaunch; a misaligned view of x must not
+    # reuse a binary specialized for 16-byte aligned pointers
+    q = quantize(torch.randn(512, 1024, device="cuda"))
+    base = torch.randn(2 * 1024 + 1, device="cuda", dtype=torch.bfloat16)
+    for x in (base[:1024].view(1, 1024), base[1:1025].view(1, 1024), base[:4096 // 4].view(1, 1024)):
+        ref = F.linear(x.double(), dequantize_reference(q, torch.bfloat16).double())
+        for _ in range(3):
+            y = nf4_linear(x, q)
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    outs = [dequantize(q, torch.bfloat16) for _ in range(3)]
+    assert all(torch.equal(o, dequantize_reference(q, torch.bfloat16)) for o in outs)
