@@ -43,7 +43,7 @@ from nf4lora.nf4.tensor import QuantizedTensor
 # K chunks for split-K are multiples of this many columns, so every chunk holds whole steps
 K_CHUNK_ALIGN = 1024
 # aim for this many programs per multiprocessor before splitting K further
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 WORDS_PER_SUB_TILE = 8  # 64 columns per sub-tile row (fewer when the blocksize is 32)
 
 # (BLOCK_N, num_warps) per kernel; the first entry is the interpreter's. A step reads a (BLOCK_N,
