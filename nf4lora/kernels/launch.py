@@ -27,7 +27,7 @@ class CachedLaunch:
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
-        self.jit = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+        self.arg_names = kernel.arg_names  # a JITFunction's or an Autotuner's: every parameter, in order
         self.compiled: dict[Hashable, tuple] = {}
 
     def __call__(self, grid: Callable[[dict], tuple], key: Hashable, *args, **meta) -> None:
@@ -45,6 +45,6 @@ class CachedLaunch:
         compiled = self.kernel[grid](*args, **meta)
         config = getattr(self.kernel, "best_config", None)
         meta = {**meta, **(config.all_kwargs() if config is not None else {})}
-        tail = tuple(meta[name] for name in self.jit.arg_names[len(args):])
+        tail = tuple(meta[name] for name in self.arg_names[len(args):])
         grid_dims = tuple(grid(meta)) + (1,) * (3 - len(grid(meta)))
         self.compiled[key] = (compiled, grid_dims, tail)

@@ -10,6 +10,16 @@ State of a parameter p (`optimizer.state[p]`): `step` (int), the state tensors a
 per parameter (`state_layout`; one buffer so that `PagedAdamW` moves a page with one copy), and the `segment` the
 fused step reuses between steps.
 
+Note: the step plan. A step's host work is a few Python operations per parameter, because everything that depends
+only on which parameters have gradients and where their states live is kept in a `_StepPlan` (the segments, the
+kernel's device tables, the scalar rows) and reused while it holds. Each step compares the parameters' and the
+gradients' `data_ptr()`s with the plan's: equal, the plan runs as is (per-group scalars are recomputed every
+step, so scheduler changes to lr count at once); a gradient at a new address (autograd reallocates them after
+`zero_grad(set_to_none=True)`) is checked (contiguous) and only the gradient addresses are uploaded again;
+anything else (a parameter gains or loses its gradient, is moved or replaced, groups change) builds a new plan.
+`load_state_dict`, `add_param_group` and PagedAdamW's page moves drop the plan. The optimizer's state must change
+only through these methods.
+
 `state_dict()` has torch's structure: {"state": {index: {...}}, "param_groups": [...]}; a state entry holds
 `step` as a 0-d float32 tensor (as torch.optim.AdamW does) and
 - 32-bit: `exp_avg`, `exp_avg_sq`, float32, the parameter's shape (torch.optim.AdamW's keys);
@@ -23,11 +33,12 @@ optimizer's (or that asks for amsgrad / maximize).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from nf4lora.optim.fused_adamw import QBLOCK, STATE_FIELDS_8, STATE_FIELDS_32, Segment, adamw_update, step_scalars
+from nf4lora.optim.fused_adamw import (QBLOCK, STATE_FIELDS_8, STATE_FIELDS_32, PreparedUpdate, Segment,
+                                      step_scalars)
 
 OPTIM_BITS = (8, 32)
 _FIELD_ALIGN = 256  # bytes; every state field in a buffer starts aligned for wide loads
@@ -77,10 +88,51 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
-def _release_grads(segments: list[Segment]) -> None:
-    """Drop the segments' gradient references, so that `zero_grad()` frees gradient memory between steps."""
-    for segment in segments:
-        segment.grad = None
+@dataclass
+class DevicePlan:
+    """The part of a step on one device: the fused update of the resident segments, and (PagedAdamW) the pages
+    that stream through the device as (page, gradient index, scalar row)."""
+
+    device: torch.device
+    update: PreparedUpdate
+    paged_out: list[tuple]
+
+
+@dataclass
+class _StepPlan:
+    """What a step reuses while the parameters, their gradients' presence and their states are unchanged.
+
+    param_ptrs, grad_key: the `data_ptr()`s of every parameter and of its gradient (None without one, -1 where the
+    gradient was not contiguous, so that it is checked again next step); states: the stepped parameters' states;
+    rows: (group, state of a parameter in the row) per scalar row, the parameters of a row sharing their step.
+    """
+
+    param_ptrs: list[int]
+    grad_key: list[int | None]
+    states: list[dict]
+    rows: list[tuple[dict, dict]]
+    devices: list[DevicePlan]
+
+
+def _grad_ptrs(grads: list[torch.Tensor | None]) -> list[int | None] | None:
+    """The gradients' `data_ptr()`s (None for no gradient), or None when one has no storage (a sparse gradient)."""
+    try:
+        return [None if g is None else g.data_ptr() for g in grads]
+    except RuntimeError:
+        return None
+
+
+def _contiguous(grads: list, grad_ptrs: list, indices) -> list[int | None]:
+    """Swap the non-contiguous gradients among `indices` for contiguous copies (this step's, in `grads` and
+    `grad_ptrs`); returns the plan's gradient key: `grad_ptrs` as they came, -1 where a copy was made."""
+    key = list(grad_ptrs)
+    for i in indices:
+        g = grads[i]
+        if g is not None and not g.is_contiguous():
+            grads[i] = g.contiguous()
+            grad_ptrs[i] = grads[i].data_ptr()
+            key[i] = -1
+    return key
 
 
 class AdamW(torch.optim.Optimizer):
@@ -101,10 +153,12 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
+        self._plan: _StepPlan | None = None
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._plan = None
         group = self.param_groups[-1]
         _check_hyperparameters(group)
         for p in group["params"]:
@@ -136,23 +190,15 @@ class AdamW(torch.optim.Optimizer):
     def _clear_state(self) -> None:
         self.state.clear()
 
-    def _update(self, work: list[tuple[torch.Tensor, torch.Tensor, dict, int]], scalars: list[list[float]]) -> None:
-        """Update every (param, grad, state, scalar row) of `work`, all on one device."""
-        segments = []
-        for _, g, state, row in work:
-            segment = state["segment"]
-            segment.grad, segment.scalars = g, row
-            segments.append(segment)
-        adamw_update(segments, scalars)
-        _release_grads(segments)
+    def _split(self, p: torch.Tensor, state: dict) -> tuple[list[Segment], list]:
+        """`p`'s segments that the fused launch updates in place, and its pages that stream (AdamW: none)."""
+        return [state["segment"]], []
+
+    def _update(self, plan: DevicePlan, grads: list, grad_ptrs: list, scalars: list[list[float]]) -> None:
+        """Run one device's part of the step (grads and grad_ptrs indexed as `_indexed_params()`)."""
+        plan.update.run(grads, grad_ptrs, scalars)
 
     # -- step ----------------------------------------------------------------------------------------------------
-
-    def _params_with_grad(self) -> Iterator[tuple[dict, torch.Tensor]]:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    yield group, p
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -161,29 +207,65 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        by_device: dict[torch.device, list] = {}
-        scalars: list[list[float]] = []
-        rows: dict[tuple[int, int], int] = {}
-        for group, p in self._params_with_grad():
-            if p.grad.is_sparse:
+        params = self._indexed_params()
+        grads = [p.grad for p in params]
+        grad_ptrs = _grad_ptrs(grads)
+        plan = self._plan
+        if plan is None or not self._follow(plan, params, grads, grad_ptrs):
+            plan = self._plan = self._build_plan(params, grads, grad_ptrs)
+        for state in plan.states:
+            state["step"] += 1
+        scalars = [step_scalars(float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"], state["step"])
+                   for group, state in plan.rows]
+        for device_plan in plan.devices:
+            self._update(device_plan, grads, grad_ptrs, scalars)
+        return loss
+
+    @staticmethod
+    def _follow(plan: _StepPlan, params: list[torch.Tensor], grads: list, grad_ptrs: list | None) -> bool:
+        """Whether `plan` serves this step, following gradients that moved; False when a new plan is needed."""
+        if grad_ptrs is None or list(map(torch.Tensor.data_ptr, params)) != plan.param_ptrs:
+            return False
+        if grad_ptrs == plan.grad_key:
+            return True
+        moved = [i for i, (new, old) in enumerate(zip(grad_ptrs, plan.grad_key)) if new != old]
+        if any(grad_ptrs[i] is None or plan.grad_key[i] is None for i in moved):
+            return False
+        plan.grad_key = _contiguous(grads, grad_ptrs, moved)
+        return True
+
+    def _build_plan(self, params: list[torch.Tensor], grads: list, grad_ptrs: list | None) -> _StepPlan:
+        """Check every parameter with a gradient, create missing states, and lay out the fused update."""
+        owners = [group for group in self.param_groups for _ in group["params"]]
+        for p, g in zip(params, grads):
+            if g is not None and g.is_sparse:
                 raise ValueError("AdamW does not support sparse gradients; use dense gradients")
-            if not p.is_contiguous():
+            if g is not None and not p.is_contiguous():
                 raise ValueError(f"AdamW needs contiguous parameters, got shape {tuple(p.shape)} stride {p.stride()}")
+        grad_key = _contiguous(grads, grad_ptrs, range(len(grads)))
+        states, rows, row_of, by_device = [], [], {}, {}
+        for i, (group, p, g) in enumerate(zip(owners, params, grads)):
+            if g is None:
+                continue
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 self._init_state(p, state)
-            state["step"] += 1
+            states.append(state)
             key = (id(group), state["step"])
-            if key not in rows:
-                rows[key] = len(scalars)
-                beta1, beta2 = group["betas"]
-                scalars.append(step_scalars(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                                            state["step"]))
-            by_device.setdefault(p.device, []).append((p, p.grad.contiguous(), state, rows[key]))
-        for work in by_device.values():
-            self._update(work, scalars)
-        return loss
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append((group, state))
+            segments, grad_index, paged_out = by_device.setdefault(p.device, ([], [], []))
+            resident, streamed = self._split(p, state)
+            for segment in resident:
+                segment.scalars = row_of[key]
+            segments += resident
+            grad_index += [i] * len(resident)
+            paged_out += [(page, i, row_of[key]) for page in streamed]
+        devices = [DevicePlan(device, PreparedUpdate(segments, grad_index), paged_out)
+                   for device, (segments, grad_index, paged_out) in by_device.items()]
+        return _StepPlan([p.data_ptr() for p in params], grad_key, states, rows, devices)
 
     # -- checkpointing -------------------------------------------------------------------------------------------
 
@@ -232,6 +314,7 @@ class AdamW(torch.optim.Optimizer):
             _check_hyperparameters(group)
         for group, new in zip(self.param_groups, merged):
             group.update(new)
+        self._plan = None
         self._clear_state()
         for p, entry in incoming.items():
             state = self.state[p]

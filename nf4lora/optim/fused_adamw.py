@@ -28,13 +28,14 @@ formula op for op. The kernel's PTX (Triton 3.6 and 3.9, sm_90) has no FMA and n
 
 The Triton kernel (`triton_adamw.py`, imported only when it runs) takes one launch per (parameter dtype, gradient
 dtype, state kind) for any number of tensors. Dispatch follows `nf4lora.kernels.dispatch` (`NF4LORA_KERNELS`,
-`use_kernels`): Triton on CUDA tensors, this module's reference elsewhere.
+`use_kernels`): Triton on CUDA tensors, this module's reference elsewhere. `adamw_update` builds its kernel tables
+on every call; `PreparedUpdate` builds them once for segments that are updated step after step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +56,7 @@ class Segment:
     param, grad: contiguous tensors of the same numel (any shape, float dtypes); state: (numel,)-element
     `STATE_FIELDS_32` or `STATE_FIELDS_8` tensors (module docstring); scalars: this segment's row in the table
     passed to `adamw_update`. Segments carry whole tensors and offsets so the kernel path needs no views; the
-    optimizers keep one per parameter or page and only swap `grad` and `scalars` between steps.
+    optimizers keep one per parameter or page.
     """
 
     param: torch.Tensor
@@ -64,7 +65,6 @@ class Segment:
     numel: int
     state: dict[str, torch.Tensor]
     scalars: int = 0
-    state_addresses: list[int] | None = field(default=None, repr=False)  # filled by the kernel path
 
     @property
     def eight_bit(self) -> bool:
@@ -126,3 +126,46 @@ def adamw_update(segments: list[Segment], scalars: list[list[float]]) -> None:
         adamw_update_triton(segments, scalars)
     else:
         adamw_update_reference(segments, scalars)
+
+
+class PreparedUpdate:
+    """`adamw_update` of a fixed list of segments, run once per step with that step's gradients.
+
+    segments: their params, states and `scalars` rows stay fixed (the owner builds a new one when they change);
+    grad_index[i]: which of a step's gradients segment i reads, from element `segments[i].start`. On the Triton path
+    the kernel tables are built on the first run and kept; a later run whose gradient addresses differ from the
+    previous run's uploads only the new addresses.
+    """
+
+    def __init__(self, segments: list[Segment], grad_index: list[int]):
+        self.segments, self.grad_index = segments, grad_index
+        self._launches = None  # [(segment indices, triton_adamw.Launch)], on the first Triton run
+        self._offsets: list[int] = []  # bytes from each segment's gradient's start to its first element
+        self._grad_ptrs: list[int | None] | None = None  # the gradient addresses the launches read
+
+    def run(self, grads: list[torch.Tensor | None], grad_ptrs: list[int | None], scalars: list[list[float]]) -> None:
+        """One step: grads (contiguous, dtype of their params) and their `data_ptr()`s, indexed by `grad_index`."""
+        if not self.segments:
+            return
+        if not use_triton(self.segments[0].param.device):
+            for seg, i in zip(self.segments, self.grad_index):
+                seg.grad = grads[i]
+            adamw_update_reference(self.segments, scalars)
+            for seg in self.segments:  # holding them would keep gradient memory alive past `zero_grad()`
+                seg.grad = None
+            return
+        from nf4lora.optim.triton_adamw import build_launches, scalar_table  # imports triton: only when it runs
+
+        if self._launches is None:
+            seg_grads = [grads[i] for i in self.grad_index]
+            self._offsets = [seg.start * g.element_size() for seg, g in zip(self.segments, seg_grads)]
+            addresses = [grad_ptrs[i] + offset for i, offset in zip(self.grad_index, self._offsets)]
+            self._launches = build_launches(self.segments, seg_grads, addresses)
+        elif grad_ptrs != self._grad_ptrs:
+            addresses = [grad_ptrs[i] + offset for i, offset in zip(self.grad_index, self._offsets)]
+            for indices, launch in self._launches:
+                launch.set_grads([addresses[j] for j in indices])
+        self._grad_ptrs = grad_ptrs
+        table = scalar_table(scalars, self.segments[0].param.device)
+        for _, launch in self._launches:
+            launch(table)

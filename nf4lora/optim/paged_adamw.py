@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from nf4lora.optim.adamw import AdamW, _release_grads, state_layout, state_views
+from nf4lora.optim.adamw import AdamW, DevicePlan, state_layout, state_views
 from nf4lora.optim.fused_adamw import QBLOCK, Segment, adamw_update
 
 # 8 MiB: host<->device copies of a few MiB and more run near the link's rate (an assumption the benchmark's 1/8
@@ -139,6 +139,7 @@ class PagedAdamW(AdamW):
 
     def _evict(self, nbytes: int) -> int:
         self._wait_writeback()
+        self._plan = None  # it holds the pages' segments
         freed = 0
         for page in self._pages(reverse=True):
             if freed >= nbytes:
@@ -153,6 +154,7 @@ class PagedAdamW(AdamW):
 
     def _promote(self) -> None:
         self._wait_writeback()
+        self._plan = None  # it holds the pages' segments
         for page in self._pages():
             if not page.resident and self._fits(page.nbytes):
                 device_buffer = _device_buffer(page.nbytes, page.device)
@@ -210,25 +212,22 @@ class PagedAdamW(AdamW):
 
     # -- step -----------------------------------------------------------------------------------------------------
 
-    def _update(self, work: list[tuple[torch.Tensor, torch.Tensor, dict, int]], scalars: list[list[float]]) -> None:
-        resident, streamed = [], []
-        for _, g, state, row in work:
-            for page in state["pages"]:
-                if page.resident:
-                    page.segment.grad, page.segment.scalars = g, row
-                    resident.append(page.segment)
-                else:
-                    streamed.append((page, g, row))
+    def _split(self, p: torch.Tensor, state: dict) -> tuple[list[Segment], list[_Page]]:
+        pages = state["pages"]
+        return [page.segment for page in pages if page.resident], [page for page in pages if not page.resident]
+
+    def _update(self, plan: DevicePlan, grads: list, grad_ptrs: list, scalars: list[list[float]]) -> None:
+        if not plan.paged_out:
+            plan.update.run(grads, grad_ptrs, scalars)
+            return
         # the slots are allocated before any update, so an out-of-memory error leaves every parameter unchanged
-        device = work[0][0].device
-        slots = [torch.empty(self.page_bytes, dtype=torch.uint8, device=device) for _ in range(2)] if streamed else []
+        slots = [torch.empty(self.page_bytes, dtype=torch.uint8, device=plan.device) for _ in range(2)]
         # what the first copy-in must wait for: the main stream up to the slots' allocation, not the resident
         # pages' update, which it overlaps
-        ready = torch.cuda.current_stream(device).record_event() if streamed and device.type == "cuda" else None
-        adamw_update(resident, scalars)
-        _release_grads(resident)
-        if streamed:
-            self._stream(_batches(streamed, self.page_bytes), slots, ready, scalars)
+        ready = torch.cuda.current_stream(plan.device).record_event() if plan.device.type == "cuda" else None
+        plan.update.run(grads, grad_ptrs, scalars)
+        jobs = [(page, grads[i], row) for page, i, row in plan.paged_out]
+        self._stream(_batches(jobs, self.page_bytes), slots, ready, scalars)
 
     def _stream(self, batches: list[list[tuple[_Page, torch.Tensor, int]]], slots: list[torch.Tensor],
                 ready: torch.cuda.Event | None, scalars: list[list[float]]) -> None:

@@ -6,10 +6,12 @@ contraction off) and the 8-bit requantization is `nf4lora.nf4.blockwise.quantize
 through the same 65536-bin table. Tested under TRITON_INTERPRET=1 on the CPU and against the reference on a GPU.
 
 One launch per (parameter dtype, gradient dtype, state kind) updates any number of tensors. Device tables hold
-each segment's 6 addresses (param, grad, two moments or code arrays, two absmax arrays) and its row of step
-scalars; a program finds its segment by binary search over cached per-segment block offsets, so the tables take
-a few KiB however large the parameters. Interior tiles run unmasked with 16-byte vector loads (when the host
-finds every address 16-byte aligned); a segment's last tile is masked.
+each segment's 5 state addresses (param, two moments or code arrays, two absmax arrays) and its row of step
+scalars, and, apart, its gradient address; a program finds its segment by binary search over per-segment block
+offsets, so the tables take a few KiB however large the parameters. A `Launch` keeps its tables on the device
+from step to step and uploads only the gradient addresses when autograd moved the gradients. Interior tiles run
+unmasked with 16-byte vector loads (when the host finds every address 16-byte aligned); a segment's last tile is
+masked.
 
 Bytes moved per element, float32 parameters and gradients: 32-bit states 4 + 4 (param) + 4 (grad) + 2 * 8
 (moments) = 28; 8-bit states 12 + 2 * 2 (codes) + 16 / 256 (absmax) ~= 16.1.
@@ -32,7 +34,7 @@ from nf4lora.optim.fused_adamw import QBLOCK, SCALARS, STATE_FIELDS_8, Segment
 # the usual shape of a bandwidth-bound element-wise kernel; not yet tuned on hardware.
 _ROWS = 8
 _NUM_WARPS = 8
-_ADDRESSES = 6  # param, grad, exp_avg | state1, exp_avg_sq | state2, absmax1, absmax2
+_ADDRESSES = 5  # param, exp_avg | state1, exp_avg_sq | state2, absmax1, absmax2 (gradients have their own table)
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _adamw_kernel(
     # programs of segment s are block_starts[s] .. block_starts[s + 1] - 1, for s < segments
     block_starts_ptr, segments,
     # per segment tables
-    address_ptr, numel_ptr, scalar_row_ptr, scalars_ptr,
+    address_ptr, grad_address_ptr, numel_ptr, scalar_row_ptr, scalars_ptr,
     # 8-bit lookup tables (signed then unsigned dynamic map)
     code1_ptr, lut1_ptr, code2_ptr, lut2_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr,
@@ -118,12 +120,12 @@ def _adamw_kernel(
     base = address_ptr + seg * ADDRESSES
     # addresses come from a table, so the compiler cannot see their alignment; the host checked it (ALIGN)
     p_ptr = tl.multiple_of(tl.load(base).to(tl.pointer_type(P_DTYPE)), ALIGN)
-    g_ptr = tl.multiple_of(tl.load(base + 1).to(tl.pointer_type(G_DTYPE)), ALIGN)
+    g_ptr = tl.multiple_of(tl.load(grad_address_ptr + seg).to(tl.pointer_type(G_DTYPE)), ALIGN)
     state_dtype: tl.constexpr = tl.uint8 if EIGHT_BIT else tl.float32
-    m_ptr = tl.multiple_of(tl.load(base + 2).to(tl.pointer_type(state_dtype)), ALIGN)
-    v_ptr = tl.multiple_of(tl.load(base + 3).to(tl.pointer_type(state_dtype)), ALIGN)
-    a1_ptr = tl.multiple_of(tl.load(base + 4).to(tl.pointer_type(tl.float32)), ALIGN)
-    a2_ptr = tl.multiple_of(tl.load(base + 5).to(tl.pointer_type(tl.float32)), ALIGN)
+    m_ptr = tl.multiple_of(tl.load(base + 1).to(tl.pointer_type(state_dtype)), ALIGN)
+    v_ptr = tl.multiple_of(tl.load(base + 2).to(tl.pointer_type(state_dtype)), ALIGN)
+    a1_ptr = tl.multiple_of(tl.load(base + 3).to(tl.pointer_type(tl.float32)), ALIGN)
+    a2_ptr = tl.multiple_of(tl.load(base + 4).to(tl.pointer_type(tl.float32)), ALIGN)
     srow = scalars_ptr + tl.load(scalar_row_ptr + seg) * SCALARS
     rows = block * ROWS + tl.arange(0, ROWS)
     decay = tl.load(srow)
@@ -188,49 +190,77 @@ def _block_starts(numels: tuple[int, ...], device: torch.device) -> tuple[torch.
     return block_starts, torch.tensor(numels, dtype=torch.int64).to(device), starts[-1]
 
 
-# The last address table uploaded per (device, state kind, segment count), reused while a step's addresses are
-# unchanged (the usual case: gradients come back at the same addresses), so a step costs one small upload of
-# scalars. The count keeps PagedAdamW's one-page launches from displacing the table of its resident pages.
-_TABLES: dict[tuple[torch.device, bool, int], tuple[list[int], torch.Tensor, int]] = {}
 _SCALAR_TABLES: dict[torch.device, tuple[list[list[float]], torch.Tensor]] = {}
 
 
-def _address_table(segments: list[Segment], eight_bit: bool) -> tuple[torch.Tensor, int, int]:
-    """(table (7S,) int64 on the device: 6 addresses per segment then the scalar rows, alignment, S)."""
-    addresses, rows = [], []
-    names = STATE_FIELDS_8 if eight_bit else ("exp_avg", "exp_avg_sq", "exp_avg", "exp_avg")
-    for seg in segments:
-        if seg.state_addresses is None:
-            seg.state_addresses = [seg.state[name].data_ptr() for name in names]
-        addresses.append(seg.param.data_ptr() + seg.start * seg.param.element_size())
-        addresses.append(seg.grad.data_ptr() + seg.start * seg.grad.element_size())
-        addresses += seg.state_addresses
-        rows.append(seg.scalars)
-    addresses += rows
-    key = (segments[0].param.device, eight_bit, len(segments))
-    cached = _TABLES.get(key)
-    if cached is None or cached[0] != addresses:
-        table = torch.tensor(addresses, dtype=torch.int64).to(key[0], non_blocking=True)
-        low_bits = functools.reduce(operator.or_, addresses[:-len(rows)], 0) & 15
-        cached = _TABLES[key] = (addresses, table, 16 if low_bits == 0 else 1)
-    return cached[1], cached[2], len(rows)
+def scalar_table(scalars: list[list[float]], device: torch.device) -> torch.Tensor:
+    """`scalars` as an (R, SCALARS) float32 tensor on `device`, uploaded once per step: a step's later launches
+    (PagedAdamW's batches) find the same rows and reuse the upload."""
+    cached = _SCALAR_TABLES.get(device)
+    if cached is None or cached[0] != scalars:
+        table = torch.tensor(scalars, dtype=torch.float32).reshape(-1, SCALARS).to(device, non_blocking=True)
+        cached = _SCALAR_TABLES[device] = ([list(row) for row in scalars], table)
+    return cached[1]
 
 
-def _launch(segments: list[Segment], scalars_table: torch.Tensor, eight_bit: bool) -> None:
-    device = segments[0].param.device
-    block_starts, numel, programs = _block_starts(tuple(seg.numel for seg in segments), device)
-    if programs == 0:
-        return
-    table, align, count = _address_table(segments, eight_bit)
-    _adamw_kernel[(programs,)](
-        block_starts, count,
-        table, numel, table[_ADDRESSES * count:], scalars_table,
-        *quant_tables(device),
-        P_DTYPE=_triton_dtype(segments[0].param.dtype), G_DTYPE=_triton_dtype(segments[0].grad.dtype),
-        EIGHT_BIT=eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK, LUT_BINS=_blockwise.LUT_BINS, ALIGN=align,
-        SEARCH_STEPS=max(count - 1, 1).bit_length(), ADDRESSES=_ADDRESSES, SCALARS=SCALARS, num_warps=_NUM_WARPS,
-        enable_fp_fusion=False,  # no FMA contraction: every op rounds once, as in the reference
-    )
+class Launch:
+    """One kernel launch over a fixed list of segments that share (param dtype, grad dtype, state kind).
+
+    Built once, then called step after step: the state tables stay on the device, and `set_grads` uploads new
+    gradient addresses when autograd moved the gradients.
+    """
+
+    def __init__(self, segments: list[Segment], grad_dtype: torch.dtype, grad_addresses: list[int]):
+        first = segments[0]
+        self.device = first.param.device
+        self.eight_bit = first.eight_bit
+        self.p_dtype, self.g_dtype = _triton_dtype(first.param.dtype), _triton_dtype(grad_dtype)
+        self.count = len(segments)
+        self.block_starts, self.numel, self.programs = _block_starts(tuple(seg.numel for seg in segments),
+                                                                     self.device)
+        names = STATE_FIELDS_8 if self.eight_bit else ("exp_avg", "exp_avg_sq", "exp_avg", "exp_avg")
+        addresses = []
+        for seg in segments:
+            addresses.append(seg.param.data_ptr() + seg.start * seg.param.element_size())
+            addresses += [seg.state[name].data_ptr() for name in names]
+        rows = [seg.scalars for seg in segments]
+        self.table = torch.tensor(addresses + rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.rows_table = self.table[_ADDRESSES * self.count:]
+        self.quant_tables = quant_tables(self.device)
+        self._low_bits = functools.reduce(operator.or_, addresses, 0)
+        self.set_grads(grad_addresses)
+
+    def set_grads(self, grad_addresses: list[int]) -> None:
+        """Point the launch at new gradients: one byte address per segment, in build order."""
+        self.grad_table = torch.tensor(grad_addresses, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.align = 16 if functools.reduce(operator.or_, grad_addresses, self._low_bits) & 15 == 0 else 1
+
+    def __call__(self, scalars_table: torch.Tensor) -> None:
+        """Update every segment in place with the rows of `scalars_table` ((R, SCALARS) float32 on the device)."""
+        if self.programs == 0:
+            return
+        _adamw_kernel[(self.programs,)](
+            self.block_starts, self.count,
+            self.table, self.grad_table, self.numel, self.rows_table, scalars_table,
+            *self.quant_tables,
+            P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, EIGHT_BIT=self.eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK,
+            LUT_BINS=_blockwise.LUT_BINS, ALIGN=self.align, SEARCH_STEPS=max(self.count - 1, 1).bit_length(),
+            ADDRESSES=_ADDRESSES, SCALARS=SCALARS, num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,  # no FMA contraction: every op rounds once, as in the reference
+        )
+
+
+def build_launches(segments: list[Segment], grads: list[torch.Tensor],
+                   grad_addresses: list[int]) -> list[tuple[list[int], Launch]]:
+    """One `Launch` per (param dtype, grad dtype, state kind) among `segments`, with the indices of its segments.
+
+    grads[i], grad_addresses[i]: segment i's gradient tensor (for its dtype) and the address of its first element.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (seg, grad) in enumerate(zip(segments, grads)):
+        groups.setdefault((seg.param.dtype, grad.dtype, seg.eight_bit), []).append(i)
+    return [(indices, Launch([segments[i] for i in indices], grads[indices[0]].dtype,
+                             [grad_addresses[i] for i in indices])) for indices in groups.values()]
 
 
 @torch.no_grad()
@@ -238,16 +268,8 @@ def adamw_update_triton(segments: list[Segment], scalars: list[list[float]]) -> 
     """The Triton path of `adamw_update`: one launch per (param dtype, grad dtype, state kind) group."""
     if not segments:
         return
-    device = segments[0].param.device
-    cached = _SCALAR_TABLES.get(device)
-    if cached is None or cached[0] != scalars:  # once per step: PagedAdamW's batches reuse the step's table
-        table = torch.tensor(scalars, dtype=torch.float32).reshape(-1, SCALARS).to(device, non_blocking=True)
-        cached = _SCALAR_TABLES[device] = ([list(row) for row in scalars], table)
-    scalars_table = cached[1]
-    groups: dict[tuple, list[Segment]] = {}
-    for seg in segments:
-        groups.setdefault((seg.param.dtype, seg.grad.dtype, seg.eight_bit), []).append(seg)
-    for (_, _, eight_bit), group in groups.items():
-        _launch(group, scalars_table, eight_bit)
-
-
+    table = scalar_table(scalars, segments[0].param.device)
+    grads = [seg.grad for seg in segments]
+    addresses = [g.data_ptr() + seg.start * g.element_size() for seg, g in zip(segments, grads)]
+    for _, launch in build_launches(segments, grads, addresses):
+        launch(table)
