@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             shape_rows = bench_shape(N, K, bnb, ceilings, ops, small_ms)
         except Exception as error:  # noqa: BLE001 -- record the failure, keep the other shapes' numbers
+            traceback.print_exc()
             shape_rows = [{"op": "error", "shape": f"{N}x{K}", "check": f"{type(error).__name__}: {error}"}]
         rows += shape_rows
         print(markdown_table(shape_rows, COLUMNS), flush=True)

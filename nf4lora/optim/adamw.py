@@ -103,12 +103,14 @@ class _StepPlan:
     """What a step reuses while the parameters, their gradients' presence and their states are unchanged.
 
     param_ptrs, grad_key: the `data_ptr()`s of every parameter and of its gradient (None without one, -1 where the
-    gradient was not contiguous, so that it is checked again next step); states: the stepped parameters' states;
-    rows: (group, state of a parameter in the row) per scalar row, the parameters of a row sharing their step.
+    gradient was not contiguous, so that it is checked again next step); absent: the parameters without gradient;
+    states: the stepped parameters' states; rows: (group, state of a parameter in the row) per scalar row, the
+    parameters of a row sharing their step.
     """
 
     param_ptrs: list[int]
     grad_key: list[int | None]
+    absent: list[int]
     states: list[dict]
     rows: list[tuple[dict, dict]]
     devices: list[DevicePlan]
@@ -117,17 +119,27 @@ class _StepPlan:
 def _grad_ptrs(grads: list[torch.Tensor | None]) -> list[int | None] | None:
     """The gradients' `data_ptr()`s (None for no gradient), or None when one has no storage (a sparse gradient)."""
     try:
-        return [None if g is None else g.data_ptr() for g in grads]
+        try:
+            return list(map(torch.Tensor.data_ptr, grads))
+        except TypeError:  # a parameter without gradient
+            return [None if g is None else g.data_ptr() for g in grads]
     except RuntimeError:
         return None
 
 
-def _contiguous(grads: list, grad_ptrs: list, indices) -> list[int | None]:
-    """Swap the non-contiguous gradients among `indices` for contiguous copies (this step's, in `grads` and
-    `grad_ptrs`); returns the plan's gradient key: `grad_ptrs` as they came, -1 where a copy was made."""
+def _absent(grad_ptrs: list[int | None]) -> list[int]:
+    """Indices of the parameters without gradient."""
+    return [i for i, ptr in enumerate(grad_ptrs) if ptr is None] if None in grad_ptrs else []
+
+
+def _contiguous(grads: list, grad_ptrs: list) -> list[int | None]:
+    """Swap non-contiguous gradients for contiguous copies (this step's, in `grads` and `grad_ptrs`); returns the
+    plan's gradient key: `grad_ptrs` as they came, -1 where a copy was made."""
+    present = [g for g in grads if g is not None] if None in grad_ptrs else grads
+    if all(map(torch.Tensor.is_contiguous, present)):
+        return grad_ptrs
     key = list(grad_ptrs)
-    for i in indices:
-        g = grads[i]
+    for i, g in enumerate(grads):
         if g is not None and not g.is_contiguous():
             grads[i] = g.contiguous()
             grad_ptrs[i] = grads[i].data_ptr()
@@ -226,12 +238,10 @@ class AdamW(torch.optim.Optimizer):
         """Whether `plan` serves this step, following gradients that moved; False when a new plan is needed."""
         if grad_ptrs is None or list(map(torch.Tensor.data_ptr, params)) != plan.param_ptrs:
             return False
-        if grad_ptrs == plan.grad_key:
-            return True
-        moved = [i for i, (new, old) in enumerate(zip(grad_ptrs, plan.grad_key)) if new != old]
-        if any(grad_ptrs[i] is None or plan.grad_key[i] is None for i in moved):
-            return False
-        plan.grad_key = _contiguous(grads, grad_ptrs, moved)
+        if grad_ptrs != plan.grad_key:
+            if _absent(grad_ptrs) != plan.absent:
+                return False
+            plan.grad_key = _contiguous(grads, grad_ptrs)
         return True
 
     def _build_plan(self, params: list[torch.Tensor], grads: list, grad_ptrs: list | None) -> _StepPlan:
@@ -242,7 +252,7 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError("AdamW does not support sparse gradients; use dense gradients")
             if g is not None and not p.is_contiguous():
                 raise ValueError(f"AdamW needs contiguous parameters, got shape {tuple(p.shape)} stride {p.stride()}")
-        grad_key = _contiguous(grads, grad_ptrs, range(len(grads)))
+        grad_key = _contiguous(grads, grad_ptrs)
         states, rows, row_of, by_device = [], [], {}, {}
         for i, (group, p, g) in enumerate(zip(owners, params, grads)):
             if g is None:
@@ -265,7 +275,7 @@ class AdamW(torch.optim.Optimizer):
             paged_out += [(page, i, row_of[key]) for page in streamed]
         devices = [DevicePlan(device, PreparedUpdate(segments, grad_index), paged_out)
                    for device, (segments, grad_index, paged_out) in by_device.items()]
-        return _StepPlan([p.data_ptr() for p in params], grad_key, states, rows, devices)
+        return _StepPlan([p.data_ptr() for p in params], grad_key, _absent(grad_ptrs), states, rows, devices)
 
     # -- checkpointing -------------------------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ class PreparedUpdate:
     def __init__(self, segments: list[Segment], grad_index: list[int]):
         self.segments, self.grad_index = segments, grad_index
         self._launches = None  # [(segment indices, triton_adamw.Launch)], on the first Triton run
-        self._offsets: list[int] = []  # bytes from each segment's gradient's start to its first element
+        self._offsets: list[int] | None = None  # bytes from each segment's gradient's start to its first element
         self._grad_ptrs: list[int | None] | None = None  # the gradient addresses the launches read
 
     def run(self, grads: list[torch.Tensor | None], grad_ptrs: list[int | None], scalars: list[list[float]]) -> None:
@@ -158,14 +158,21 @@ class PreparedUpdate:
 
         if self._launches is None:
             seg_grads = [grads[i] for i in self.grad_index]
-            self._offsets = [seg.start * g.element_size() for seg, g in zip(self.segments, seg_grads)]
-            addresses = [grad_ptrs[i] + offset for i, offset in zip(self.grad_index, self._offsets)]
-            self._launches = build_launches(self.segments, seg_grads, addresses)
+            offsets = [seg.start * g.element_size() for seg, g in zip(self.segments, seg_grads)]
+            whole = self.grad_index == list(range(len(grads))) and not any(offsets)
+            self._offsets = None if whole else offsets
+            self._launches = build_launches(self.segments, seg_grads, self._addresses(grad_ptrs))
         elif grad_ptrs != self._grad_ptrs:
-            addresses = [grad_ptrs[i] + offset for i, offset in zip(self.grad_index, self._offsets)]
+            addresses = self._addresses(grad_ptrs)
             for indices, launch in self._launches:
-                launch.set_grads([addresses[j] for j in indices])
+                launch.set_grads(addresses if len(indices) == len(addresses) else [addresses[j] for j in indices])
         self._grad_ptrs = grad_ptrs
         table = scalar_table(scalars, self.segments[0].param.device)
         for _, launch in self._launches:
             launch(table)
+
+    def _addresses(self, grad_ptrs: list[int | None]) -> list[int]:
+        """Each segment's gradient address: `grad_ptrs` itself where segment i is all of gradient i."""
+        if self._offsets is None:
+            return grad_ptrs
+        return [grad_ptrs[i] + offset for i, offset in zip(self.grad_index, self._offsets)]

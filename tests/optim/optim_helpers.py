@@ -2,6 +2,8 @@
 
 import torch
 
+from nf4lora.kernels import use_kernels
+
 # ragged on purpose: sizes that are not multiples of 256 (8-bit blocks) or of a page, one below min_8bit_size
 SHAPES = [(33, 170), (5000,), (3,), (70, 130)]
 
@@ -32,3 +34,45 @@ def run_steps(optimizer, params, steps: int, seed: int = 1, start: int = 1) -> N
     for step in range(start, start + steps):
         random_grads(params, generator, step)
         optimizer.step()
+
+
+def assert_same_run(a_params, a_opt, b_params, b_opt) -> None:
+    """The two runs' parameters and states are equal bit for bit."""
+    for p, q in zip(a_params, b_params):
+        assert torch.equal(p, q)
+    a_state, b_state = a_opt.state_dict()["state"], b_opt.state_dict()["state"]
+    assert a_state.keys() == b_state.keys()
+    for index in a_state:
+        for name, value in a_state[index].items():
+            assert torch.equal(value.cpu(), b_state[index][name].cpu()), (index, name)
+
+
+def grads_in_place(params, generator: torch.Generator, step: int) -> None:
+    """`random_grads`' values written into the existing gradients (as after `zero_grad(set_to_none=False)`)."""
+    for p in params:
+        g = (torch.randn(p.shape, generator=generator) * 0.1).to(device=p.device, dtype=p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)
+
+
+def run_with_and_without_plan(make_optimizer, script, steps: int, device="cpu", kernels=lambda step: "triton"):
+    """Two identical runs of `steps` steps of `script(step, params, optimizer, generator)` (which sets the grads and
+    may change the optimizer), then `optimizer.step()` under `use_kernels(kernels(step))`: the first keeps the
+    optimizer's step plan from step to step, the second drops it before every step, so that it rebuilds
+    everything. Returns (params, optimizer) of both.
+    """
+    runs = []
+    for keep_plan in (True, False):
+        params = make_params(device=device)
+        optimizer = make_optimizer(params)
+        generator = torch.Generator().manual_seed(7)
+        for step in range(1, steps + 1):
+            script(step, params, optimizer, generator)
+            if not keep_plan:
+                optimizer._plan = None
+            with use_kernels(kernels(step)):
+                optimizer.step()
+        runs.append((params, optimizer))
+    return runs

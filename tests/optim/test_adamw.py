@@ -1,14 +1,15 @@
-"""AdamW: agreement with torch.optim.AdamW, 8-bit states, checkpoints and errors."""
+"""AdamW: agreement with torch.optim.AdamW, 8-bit states, checkpoints, errors, and the reused step plan."""
 
 import copy
 
 import pytest
 import torch
-from optim_helpers import make_params, param_groups, run_steps
+from optim_helpers import (assert_same_run, grads_in_place, make_params, param_groups, random_grads,
+                           run_steps, run_with_and_without_plan)
 
 from nf4lora.nf4.blockwise import dequantize_blockwise
 from nf4lora.nf4.codebook import dynamic_map
-from nf4lora.optim import AdamW
+from nf4lora.optim import AdamW, PagedAdamW
 
 
 def _assert_close_to_scale(actual, expected, rel):
@@ -274,3 +275,107 @@ def test_unsupported_torch_options_are_refused():
         ours.load_state_dict({"state": {}, "param_groups": reference.state_dict()["param_groups"]})
     with pytest.raises(ValueError, match=r"maximize=True is not supported"):
         AdamW([{"params": make_params(), "maximize": True}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step plan: reused between steps, it must give the bits of a step that rebuilds everything
+# ----------------------------------------------------------------------------------------------------------------
+
+def _fresh_grads(step, params, optimizer, generator):
+    random_grads(params, generator, step)  # new tensors every step, as autograd after zero_grad(set_to_none=True)
+
+
+def _in_place_grads(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+
+
+def _grad_lost_and_regained(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    if step in (3, 4):
+        params[1].grad = None  # its step count falls behind the others': a second scalar row from step 5
+    if step < 3:
+        params[3].grad = None  # its first gradient comes at step 3
+
+
+def _lr_scheduled(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2 / step
+
+
+def _param_storage_replaced(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    if step == 3:
+        params[2].data = params[2].data.clone()  # as module.to() does: same Parameter, new memory
+        params[0].data = params[0].data.clone()
+
+
+def _state_reloaded(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    if step == 3:
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+def _group_added(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    if step == 3:
+        optimizer.add_param_group({"params": params[3:], "lr": 3e-3})
+
+
+def _non_contiguous_grads(step, params, optimizer, generator):
+    random_grads(params, generator, step)
+    if step % 2:
+        for p in params:
+            if p.dim() == 2:
+                p.grad = p.grad.t().contiguous().t()  # the same values, column-major
+
+
+_SCENARIOS = [_fresh_grads, _in_place_grads, _grad_lost_and_regained, _lr_scheduled, _param_storage_replaced,
+              _state_reloaded, _group_added, _non_contiguous_grads]
+
+
+def _make_optimizer(kind, optim_bits, scenario):
+    def make(params):
+        groups = [{"params": params[:3]}] if scenario is _group_added else param_groups(params)
+        if kind == "adamw":
+            return AdamW(groups, lr=1e-2, weight_decay=0.05, optim_bits=optim_bits)
+        # 6000 bytes: some pages resident (the plan's fused launch), the rest streamed through the slots
+        return PagedAdamW(groups, lr=1e-2, weight_decay=0.05, optim_bits=optim_bits, gpu_budget_bytes=6000,
+                          page_bytes=4096)
+    return make
+
+
+@pytest.mark.parametrize("scenario", _SCENARIOS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("optim_bits", [32, 8])
+@pytest.mark.parametrize("kind", ["adamw", "paged"])
+def test_step_plan_gives_the_bits_of_rebuilt_steps(device, kind, optim_bits, scenario):
+    # Triton on the GPU, else under TRITON_INTERPRET=1: the kernel tables are what the plan keeps
+    (cached, cached_opt), (rebuilt, rebuilt_opt) = run_with_and_without_plan(
+        _make_optimizer(kind, optim_bits, scenario), scenario, 6, device=device)
+    assert_same_run(cached, cached_opt, rebuilt, rebuilt_opt)
+
+
+def test_step_plan_survives_switching_kernels(device):
+    # the Triton path builds its tables at its first step, after reference steps that moved the gradients
+    kernels = {1: "reference", 2: "triton", 3: "reference", 4: "reference", 5: "triton", 6: "triton"}
+    (cached, cached_opt), (rebuilt, rebuilt_opt) = run_with_and_without_plan(
+        _make_optimizer("adamw", 8, None), _fresh_grads, 6, device=device, kernels=kernels.get)
+    assert_same_run(cached, cached_opt, rebuilt, rebuilt_opt)
+
+
+def test_step_plan_is_kept_until_the_set_of_gradients_changes():
+    params = make_params()
+    optimizer = AdamW(param_groups(params), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    grads_in_place(params, generator, 1)
+    optimizer.step()
+    plan = optimizer._plan
+    grads_in_place(params, generator, 2)
+    optimizer.param_groups[0]["lr"] = 5e-3
+    optimizer.step()
+    random_grads(params, generator, 3)  # reallocated: only the gradient addresses change
+    optimizer.step()
+    assert optimizer._plan is plan
+    params[1].grad = None
+    optimizer.step()
+    assert optimizer._plan is not plan

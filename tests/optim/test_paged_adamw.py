@@ -6,21 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optim_helpers import make_params, param_groups, run_steps
+from optim_helpers import assert_same_run, make_params, param_groups, run_steps
 
 from nf4lora.kernels import use_kernels
 from nf4lora.optim import AdamW, PagedAdamW
 from nf4lora.optim.adamw import state_layout
-
-
-def _assert_same_run(a_params, a_opt, b_params, b_opt):
-    for p, q in zip(a_params, b_params):
-        assert torch.equal(p, q)
-    a_state, b_state = a_opt.state_dict()["state"], b_opt.state_dict()["state"]
-    assert a_state.keys() == b_state.keys()
-    for index in a_state:
-        for name, value in a_state[index].items():
-            assert torch.equal(value.cpu(), b_state[index][name].cpu()), (index, name)
 
 
 @pytest.mark.parametrize("optim_bits", [32, 8])
@@ -32,7 +22,7 @@ def test_paged_adamw_matches_adamw_bit_for_bit(optim_bits, budget):
                        gpu_budget_bytes=budget, page_bytes=4096)
     run_steps(adamw, params, 8)
     run_steps(paged, paged_params, 8)
-    _assert_same_run(params, adamw, paged_params, paged)
+    assert_same_run(params, adamw, paged_params, paged)
     if budget is not None:
         assert paged.resident_bytes <= budget
     if budget == 6000:  # the first param's state (45 KB, or 11 KB in 8 bits) is split between device and host
@@ -53,7 +43,7 @@ def test_any_page_size_budget_and_eviction_give_adamw_bits(page_kib, budget_kib,
     paged.evict(evict_kib << 10)  # mid-run, as the trainer does on out-of-memory
     run_steps(adamw, params, 2, start=3)
     run_steps(paged, paged_params, 2, start=3)
-    _assert_same_run(params, adamw, paged_params, paged)
+    assert_same_run(params, adamw, paged_params, paged)
 
 
 @pytest.mark.parametrize("budget", [0, 6000])  # 0: a slot fill holds two pages; 6000: some pages stay resident
@@ -69,7 +59,7 @@ def test_triton_step_gives_the_reference_bits_with_paging(device, optim_bits, bu
         run_steps(adamw, params, 3)
     with use_kernels("triton"):
         run_steps(paged, paged_params, 3)
-    _assert_same_run(params, adamw, paged_params, paged)
+    assert_same_run(params, adamw, paged_params, paged)
 
 
 def test_pages_respect_page_bytes_and_8bit_block_boundaries():
@@ -128,8 +118,8 @@ def test_paged_state_dict_resumes_bit_exactly_across_optimizers(optim_bits):
     other = PagedAdamW(param_groups(again_params), optim_bits=optim_bits, gpu_budget_bytes=0, page_bytes=16384)
     other.load_state_dict(checkpoint)
     run_steps(other, again_params, 4, start=5)
-    _assert_same_run(params, paged, resumed_params, adamw)
-    _assert_same_run(params, paged, again_params, other)
+    assert_same_run(params, paged, resumed_params, adamw)
+    assert_same_run(params, paged, again_params, other)
 
 
 def test_load_state_dict_refuses_a_different_layout():
@@ -181,7 +171,7 @@ def test_paged_adamw_on_gpu_matches_adamw_bit_for_bit(optim_bits, dtype, budget_
                        page_bytes=1 << 20)
     run_steps(adamw, params, 5)
     run_steps(paged, paged_params, 5)
-    _assert_same_run(params, adamw, paged_params, paged)
+    assert_same_run(params, adamw, paged_params, paged)
     assert paged.resident_bytes <= budget
 
 
