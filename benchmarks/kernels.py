@@ -92,7 +92,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
     }
     if "quantize" in ops:
         ours = bench(lambda: quantize(w))
-        theirs = bench(lambda: bnb.functional.quantize_4bit(w, 64, compress_statistics=True, quant_type="nf4"))
+        theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
         nbytes = w.numel() * 2 + q_bytes(q)
         rows.append(dict(op="quantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
             "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
