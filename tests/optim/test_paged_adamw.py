@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optim_helpers import assert_same_run, make_params, param_groups, run_steps
+from optim_helpers import (assert_same_run, grads_in_place, make_params, param_groups, random_grads, run_steps,
+                           run_with_and_without_plan)
 
 from nf4lora.kernels import use_kernels
 from nf4lora.optim import AdamW, PagedAdamW
@@ -131,6 +132,33 @@ def test_load_state_dict_refuses_a_different_layout():
     with pytest.raises(ValueError, match=r"state 'exp_avg' of param 1 has shape \(4999,\), expected \(5000,\)"):
         paged.load_state_dict(checkpoint)
     assert paged.resident_bytes == sum(state_layout(p.numel(), False)[1] for p in params)
+
+
+def _pages_moved(step, params, optimizer, generator):
+    grads_in_place(params, generator, step)
+    if step == 3:
+        optimizer.evict(20_000)
+    if step == 5:
+        optimizer.budget = None
+
+
+def _grads_come_and_go(step, params, optimizer, generator):
+    random_grads(params, generator, step)
+    if step in (2, 3):
+        params[0].grad = None
+
+
+@pytest.mark.parametrize("scenario", [_pages_moved, _grads_come_and_go], ids=["pages_moved", "grads_come_and_go"])
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_step_plan_gives_the_bits_of_rebuilt_steps(device, optim_bits, scenario):
+    # 32-bit: 2 of 14 pages resident (segments at offsets in the plan's launch), the rest streamed; 8-bit: all
+    # resident until the eviction
+    def make(params):
+        return PagedAdamW(param_groups(params), lr=1e-2, optim_bits=optim_bits, gpu_budget_bytes=40_000,
+                          page_bytes=16384)
+
+    (cached, cached_opt), (rebuilt, rebuilt_opt) = run_with_and_without_plan(make, scenario, 6, device=device)
+    assert_same_run(cached, cached_opt, rebuilt, rebuilt_opt)
 
 
 @pytest.mark.parametrize("kwargs,match", [
