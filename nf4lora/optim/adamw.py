@@ -136,7 +136,7 @@ def _contiguous(grads: list, grad_ptrs: list) -> list[int | None]:
     """Swap non-contiguous gradients for contiguous copies (this step's, in `grads` and `grad_ptrs`); returns the
     plan's gradient key: `grad_ptrs` as they came, -1 where a copy was made."""
     present = [g for g in grads if g is not None] if None in grad_ptrs else grads
-    if True:
+    if all(map(torch.Tensor.is_contiguous, present)):
         return grad_ptrs
     key = list(grad_ptrs)
     for i, g in enumerate(grads):
