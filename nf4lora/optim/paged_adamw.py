@@ -15,9 +15,10 @@ lowers the budget to what stays resident so that the pages do not come back; the
 caching allocator at once (call `torch.cuda.empty_cache()` to hand them to other processes). Setting `budget`
 evicts down to it, or promotes paged-out pages (first parameter first) up to it.
 
-Step. All resident pages are updated by one fused launch (`fused_adamw.adamw_update`), exactly as `AdamW` updates
-whole parameters. Then the paged-out pages stream through a double buffer of two `page_bytes` device slots, a
-batch of consecutive pages per slot fill (one page, or several small ones such as LoRA's, one launch per batch):
+Step. All resident pages are updated by one fused launch (the step plan's `fused_adamw.PreparedUpdate`), exactly
+as `AdamW` updates whole parameters. Then the paged-out pages stream through a double buffer of two `page_bytes`
+device slots, a batch of consecutive pages per slot fill (one page, or several small ones such as LoRA's, one
+launch per batch):
     side stream h2d:  copy batch i into slot i % 2     (after the write-back of batch i - 2 left that slot)
     current stream:   update batch i in its slot        (after its copy-in)
     side stream d2h:  copy slot i % 2 back to its pages (after its update)

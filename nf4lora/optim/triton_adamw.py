@@ -194,11 +194,11 @@ _SCALAR_TABLES: dict[torch.device, tuple[list[list[float]], torch.Tensor]] = {}
 
 
 def scalar_table(scalars: list[list[float]], device: torch.device) -> torch.Tensor:
-    """`scalars` as an (R, SCALARS) float32 tensor on `device`, uploaded once per step: a step's later launches
-    (PagedAdamW's batches) find the same rows and reuse the upload."""
+    """`scalars` (R rows of SCALARS) as a float32 tensor on `device`, uploaded once per step: a step's later
+    launches (PagedAdamW's batches) find the same rows and reuse the upload."""
     cached = _SCALAR_TABLES.get(device)
     if cached is None or cached[0] != scalars:
-        table = torch.tensor(scalars, dtype=torch.float32).reshape(-1, SCALARS).to(device, non_blocking=True)
+        table = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
         cached = _SCALAR_TABLES[device] = ([list(row) for row in scalars], table)
     return cached[1]
 
@@ -236,7 +236,7 @@ class Launch:
         self.align = 16 if functools.reduce(operator.or_, grad_addresses, self._low_bits) & 15 == 0 else 1
 
     def __call__(self, scalars_table: torch.Tensor) -> None:
-        """Update every segment in place with the rows of `scalars_table` ((R, SCALARS) float32 on the device)."""
+        """Update every segment in place with its row of `scalar_table`'s table."""
         if self.programs == 0:
             return
         _adamw_kernel[(self.programs,)](
