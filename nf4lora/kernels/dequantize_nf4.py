@@ -11,6 +11,8 @@ and a thread's 32 outputs are contiguous (16-byte vector stores). Codes are look
 shuffle (``codes.py``). A tensor whose element count is not a multiple of 8 has its packed bytes
 copied to a word-aligned buffer first (small odd shapes only; weight matrices never need it).
 Bytes moved: n/2 packed + 4 n/blocksize absmax (1 + 4/256 with double quant) + n * itemsize out.
+Measured on an H200 to bf16 (benchmarks/results/2026-11-28_kernels_h200.md): 3.93 TB/s, 92% of the
+copy bandwidth, at 28672x8192; 82% at 11008x4096; 1.8-2.0x bitsandbytes.
 """
 
 from __future__ import annotations

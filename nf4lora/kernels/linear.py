@@ -4,11 +4,11 @@
 ``QuantizedTensor`` W (N, K). Paths, chosen per call by ``dispatch.use_triton`` and M = rows of x:
 
 - reference: ``linear_reference`` (dequantize, then ``F.linear`` in x.dtype);
-- Triton, M <= ``SMALL_M_MAX`` and K even: the fused split-K GEMV/GEMM in ``gemv_nf4`` (weight
-  streamed once, bias fused);
+- Triton, M <= ``SMALL_M_MAX`` and ``gemv_nf4.supports(K, blocksize)``: the fused split-K kernels
+  in ``gemv_nf4`` (weight streamed once, bias fused);
 - Triton, larger M: ``matmul_nf4.dequant_matmul`` (dequantize into a reused buffer, then cuBLAS),
-  which measured faster than the fused kernel from M = 8 and far faster (36-40x) at M = 4096 on
-  an H200 (benchmarks/results/2026-11-28_kernels*_h200.md).
+  which measured 2.2-2.9x faster than the fused tensor-core kernel at M = 4096 on an H200
+  (benchmarks/results/2026-11-28_kernels_h200.md).
 
 Note: backward saves only the ``QuantizedTensor`` (packed bytes and its small state), never a
 dequantized copy; grad_input dequantizes again. The frozen weight never receives a gradient.
@@ -22,10 +22,9 @@ from nf4lora.kernels.dispatch import use_triton
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
 from nf4lora.nf4.tensor import QuantizedTensor
 
-# Rows of x up to which the fused kernel beats dequantize + cuBLAS. Measured on an H200
-# (benchmarks/results/2026-11-28_kernels-subset_h200.md, bf16, Llama projections): fused wins at
-# M = 1 (0.18-0.21 ms vs 0.30 ms at 28672x8192 / 8192x28672) and at M = 2 on three of four shapes,
-# ties at M = 4, and loses from M = 8 (0.32-0.39 ms vs 0.30 ms).
+# Rows of x up to which the fused kernels beat dequantize + cuBLAS. Measured on an H200
+# (benchmarks/results/2026-11-28_kernels_h200.md, bf16, Llama projections): the fused kernels take
+# 0.015-0.14 ms at M = 1..16 against 0.022-0.27 ms for dequantize + cuBLAS, at every M and shape.
 SMALL_M_MAX = 16
 
 

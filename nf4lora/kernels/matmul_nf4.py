@@ -4,10 +4,10 @@ For M in the thousands the matmul is compute-bound (2*M*N*K flops against N*K/2 
 the fastest path is the vendor GEMM on a dequantized weight; the dequantize launch
 (``dequantize_nf4``, near copy bandwidth) adds N*K*(0.5 + itemsize) bytes of traffic. The
 alternative, a fused dequant-matmul (``gemv_nf4.fused_matmul`` with ``block_m=128``), is timed
-side by side in ``benchmarks/kernels.py``: at M = 4096 it ran 36-40x slower than dequantize +
-cuBLAS on an H200 (8.3 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-28_kernels_h200.md),
-so ``nf4_linear`` uses dequantize + cuBLAS. The forward then runs at 0.89-0.94x of bf16 F.linear
-and forward + backward at 0.95-1.01x on the 7B/70B projections (0.47x at 4096x4096, where the
+side by side in ``benchmarks/kernels.py``: at M = 4096 it ran 2.2-2.9x slower than dequantize +
+cuBLAS on an H200 (0.59 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-28_kernels_h200.md),
+so ``nf4_linear`` uses dequantize + cuBLAS. The forward then runs at 0.93-0.97x of bf16 F.linear
+and forward + backward at 0.92-1.05x on the 7B/70B projections (0.49x at 4096x4096, where the
 GEMM is short enough for host overhead to show).
 
 Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
