@@ -28,7 +28,9 @@ def _add_rn(a, b, PTX: tl.constexpr):
 
 
 @triton.jit
-def load_absmax(absmax_ptr, nested_absmax_ptr, blocks, mask, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+def load_absmax(
+    absmax_ptr, nested_absmax_ptr, blocks, mask, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr
+):
     """The stored absmax of quantization blocks ``blocks`` and, with double quantization, their nested absmax.
 
     Split from ``decode_absmax`` so that a kernel can issue these loads a step ahead of their use.

@@ -5,8 +5,9 @@ Two kernels stream the packed weight once, as 32-bit words of 8 codes:
 - ``_gemv_kernel`` (M = 1, decode): CUDA cores. A program owns BLOCK_N rows; each step reads a
   (BLOCK_N, SUB_W) tile of words (one quantization block, or a slice of one, per row), looks up the
   8 codes of every word and multiplies them by the matching 8 entries of x in fp32, then scales the
-  row's partial sum once by its absmax. x is read as 32-bit pairs and reused by the rows a thread
-  owns, so the weight dominates the traffic.
+  row's partial sum once by its absmax. x is read one step ahead as packed pairs (one 32-bit word
+  for 16-bit x, 64-bit for fp32) and reused by the rows a thread owns, so the weight dominates the
+  traffic.
 - ``_tile_kernel`` (M = 2..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
   ``benchmarks/kernels.py``): tensor cores. The same tile is dequantized in registers (code * absmax
   in fp32, rounded once to x.dtype, as the reference rounds it) and fed to ``tl.dot`` as the A
@@ -89,7 +90,9 @@ def _load_x(x_ptr, w, word, w_end):
 
 
 @triton.jit
-def _accumulate_byte(part, words, pair, p: tl.constexpr, lane_codes, code_ptr, X_DTYPE: tl.constexpr, PTX: tl.constexpr):
+def _accumulate_byte(
+    part, words, pair, p: tl.constexpr, lane_codes, code_ptr, X_DTYPE: tl.constexpr, PTX: tl.constexpr
+):
     """part + code(element 2p) * x_even + code(element 2p + 1) * x_odd for byte p of every word (float32)."""
     if X_DTYPE == "fp32":
         even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)

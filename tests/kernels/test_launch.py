@@ -1,0 +1,63 @@
+"""``CachedLaunch``'s bookkeeping, with a stand-in for a Triton kernel (its fast path needs a GPU otherwise)."""
+
+import types
+
+import torch
+
+from nf4lora.kernels import launch
+from nf4lora.kernels.launch import CachedLaunch
+
+
+class FakeKernel:
+    """Records launches like ``kernel[grid](*args, **meta)``; returns a fake compiled kernel."""
+
+    arg_names = ["x_ptr", "n", "BLOCK", "SCALE"]
+
+    def __init__(self):
+        self.jit_calls = []
+        self.fast_calls = []
+        self.best_config = types.SimpleNamespace(all_kwargs=lambda: {"BLOCK": 128, "num_warps": 4})
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.jit_calls.append((grid({**meta, "BLOCK": 128}), args, meta))
+            return FakeCompiled(self)
+
+        return run
+
+
+class FakeCompiled:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid_dims):
+        return lambda *args: self.kernel.fast_calls.append((grid_dims, args))
+
+
+def test_cached_launch_relaunches_compiled_kernel_with_tuned_meta_and_rekeys_on_alignment(monkeypatch):
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    kernel = FakeKernel()
+    cached = CachedLaunch(kernel)
+    buffer = torch.zeros(64)
+    grid = lambda meta: (triton_cdiv(1000, meta["BLOCK"]),)  # noqa: E731
+    for _ in range(3):
+        cached(grid, ("n", 1000), buffer, 1000, SCALE=2.0, enable_fp_fusion=False)
+    assert len(kernel.jit_calls) == 1 and len(kernel.fast_calls) == 2
+    # every kernel parameter, in order: the tuned BLOCK comes from the best config; launch options are dropped
+    assert kernel.fast_calls[0] == ((8, 1, 1), (buffer, 1000, 128, 2.0))
+    cached(grid, ("n", 1000), buffer[1:], 1000, SCALE=2.0)  # 4-byte offset: not 16-byte aligned, a new binary
+    cached(grid, ("n", 2000), buffer, 1000, SCALE=2.0)  # a new caller key
+    assert len(kernel.jit_calls) == 3 and len(kernel.fast_calls) == 2
+
+
+def test_cached_launch_always_takes_the_normal_path_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
+    kernel = FakeKernel()
+    cached = CachedLaunch(kernel)
+    for _ in range(2):
+        cached(lambda meta: (1,), "key", torch.zeros(4), 4, SCALE=1.0)
+    assert len(kernel.jit_calls) == 2 and not kernel.fast_calls
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
