@@ -27,6 +27,7 @@ unconstrained step bit for bit. Prints a table, then one JSON line; writes `<dat
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -270,6 +271,11 @@ def run_optimizer(name, factory, bits, info, init, grads, references, device, ti
 def oom_eviction_demo(layers: int = 16, dim: int = 4096, tokens: int = 8192) -> dict:
     """A train step whose forward runs out of memory completes after evict() + empty_cache(), bit-exactly."""
     device = torch.device("cuda", torch.cuda.current_device())  # memory-fraction calls need an index
+    # Earlier stages' optimizers can linger in reference cycles (torch keeps the first one a process makes
+    # reachable from a cached frame) until the cycle collector runs; if it ran mid-demo, the memory it freed
+    # would defeat the cap set below. Collect now so that the cap is measured against live memory only.
+    gc.collect()
+    torch.cuda.empty_cache()
     generator = torch.Generator(device=device).manual_seed(1)
     weights = [torch.nn.Parameter(torch.randn(dim, dim, generator=generator, device=device) * 0.02)
                for _ in range(layers)]
