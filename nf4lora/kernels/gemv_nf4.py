@@ -14,8 +14,8 @@ Two kernels stream the packed weight once, as 32-bit words of 8 codes:
   operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows of W, not the few rows
   of x.
 
-Both look codes up with a warp shuffle (``codes.py``): 3 instructions per weight in the GEMV
-(shift, shuffle, fma).
+Both look codes up with a warp shuffle (``codes.py``); in the GEMV a weight's lookup and product
+take 3 instructions (shift, shuffle, fma).
 
 Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` chunks whose fp32
 partial sums go to a (n_splits, M, N) buffer and a second launch adds them in a fixed order with
@@ -110,6 +110,23 @@ def _accumulate_byte(
 
 
 @triton.jit
+def _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE: tl.constexpr, SUB_W: tl.constexpr):
+    """For rows ``rn``: their word pointers (BLOCK_N, 1), their first quantization block, the (SUB_W,)
+    word offsets of a step, and split ``pid_s``'s word columns [w_begin, w_end)."""
+    rows = words_ptr + (rn.to(tl.int64) * K_WORDS)[:, None]
+    first_block = rn.to(tl.int64) * (K_WORDS // (BLOCKSIZE // 8))
+    w_begin = pid_s * CHUNK_WORDS
+    return rows, first_block, tl.arange(0, SUB_W), w_begin, tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
+
+
+@triton.jit
+def _load_x_tile(x_rows, col, m_mask, w, w_end):
+    """The (SUB_W * 8, BLOCK_M) tile of x at word column ``w`` (zeros past ``w_end`` and past M)."""
+    cols = w * 8 + col
+    return tl.load(x_rows + cols[:, None], mask=m_mask[None, :] & (cols < w_end * 8)[:, None], other=0.0)
+
+
+@triton.jit
 def _load_step(
     rows, first_block, rn, n_mask, word, w, w_end, absmax_ptr, nested_absmax_ptr,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
@@ -155,11 +172,7 @@ def _gemv_kernel(
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    rows = words_ptr + (rn.to(tl.int64) * K_WORDS)[:, None]
-    first_block = rn.to(tl.int64) * (K_WORDS // (BLOCKSIZE // 8))
-    word = tl.arange(0, SUB_W)
-    w_begin = pid_s * CHUNK_WORDS
-    w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
+    rows, first_block, word, w_begin, w_end = _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE, SUB_W)
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
@@ -214,13 +227,9 @@ def _tile_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
     m_mask = rm < M
-    rows = words_ptr + (rn.to(tl.int64) * K_WORDS)[:, None]
-    first_block = rn.to(tl.int64) * (K_WORDS // (BLOCKSIZE // 8))
-    word = tl.arange(0, SUB_W)
+    rows, first_block, word, w_begin, w_end = _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE, SUB_W)
     col = tl.arange(0, SUB_W * 8)
     x_rows = x_ptr + (rm.to(tl.int64) * stride_xm)[None, :]
-    w_begin = pid_s * CHUNK_WORDS
-    w_end = tl.minimum(w_begin + CHUNK_WORDS, K_WORDS)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight, as in the GEMV
@@ -232,15 +241,13 @@ def _tile_kernel(
         rows, first_block, rn, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
     )
-    first_col = w_begin * 8 + col
-    x_tile = tl.load(x_rows + first_col[:, None], mask=m_mask[None, :] & (first_col < w_end * 8)[:, None], other=0.0)
+    x_tile = _load_x_tile(x_rows, col, m_mask, w_begin, w_end)
     for w in range(w_begin, w_end, SUB_W):
         words_2, stored_2, nested_2 = _load_step(
             rows, first_block, rn, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
         )
-        next_col = (w + SUB_W) * 8 + col
-        next_x = tl.load(x_rows + next_col[:, None], mask=m_mask[None, :] & (next_col < w_end * 8)[:, None], other=0.0)
+        next_x = _load_x_tile(x_rows, col, m_mask, w + SUB_W, w_end)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
         tile = dequantize_words(words, scale[:, None], lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)
         acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
