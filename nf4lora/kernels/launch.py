@@ -46,5 +46,5 @@ class CachedLaunch:
         config = getattr(self.kernel, "best_config", None)
         meta = {**meta, **(config.all_kwargs() if config is not None else {})}
         tail = tuple(meta[name] for name in self.arg_names[len(args):])
-        grid_dims = tuple(grid(meta)) + (1,) * (3 - len(grid(meta)))
-        self.compiled[key] = (compiled, grid_dims, tail)
+        dims = tuple(grid(meta))
+        self.compiled[key] = (compiled, dims + (1,) * (3 - len(dims)), tail)
