@@ -5,16 +5,21 @@
     y = x @ W.T + bias + scaling * (x_lora @ A.T) @ B.T
 
 for x, x_lora (..., K), W (N, K) frozen (a dense tensor, or a ``QuantizedTensor`` dequantized on
-the fly with ``nf4lora.kernels.dequantize``), A (r, K), B (N, r), all in one compute dtype, and
-returns gradients for x, x_lora, bias, A and B. Compared with running the base layer and then
+the fly with ``nf4lora.kernels.dequantize``), A (r, K), B (N, r), and returns gradients for x,
+x_lora, bias, A and B. The matmuls run in x.dtype; A and B may be stored in another (fp32 by
+default) and are cast inside the node, so a step records one autograd node per layer. Compared with running the base layer and then
 adding the update (``functional.lora_add``), it removes every (M, N) and (M, K) pass that is not a
 matmul output:
 
-- forward: the small product ``(xa * scaling) @ B.T (+ bias)`` is written first and the base GEMM
+- forward: the small product ``scaling * xa @ B.T (+ bias)`` is written first and the base GEMM
   accumulates onto it (``addmm_`` with beta=1, read in the GEMM's epilogue) -- no separate add;
+  ``scaling`` rides in the GEMMs' alpha, never as a pass of its own;
 - backward: ``grad_x = grad_y @ W`` accumulates onto ``grad_xa @ A`` the same way, instead of
   autograd summing two (M, K) gradients; when dropout is off, x_lora *is* x and that one GEMM
   produces the whole grad_x.
+
+Every op counts: at 4096 x 4096 a step is bound by host time, not by the GPU (about 10 us per
+launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward.
 
 Saved for backward: x_lora (needed for grad_A), xa = x_lora @ A.T (M, r), A, B, and the weight
 as given (the packed ``QuantizedTensor`` for NF4: dequantized again in backward, never stored).
@@ -41,44 +46,47 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight_t, qweight, bias, lora_a, lora_b, scaling):
         # weight_t: the dense weight (a tensor input, so autograd tracks its version) or None for NF4;
-        # qweight: the QuantizedTensor or None.
+        # qweight: the QuantizedTensor or None. A and B arrive in their storage dtype and are cast here,
+        # outside autograd: the engine casts their gradients back, without a graph node per cast.
         weight = weight_t if qweight is None else qweight
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
         xl2d = x2d if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1])
-        xa = xl2d @ lora_a.t()  # (M, r)
-        b_scaled = lora_b * scaling
+        xa = xl2d @ a.t()  # (M, r)
         # Allocated in its final shape and filled through a 2-D view, so the output is not a view
         # (a later adapter may then add into it in place).
-        y = x.new_empty(*x.shape[:-1], lora_b.shape[0])
+        y = x.new_empty(*x.shape[:-1], b.shape[0])
         y2d = y.view(-1, y.shape[-1])
-        if bias is None:
-            torch.mm(xa, b_scaled.t(), out=y2d)
+        if bias is None:  # beta=0: y's uninitialised contents are ignored, NaNs included
+            y2d.addmm_(xa, b.t(), beta=0, alpha=scaling)
         else:
-            torch.addmm(bias, xa, b_scaled.t(), out=y2d)
+            torch.addmm(bias, xa, b.t(), alpha=scaling, out=y2d)
         y2d.addmm_(x2d, dense_weight(weight, x.dtype).t())
         ctx.shared_input = x_lora is x
         ctx.qweight = qweight
         ctx.scaling = scaling
         ctx.shapes = (x.shape, x_lora.shape)
-        ctx.save_for_backward(xl2d, xa, weight_t, lora_a, b_scaled)
+        ctx.save_for_backward(xl2d, xa, weight_t, a, b)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        xl2d, xa, weight_t, lora_a, b_scaled = ctx.saved_tensors
+        xl2d, xa, weight_t, a, b = ctx.saved_tensors
         weight = weight_t if ctx.qweight is None else ctx.qweight
+        scaling = ctx.scaling
         g2d = grad_y.reshape(-1, grad_y.shape[-1])
         needs_x, needs_xl, _, _, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
         grad_x = grad_xl = grad_bias = grad_a = grad_b = None
-        g_xa = g2d @ b_scaled  # (M, r): grad of xa, the scaling folded into B
+        # (M, r): grad of xa. beta=0 makes the first argument a shape donor only.
+        g_xa = torch.addmm(xa, g2d, b, beta=0, alpha=scaling)
         if needs_b:
-            grad_b = (g2d.t() @ xa).mul_(ctx.scaling)
+            grad_b = torch.addmm(b, g2d.t(), xa, beta=0, alpha=scaling)
         if needs_a:
             grad_a = g_xa.t() @ xl2d
         if needs_bias:
             grad_bias = g2d.sum(0)
         x_shape, xl_shape = ctx.shapes
-        lora_gx = g_xa @ lora_a if (needs_xl or (needs_x and ctx.shared_input)) else None
+        lora_gx = g_xa @ a if (needs_xl or (needs_x and ctx.shared_input)) else None
         if needs_x:
             w = dense_weight(weight, g2d.dtype)
             if ctx.shared_input:
@@ -101,19 +109,19 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias + scaling * x_lora @ A.T @ B.T`` with gradients to x, x_lora, bias, A, B.
 
-    x, x_lora: (..., K); weight: (N, K) frozen dense tensor or ``QuantizedTensor``; bias: (N,) or None;
-    lora_a: (r, K); lora_b: (N, r). All tensors in one compute dtype (x.dtype); pass ``x_lora=x``
-    (the same object) when there is no dropout, so that grad_x comes out of a single GEMM.
-    Returns (..., N) in x.dtype.
+    x, x_lora: (..., K); weight: (N, K) frozen dense tensor or ``QuantizedTensor``; bias: (N,) or None,
+    all in one compute dtype (x.dtype). lora_a: (r, K) and lora_b: (N, r) in any float dtype (their
+    storage dtype, fp32 by default): the matmuls run in x.dtype and their gradients come back in
+    theirs. Pass ``x_lora=x`` (the same object) when there is no dropout, so that grad_x comes out
+    of a single GEMM. Returns (..., N) in x.dtype.
     """
-    tensors = {"x_lora": x_lora, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        tensors["bias"] = bias
-    if isinstance(weight, torch.Tensor):
-        tensors["weight"] = weight
-    wrong = {k: t.dtype for k, t in tensors.items() if t.dtype != x.dtype}
+    dense = weight if isinstance(weight, torch.Tensor) else None
+    wrong = {
+        name: t.dtype for name, t in (("x_lora", x_lora), ("bias", bias), ("weight", dense))
+        if t is not None and t.dtype != x.dtype
+    }
     if wrong:
         raise TypeError(f"lora_linear needs one compute dtype, x is {x.dtype} but {wrong}")
-    if isinstance(weight, QuantizedTensor):
+    if dense is None:
         return LoraLinearFunction.apply(x, x_lora, None, weight, bias, lora_a, lora_b, scaling)
-    return LoraLinearFunction.apply(x, x_lora, weight.detach(), None, bias, lora_a, lora_b, scaling)
+    return LoraLinearFunction.apply(x, x_lora, dense.detach(), None, bias, lora_a, lora_b, scaling)

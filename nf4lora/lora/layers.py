@@ -147,9 +147,10 @@ class LoraLinear(nn.Module):
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         x = self._compute_input(x)
-        x_lora = self.lora_dropout[name](x)
-        lora_a, lora_b = self._lora_weights(name, x.dtype)
+        dropout = self.lora_dropout[name]
+        x_lora = x if isinstance(dropout, nn.Identity) else dropout(x)
         base = self.base_layer
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         return lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

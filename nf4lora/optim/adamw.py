@@ -91,11 +91,13 @@ def _check_hyperparameters(group: dict) -> None:
 @dataclass
 class DevicePlan:
     """The part of a step on one device: the fused update of the resident segments, and (PagedAdamW) the pages
-    that stream through the device as (page, gradient index, scalar row)."""
+    that stream through the device as (page, gradient index, scalar row), with what the optimizer prepared to
+    stream them (`stream`, built at its first step)."""
 
     device: torch.device
     update: PreparedUpdate
     paged_out: list[tuple]
+    stream: object = None
 
 
 @dataclass

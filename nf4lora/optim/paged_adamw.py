@@ -24,12 +24,15 @@ launch per batch):
     side stream d2h:  copy slot i % 2 back to its pages (after its update)
 so batch i + 1 is paged in while batch i is updated and batch i - 1 written back, and the first copy-in overlaps
 the resident update; the two copy directions run on separate streams and use both directions of the link. The
-slots are allocated before any update (an out-of-memory error there leaves every parameter unchanged). The
-current stream waits for the last write-back before `step()` returns, and host-side reads of paged-out state
-(`state_dict`, `evict`) synchronize on it first.
-GPU memory held by the optimizer is therefore at most `budget` + 2 * `page_bytes` (the slots exist only during
-`step()`), plus a few KiB of kernel tables, for any number of parameters; a budget smaller than one parameter's
-state pages within that parameter.
+batches, their slot views and their kernel tables are laid out at the first step that streams and reused until a
+page moves (`_Stream`), so a step issues little more than two copies per page and one launch per batch: with
+hundreds of small pages the host, not the link, would otherwise set the pace. The slots are allocated before any
+update (an out-of-memory error there leaves every parameter unchanged) and kept with that layout. The current
+stream waits for the last write-back before `step()` returns, and host-side reads of paged-out state (`state_dict`,
+`evict`) synchronize on it first.
+GPU memory held by the optimizer is therefore at most `budget` + 2 * `page_bytes` (the slots, held only while
+pages are paged out), plus a few KiB of kernel tables, for any number of parameters; a budget smaller than one
+parameter's state pages within that parameter.
 
 Exactness. Every page runs the same element-wise arithmetic as `AdamW` on the same numbers (8-bit pages start on
 block boundaries, so each block's absmax is the same), so PagedAdamW's parameters and states equal AdamW's bit
@@ -45,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from nf4lora.optim.adamw import AdamW, DevicePlan, state_layout, state_views
-from nf4lora.optim.fused_adamw import QBLOCK, Segment, adamw_update
+from nf4lora.optim.fused_adamw import QBLOCK, PreparedUpdate, Segment
 
 # 8 MiB: host<->device copies of a few MiB and more run near the link's rate (an assumption the benchmark's 1/8
 # budget rows check against the measured bandwidth), while the double buffer stays at 16 MiB
@@ -221,56 +224,45 @@ class PagedAdamW(AdamW):
         if not plan.paged_out:
             plan.update.run(grads, grad_ptrs, scalars)
             return
-        # the slots are allocated before any update, so an out-of-memory error leaves every parameter unchanged
-        slots = [torch.empty(self.page_bytes, dtype=torch.uint8, device=plan.device) for _ in range(2)]
-        # what the first copy-in must wait for: the main stream up to the slots' allocation, not the resident
-        # pages' update, which it overlaps
+        # the slots exist before any update, so an out-of-memory error leaves every parameter unchanged
+        if plan.stream is None:
+            plan.stream = _Stream(plan.device, plan.paged_out, self.page_bytes)
+        # what the first copy-in waits for: the main stream up to here (the previous step's write-backs included),
+        # not the resident pages' update, which it overlaps
         ready = torch.cuda.current_stream(plan.device).record_event() if plan.device.type == "cuda" else None
         plan.update.run(grads, grad_ptrs, scalars)
-        jobs = [(page, grads[i], row) for page, i, row in plan.paged_out]
-        self._stream(_batches(jobs, self.page_bytes), slots, ready, scalars)
+        self._stream(plan.stream, ready, grads, grad_ptrs, scalars)
 
-    def _stream(self, batches: list[list[tuple[_Page, torch.Tensor, int]]], slots: list[torch.Tensor],
-                ready: torch.cuda.Event | None, scalars: list[list[float]]) -> None:
-        """Update paged-out pages through the two `slots` (module docstring), a batch of pages per slot fill."""
-        cuda = slots[0].device.type == "cuda"
-        if cuda:
-            main = torch.cuda.current_stream(slots[0].device)
-            h2d, d2h = self._side_streams(slots[0].device)
-            h2d.wait_event(ready)  # the previous step's write-backs were ordered before it too
-            slot_free: list[torch.cuda.Event | None] = [None, None]
-        for i, batch in enumerate(batches):
-            placed, offset = [], 0
-            for page, g, row in batch:
-                placed.append((page, g, row, slots[i % 2][offset:offset + page.nbytes]))
-                offset += page.nbytes
-            if cuda:
-                with torch.cuda.stream(h2d):
-                    if slot_free[i % 2] is not None:
-                        h2d.wait_event(slot_free[i % 2])
-                    for page, _, _, slot in placed:
-                        slot.copy_(page.buffer, non_blocking=True)
-                main.wait_stream(h2d)
-            else:
-                for page, _, _, slot in placed:
+    def _stream(self, stream: _Stream, ready: torch.cuda.Event | None, grads: list, grad_ptrs: list,
+                scalars: list[list[float]]) -> None:
+        """Update the paged-out pages through the two slots (module docstring), a batch of pages per slot fill."""
+        if stream.device.type != "cuda":
+            for copies, update in stream.batches:
+                for page, slot in copies:
                     slot.copy_(page.buffer)
-            adamw_update([Segment(page.param, g, page.start, page.numel, state_views(slot, page.numel, page.eight_bit),
-                                  row) for page, g, row, slot in placed], scalars)
-            if cuda:
-                d2h.wait_stream(main)
-                with torch.cuda.stream(d2h):
-                    for page, _, _, slot in placed:
-                        page.buffer.copy_(slot, non_blocking=True)
-                    slot_free[i % 2] = d2h.record_event()
-            else:
-                for page, _, _, slot in placed:
+                update.run(grads, grad_ptrs, scalars)
+                for page, slot in copies:
                     page.buffer.copy_(slot)
-        if cuda:
-            main.wait_stream(d2h)
-            for slot in slots:
-                slot.record_stream(h2d)
-                slot.record_stream(d2h)
-            self._writeback = main.record_event()
+            return
+        main = torch.cuda.current_stream(stream.device)
+        h2d, d2h = self._side_streams(stream.device)
+        h2d.wait_event(ready)
+        slot_free: list[torch.cuda.Event | None] = [None, None]
+        for i, (copies, update) in enumerate(stream.batches):
+            with torch.cuda.stream(h2d):
+                if slot_free[i % 2] is not None:
+                    h2d.wait_event(slot_free[i % 2])
+                for page, slot in copies:
+                    slot.copy_(page.buffer, non_blocking=True)
+            main.wait_stream(h2d)
+            update.run(grads, grad_ptrs, scalars)
+            d2h.wait_stream(main)
+            with torch.cuda.stream(d2h):
+                for page, slot in copies:
+                    page.buffer.copy_(slot, non_blocking=True)
+                slot_free[i % 2] = d2h.record_event()
+        main.wait_stream(d2h)
+        self._writeback = main.record_event()
 
     def _side_streams(self, device: torch.device) -> tuple:
         if device not in self._streams:
@@ -284,18 +276,31 @@ class PagedAdamW(AdamW):
             self._writeback = None
 
 
-def _batches(jobs: list[tuple[_Page, torch.Tensor, int]], capacity: int) -> list[list[tuple[_Page, torch.Tensor, int]]]:
-    """Consecutive pages grouped so each group fits one slot of `capacity` bytes (one copy each way per page, one
-    launch per group): many small pages, as LoRA's, then cost a launch per slot rather than per page."""
-    batches: list[list] = []
-    used = capacity
-    for job in jobs:
-        if used + job[0].nbytes > capacity:
-            batches.append([])
-            used = 0
-        batches[-1].append(job)
-        used += job[0].nbytes
-    return batches
+class _Stream:
+    """How the paged-out pages of one device stream, laid out once and reused step after step.
+
+    slots: the two `page_bytes` device buffers of the double buffer; batches: per slot fill, the (page, slot view)
+    copies and the `PreparedUpdate` of those pages in the slot. Consecutive pages share a batch while they fit a
+    slot, so many small pages (LoRA's) cost one launch per slot fill rather than one per page. The owner drops it
+    (and with it the slots) whenever a page moves.
+    """
+
+    def __init__(self, device: torch.device, paged_out: list[tuple[_Page, int, int]], page_bytes: int):
+        self.device = device
+        self.slots = [torch.empty(page_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.batches: list[tuple[list[tuple[_Page, torch.Tensor]], PreparedUpdate]] = []
+        used = page_bytes
+        for page, grad_index, row in paged_out:
+            if used + page.nbytes > page_bytes:
+                copies, segments, grad_indices, used = [], [], [], 0
+                self.batches.append((copies, PreparedUpdate(segments, grad_indices)))
+                slot = self.slots[(len(self.batches) - 1) % 2]
+            view = slot[used:used + page.nbytes]
+            used += page.nbytes
+            copies.append((page, view))
+            segments.append(Segment(page.param, None, page.start, page.numel,
+                                    state_views(view, page.numel, page.eight_bit), row))
+            grad_indices.append(grad_index)
 
 
 def _check_budget(nbytes: int | None) -> None:

@@ -96,5 +96,5 @@ def test_fused_output_is_not_a_view_and_the_dense_weight_gets_no_gradient():
 
 def test_fused_lora_linear_rejects_mixed_dtypes_naming_them():
     x = torch.randn(3, 5)
-    with pytest.raises(TypeError, match=r"x is torch.float32 but \{'lora_b': torch.bfloat16\}"):
-        lora_linear(x, x, torch.randn(6, 5), None, torch.randn(2, 5), torch.randn(6, 2).bfloat16(), 1.0)
+    with pytest.raises(TypeError, match=r"x is torch.float32 but \{'bias': torch.bfloat16\}"):
+        lora_linear(x, x, torch.randn(6, 5), torch.randn(6).bfloat16(), torch.randn(2, 5), torch.randn(6, 2), 1.0)
