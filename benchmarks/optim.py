@@ -304,7 +304,9 @@ def oom_eviction_demo(layers: int = 16, dim: int = 4096, tokens: int = 8192) -> 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    allowed = torch.cuda.memory_reserved() + need - states // 2  # the step no longer fits beside all states
+    # The step no longer fits beside all states. Counted from live memory, not from what the allocator reserved:
+    # reserved segments carry slack (pages share 20 MiB segments) that a cap based on them would leave usable.
+    allowed = torch.cuda.memory_allocated() + need - states // 2
     result = {"states_MiB": states / MIB, "step_need_MiB": need / MIB, "allowed_MiB": allowed / MIB,
               "oom_raised": False, "evicted_MiB": 0.0, "attempts": 0}
     torch.cuda.set_per_process_memory_fraction(allowed / total, device)
