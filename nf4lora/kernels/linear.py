@@ -112,4 +112,9 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (qweight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)")
-    return NF4LinearFunction.apply(x, bias, qweight)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return NF4LinearFunction.apply(x, bias, qweight)
+    # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs
+    # about as much host time as a kernel launch.
+    x2d = x.reshape(-1, x.shape[-1])
+    return _linear_forward(x2d, qweight, bias).reshape(*x.shape[:-1], qweight.shape[0])

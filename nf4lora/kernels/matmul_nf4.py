@@ -25,21 +25,33 @@ from nf4lora.kernels.dequantize_nf4 import dequantize_into
 from nf4lora.nf4.tensor import QuantizedTensor
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_views: dict[tuple[torch.device, torch.dtype, torch.Size], torch.Tensor] = {}
 
 
 def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous ``shape`` view of the shared buffer for (device, dtype), grown when too small."""
+    """A contiguous ``shape`` view of the shared buffer for (device, dtype), grown when too small.
+
+    Views are cached per shape: a model has a handful of weight shapes, and slicing a view out of
+    the buffer costs two ops of host time per call.
+    """
+    device = torch.device(device)
+    view = _views.get((device, dtype, shape))
+    if view is not None:
+        return view
     numel = shape.numel()
-    key = (torch.device(device), dtype)
-    buffer = _workspaces.get(key)
+    buffer = _workspaces.get((device, dtype))
     if buffer is None or buffer.numel() < numel:
-        _workspaces.pop(key, None)  # free the old buffer before allocating the larger one
-        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
+        for stale in [k for k in _views if k[:2] == (device, dtype)]:
+            del _views[stale]  # views of the old buffer would keep it alive
+        _workspaces.pop((device, dtype), None)  # free the old buffer before allocating the larger one
+        buffer = _workspaces[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    view = _views[(device, dtype, shape)] = buffer[:numel].view(shape)
+    return view
 
 
 def release_workspaces() -> None:
     """Drop the shared dequantization buffers (e.g. before a memory-hungry phase)."""
+    _views.clear()
     _workspaces.clear()
 
 

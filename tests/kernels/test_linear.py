@@ -69,6 +69,18 @@ def test_nf4_linear_without_bias_and_without_grad(device):
     assert not y.requires_grad and rel_err(y, expected) < 1e-5  # fp32: see TOLERANCE
 
 
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+def test_nf4_linear_records_a_node_only_when_something_needs_a_gradient(device, mode):
+    q = quantize_ref(torch.randn(8, 64)).to(device)
+    x = torch.randn(3, 64, device=device)
+    bias = torch.randn(8, device=device)
+    with use_kernels(mode):
+        frozen = nf4_linear(x, q, bias)  # grad mode on, but no input asks for a gradient
+        tracked = nf4_linear(x.requires_grad_(), q, bias)
+    assert frozen.grad_fn is None and type(tracked.grad_fn).__name__ == "NF4LinearFunctionBackward"
+    assert torch.equal(frozen, tracked.detach())
+
+
 def test_nf4_linear_rejects_bad_inputs():
     q = quantize_ref(torch.randn(8, 64))
     with pytest.raises(ValueError, match="x has 63 features in its last dim, expected in_features=64"):

@@ -24,5 +24,7 @@ def test_workspace_is_shared_and_grows(device):
     assert again.data_ptr() == small.data_ptr() and again.shape == (2, 16)
     big = workspace(torch.Size([64, 64]), torch.float16, device)
     assert big.shape == (64, 64) and big.is_contiguous()
+    # views cut before the buffer grew are cut again from the new one
+    assert workspace(torch.Size([4, 8]), torch.float16, device).data_ptr() == big.data_ptr()
     assert workspace(torch.Size([4, 8]), torch.float32, device).dtype == torch.float32
     release_workspaces()
