@@ -3,19 +3,26 @@
 Two kernels stream the packed weight once, as 32-bit words of 8 codes:
 
 - ``_gemv_kernel`` (M = 1, decode): CUDA cores. A program owns BLOCK_N rows; each step reads a
-  (BLOCK_N, SUB_W) tile of words (one quantization block, or a slice of one, per row), looks up the
-  8 codes of every word and multiplies them by the matching 8 entries of x in fp32, then scales the
-  row's partial sum once by its absmax. x is read one step ahead as packed pairs (one 32-bit word
-  for 16-bit x, 64-bit for fp32) and reused by the rows a thread owns, so the weight dominates the
-  traffic.
+  (BLOCK_N, 32) tile of words, 256 columns: every row's slice is a whole 128-byte line, which a
+  warp reads with 8 threads (16 bytes each), so a load instruction touches 4 lines instead of 16
+  partly used ones. Each thread looks up the 8 codes of its words, multiplies them by the matching
+  entries of x in fp32, and scales each word's partial sum by its block's absmax (the step spans
+  one or more quantization blocks per row). x is read one step ahead, 16 bytes per word, and
+  reused by the rows a thread owns, so the weight dominates the traffic.
 - ``_tile_kernel`` (M = 2..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
-  ``benchmarks/kernels.py``): tensor cores. The same tile is dequantized in registers (code * absmax
-  in fp32, rounded once to x.dtype, as the reference rounds it) and fed to ``tl.dot`` as the A
-  operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows of W, not the few rows
-  of x.
+  ``benchmarks/kernels.py``): tensor cores. A step's (BLOCK_N, 8)-word tile is dequantized in
+  registers (code * absmax in fp32, rounded once to x.dtype, as the reference rounds it) and fed to
+  ``tl.dot`` as the A operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows
+  of W, not the few rows of x.
 
 Both look codes up with a warp shuffle (``codes.py``); in the GEMV a weight's lookup and product
 take 3 instructions (shift, shuffle, fma).
+
+Why the GEMV is shaped this way (Nsight Compute on an H200, 28672x8192, before the 32-word steps):
+the L1 data pipe was 87% busy while DRAM ran at 25%. Every shuffle is one L1 wavefront, and so was
+every 32-byte sector of the 8-word steps' weight loads; the warps mostly stalled on shuffle
+results. Whole-line loads cut the weight's share of that pipe by 4x; the shuffles (one per weight)
+remain the limit.
 
 Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` chunks whose fp32
 partial sums go to a (n_splits, M, N) buffer and a second launch adds them in a fixed order with
@@ -24,10 +31,10 @@ the bias (deterministic: no atomics). Otherwise the bias is fused into the singl
 Needs K % 8 == 0 and K % blocksize == 0 (``supports``), true of every Llama projection;
 ``nf4_linear`` sends other shapes to ``matmul_nf4.dequant_matmul``.
 Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled for sm_90 the
-GEMV's loop is 4.5-5.4 instructions per weight and the tile kernel's 5.0-5.8. Measured on an H200
-(benchmarks/results/2026-11-28_kernels_h200.md): M = 1 streams the 70B projections at 1.3 TB/s,
-1.4x bf16 F.linear and 1.2-1.3x bitsandbytes; M = 2..16 runs at 0.92-0.98x bf16 there and 2.3-2.8x
-bitsandbytes. Both are bound by load latency rather than by instructions or bandwidth.
+GEMV's loop is 4.5-5.2 instructions per weight and the tile kernel's 5.7-5.8. Measured on an H200
+(benchmarks/results/2026-11-28_kernels_h200.md) in bf16: M = 1 streams the 70B projections at
+about 1.6 TB/s (1.6-1.7x bf16 F.linear) and 4096x4096 at 1.3x bf16; M = 2..16 runs at 0.73-0.99x
+bf16 and 1.3-2.8x bitsandbytes.
 """
 
 from __future__ import annotations
@@ -48,15 +55,18 @@ from nf4lora.nf4.tensor import QuantizedTensor
 K_CHUNK_ALIGN = 1024
 # aim for this many programs per multiprocessor before splitting K further
 PROGRAMS_PER_SM = 16
-WORDS_PER_SUB_TILE = 8  # 64 columns per sub-tile row (fewer when the blocksize is 32)
+# Words per row in one step. The GEMV reads 32 (a whole 128-byte line per row, so a warp's load
+# touches 4 lines rather than 16 partly used ones: the loads, not the arithmetic, filled the L1
+# pipe); the tile kernel reads 8 (64 columns, the k of one tl.dot).
+GEMV_WORDS_PER_STEP = 32
+TILE_WORDS_PER_STEP = 8
 
-# (BLOCK_N, num_warps) per kernel; the first entry is the interpreter's. A step reads a (BLOCK_N,
-# SUB_W) tile of words. num_stages stays 1: the pipeliner would stage the tiles through shared
-# memory, while the kernels keep two steps of loads in flight in registers themselves.
-# Register counts (triton 3.6, sm_90): GEMV (128, 4) 95, (256, 8) 96, (256, 4) 168, (64, 4) 71; tile
-# (64, 4) 72, (128, 8) 80, (128, 4) and (256, 8) 128. Fewer registers, more resident warps to hide
-# the loads' latency; more rows per thread, fewer instructions per weight (5.4 vs 7.2 at 95 vs 71).
-GEMV_CONFIGS = [(128, 4), (256, 8), (256, 4), (64, 4)]
+# (BLOCK_N, num_warps) per kernel; the first entry is the interpreter's. num_stages stays 1: the
+# pipeliner would stage the tiles through shared memory, while the kernels keep two steps of loads
+# in flight in registers themselves. The GEMV favours small tiles (many programs, 16 words per
+# thread); tile kernel register counts (triton 3.6, sm_90): (64, 4) 72, (128, 8) 80, (128, 4) and
+# (256, 8) 128.
+GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
 TILE_CONFIGS = {
     16: [(64, 4), (128, 8), (128, 4), (256, 8)],
     64: [(64, 4), (128, 8)],
@@ -78,15 +88,22 @@ def _prune_tile(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _load_x(x_ptr, w, word, w_end):
+def _load_x(x_ptr, w, word, w_end, X_DTYPE: tl.constexpr):
     """x entries of the step at word column ``w``, as four (SUB_W,) tensors of pairs: pair p of word c
-    is (x[8c + 2p], x[8c + 2p + 1]) packed in one integer (int32 for 16-bit x, int64 for fp32)."""
+    is (x[8c + 2p], x[8c + 2p + 1]) packed in one integer (int32 for 16-bit x, int64 for fp32).
+
+    x_ptr is x viewed as int64. For 16-bit x a word's 16 bytes are one (2,) load, split in registers.
+    """
     live = w + word < w_end
-    pairs = x_ptr + (w + word) * 4
-    return (
-        tl.load(pairs, mask=live, other=0), tl.load(pairs + 1, mask=live, other=0),
-        tl.load(pairs + 2, mask=live, other=0), tl.load(pairs + 3, mask=live, other=0),
-    )
+    if X_DTYPE == "fp32":
+        pairs = x_ptr + (w + word) * 4
+        return (
+            tl.load(pairs, mask=live, other=0), tl.load(pairs + 1, mask=live, other=0),
+            tl.load(pairs + 2, mask=live, other=0), tl.load(pairs + 3, mask=live, other=0),
+        )
+    quads = x_ptr + ((w + word) * 2)[:, None] + tl.arange(0, 2)[None, :]
+    low, high = tl.split(tl.load(quads, mask=live[:, None], other=0))
+    return low.to(tl.int32), (low >> 32).to(tl.int32), high.to(tl.int32), (high >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -128,15 +145,19 @@ def _load_x_tile(x_rows, col, m_mask, w, w_end):
 
 @triton.jit
 def _load_step(
-    rows, first_block, rn, n_mask, word, w, w_end, absmax_ptr, nested_absmax_ptr,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    rows, first_block, n_mask, word, w, w_end, absmax_ptr, nested_absmax_ptr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SUB_W: tl.constexpr,
 ):
-    """The (BLOCK_N, SUB_W) words at word column ``w`` and their rows' stored absmax (zeros past ``w_end``)."""
+    """The (BLOCK_N, SUB_W) words at word column ``w`` and the stored absmax of the (BLOCK_N, BPS)
+    quantization blocks they span, BPS = max(SUB_W / words per block, 1) (zeros past ``w_end``)."""
+    WORDS_PER_BLOCK: tl.constexpr = BLOCKSIZE // 8
+    BPS: tl.constexpr = max(SUB_W // WORDS_PER_BLOCK, 1)
     live = w + word < w_end
     words = tl.load(rows + (w + word)[None, :], mask=n_mask[:, None] & live[None, :], other=0)
+    step_blocks = tl.arange(0, BPS)
     stored, nested = load_absmax(
-        absmax_ptr, nested_absmax_ptr, first_block + w // (BLOCKSIZE // 8), n_mask & (rn * 0 + w < w_end),
-        NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        absmax_ptr, nested_absmax_ptr, first_block[:, None] + (w // WORDS_PER_BLOCK + step_blocks)[None, :],
+        n_mask[:, None] & (w + step_blocks * WORDS_PER_BLOCK < w_end)[None, :], NESTED_BLOCKSIZE, DOUBLE_QUANT,
     )
     return words, stored, nested
 
@@ -173,31 +194,33 @@ def _gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rows, first_block, word, w_begin, w_end = _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE, SUB_W)
+    BPS: tl.constexpr = max(SUB_W // (BLOCKSIZE // 8), 1)  # quantization blocks per step
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
     words, stored, nested = _load_step(
-        rows, first_block, rn, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
     words_1, stored_1, nested_1 = _load_step(
-        rows, first_block, rn, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
-    x0, x1, x2, x3 = _load_x(x_ptr, w_begin, word, w_end)
+    x0, x1, x2, x3 = _load_x(x_ptr, w_begin, word, w_end, X_DTYPE)
     for w in range(w_begin, w_end, SUB_W):
         words_2, stored_2, nested_2 = _load_step(
-            rows, first_block, rn, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
-            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+            rows, first_block, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
         )
-        next_x0, next_x1, next_x2, next_x3 = _load_x(x_ptr, w + SUB_W, word, w_end)
+        next_x0, next_x1, next_x2, next_x3 = _load_x(x_ptr, w + SUB_W, word, w_end, X_DTYPE)
         part = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
         part = _accumulate_byte(part, words, x0, 0, lane_codes, code_ptr, X_DTYPE, PTX)
         part = _accumulate_byte(part, words, x1, 1, lane_codes, code_ptr, X_DTYPE, PTX)
         part = _accumulate_byte(part, words, x2, 2, lane_codes, code_ptr, X_DTYPE, PTX)
         part = _accumulate_byte(part, words, x3, 3, lane_codes, code_ptr, X_DTYPE, PTX)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
-        acc += part * scale[:, None]
+        # scale (BLOCK_N, BPS): each run of SUB_W / BPS words shares one block's absmax
+        acc += tl.reshape(tl.reshape(part, [BLOCK_N, BPS, SUB_W // BPS]) * scale[:, :, None], [BLOCK_N, SUB_W])
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x0, x1, x2, x3 = next_x0, next_x1, next_x2, next_x3
@@ -234,22 +257,22 @@ def _tile_kernel(
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight, as in the GEMV
     words, stored, nested = _load_step(
-        rows, first_block, rn, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
     words_1, stored_1, nested_1 = _load_step(
-        rows, first_block, rn, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
     x_tile = _load_x_tile(x_rows, col, m_mask, w_begin, w_end)
     for w in range(w_begin, w_end, SUB_W):
         words_2, stored_2, nested_2 = _load_step(
-            rows, first_block, rn, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
-            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+            rows, first_block, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
         )
         next_x = _load_x_tile(x_rows, col, m_mask, w + SUB_W, w_end)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
-        tile = dequantize_words(words, scale[:, None], lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)
+        tile = dequantize_words(words, scale, lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)  # one block a step
         acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
@@ -331,7 +354,6 @@ def fused_matmul(
     common = dict(
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
         DOUBLE_QUANT=state.double_quant, PTX=not interpreting(), HAS_BIAS=bias is not None, SPLIT=n_splits > 1,
-        SUB_W=min(state.blocksize // 8, WORDS_PER_SUB_TILE),
     )
     args = (words, *format_args(qweight), out if bias is None else bias, out, partial)
     key = (
@@ -339,18 +361,19 @@ def fused_matmul(
         x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device,
     )
     if block_m == 1:
-        if x2d.storage_offset() % 2:
-            x2d = x2d.clone()  # pairs are read as one 4- or 8-byte word
+        if x2d.storage_offset() * x2d.element_size() % 8:
+            x2d = x2d.clone()  # x is read in 8-byte words
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
         _launch_gemv(
-            grid, key, x2d.view(torch.int64 if x2d.dtype == torch.float32 else torch.int32), *args,
-            N, K // 8, k_chunk // 8, X_DTYPE=_X_DTYPES[x2d.dtype], **common,
+            grid, key, x2d.view(torch.int64), *args, N, K // 8, k_chunk // 8,
+            X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, **common,
         )
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
         _launch_tile(
             grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
-            DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **common,
+            DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+            SUB_W=min(state.blocksize // 8, TILE_WORDS_PER_STEP), **common,
         )
     if n_splits > 1:
         block = 1024

@@ -25,10 +25,12 @@ def rel_err(out, ref):
 @pytest.mark.parametrize(
     "M, N, K, blocksize, double_quant, block_m",
     [
-        (1, 40, 96, 32, True, None),  # GEMV, 4-word sub-tiles
-        (1, 300, 192, 64, False, None),  # GEMV, N over one 256-row tile
+        (1, 40, 96, 32, True, None),  # GEMV, 8 blocks a step, the only step ragged (12 of 32 words)
+        (1, 300, 192, 64, False, None),  # GEMV, N over several row tiles
         (1, 24, 2112, 64, True, None),  # GEMV split-K: three K chunks, the last one ragged
-        (1, 16, 512, 256, True, None),  # blocks wider than a sub-tile
+        (1, 20, 384, 128, False, None),  # GEMV, 2 blocks a step
+        (1, 16, 512, 256, True, None),  # GEMV, one block a step
+        (1, 8, 2048, 1024, True, None),  # GEMV, a block over four steps (and split-K)
         (3, 40, 96, 32, False, None),  # tensor-core tile with 13 padded rows
         (17, 33, 192, 64, True, None),  # two M tiles, N not a multiple of the tile
         (3, 24, 2112, 64, True, None),  # tile kernel with split-K
