@@ -90,6 +90,23 @@ def test_evict_frees_bytes_and_lowers_the_budget():
     assert paged.evict(10 * total) == total - freed and paged.resident_bytes == 0
 
 
+def test_streaming_layout_is_built_once_and_dropped_when_a_page_moves():
+    params = make_params()
+    paged = PagedAdamW(params, lr=1e-2, gpu_budget_bytes=0, page_bytes=8192)
+    run_steps(paged, params, 1)
+    layout = paged._plan.devices[0].stream
+    pages = [page for p in params for page in paged.state[p]["pages"]]
+    copied = [page for copies, _ in layout.batches for page, _ in copies]
+    assert copied == pages  # every paged-out page, in order, each in exactly one batch
+    assert all(sum(page.nbytes for page, _ in copies) <= 8192 for copies, _ in layout.batches)
+    run_steps(paged, params, 2, start=2)
+    assert paged._plan.devices[0].stream is layout  # reused while nothing moves
+    paged.budget = 20_000  # promotes pages: the layout must go with them
+    assert paged._plan is None
+    run_steps(paged, params, 1, start=4)
+    assert paged._plan.devices[0].stream is not layout
+
+
 def test_raising_the_budget_promotes_pages_back():
     params = make_params()
     paged = PagedAdamW(params, lr=1e-2, gpu_budget_bytes=0, page_bytes=8192)
