@@ -194,7 +194,6 @@ def _gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rows, first_block, word, w_begin, w_end = _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE, SUB_W)
-    BPS: tl.constexpr = max(SUB_W // (BLOCKSIZE // 8), 1)  # quantization blocks per step
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
@@ -220,6 +219,7 @@ def _gemv_kernel(
         part = _accumulate_byte(part, words, x3, 3, lane_codes, code_ptr, X_DTYPE, PTX)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
         # scale (BLOCK_N, BPS): each run of SUB_W / BPS words shares one block's absmax
+        BPS: tl.constexpr = scale.shape[1]
         acc += tl.reshape(tl.reshape(part, [BLOCK_N, BPS, SUB_W // BPS]) * scale[:, :, None], [BLOCK_N, SUB_W])
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2

@@ -66,6 +66,11 @@ def _linear_forward(x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Ten
     return dequant_matmul(x2d, qweight, bias)
 
 
+def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``_linear_forward`` on x (..., K) flattened to 2-D; returns (..., N)."""
+    return _linear_forward(x.reshape(-1, x.shape[-1]), qweight, bias).reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def _linear_grad_input(grad2d: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
     """grad (M, N) @ dequant(W) (N, K) -> (M, K), dequantizing W again."""
     if not use_triton(grad2d.device):
@@ -82,8 +87,7 @@ class NF4LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor) -> torch.Tensor:
         ctx.qweight = qweight
         ctx.bias_dtype = None if bias is None else bias.dtype
-        x2d = x.reshape(-1, x.shape[-1])
-        return _linear_forward(x2d, qweight, bias).reshape(*x.shape[:-1], qweight.shape[0])
+        return _linear(x, qweight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -116,5 +120,4 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
         return NF4LinearFunction.apply(x, bias, qweight)
     # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs
     # about as much host time as a kernel launch.
-    x2d = x.reshape(-1, x.shape[-1])
-    return _linear_forward(x2d, qweight, bias).reshape(*x.shape[:-1], qweight.shape[0])
+    return _linear(x, qweight, bias)

@@ -7,9 +7,9 @@
 for x, x_lora (..., K), W (N, K) frozen (a dense tensor, or a ``QuantizedTensor`` dequantized on
 the fly with ``nf4lora.kernels.dequantize``), A (r, K), B (N, r), and returns gradients for x,
 x_lora, bias, A and B. The matmuls run in x.dtype; A and B may be stored in another (fp32 by
-default) and are cast inside the node, so a step records one autograd node per layer. Compared with running the base layer and then
-adding the update (``functional.lora_add``), it removes every (M, N) and (M, K) pass that is not a
-matmul output:
+default) and are cast inside the node, so a step records one autograd node per layer. Compared
+with running the base layer and then adding the update (``functional.lora_add``), it removes
+every (M, N) and (M, K) pass that is not a matmul output:
 
 - forward: the small product ``scaling * xa @ B.T (+ bias)`` is written first and the base GEMM
   accumulates onto it (``addmm_`` with beta=1, read in the GEMM's epilogue) -- no separate add;
