@@ -88,3 +88,13 @@ def interpreting() -> bool:
 def tuning_space(configs: list) -> list:
     """The autotune configs to try: all of them on a GPU, only the first under the interpreter (tests)."""
     return configs[:1] if interpreting() else configs
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` for sizing grids; 4 under the interpreter or off CUDA."""
+    return 4 if interpreting() or device.type != "cuda" else _cuda_multiprocessors(device.index or 0)

@@ -39,15 +39,13 @@ bf16 and 1.3-2.8x bitsandbytes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
-from nf4lora.kernels.dispatch import interpreting, tuning_space
+from nf4lora.kernels.dispatch import interpreting, multiprocessors, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -95,15 +93,16 @@ def _load_x(x_ptr, w, word, w_end, X_DTYPE: tl.constexpr):
     x_ptr is x viewed as int64. For 16-bit x a word's 16 bytes are one (2,) load, split in registers.
     """
     live = w + word < w_end
+    # one return statement: triton 3.6 rejects returns of different types even in a dead constexpr branch
     if X_DTYPE == "fp32":
         pairs = x_ptr + (w + word) * 4
-        return (
-            tl.load(pairs, mask=live, other=0), tl.load(pairs + 1, mask=live, other=0),
-            tl.load(pairs + 2, mask=live, other=0), tl.load(pairs + 3, mask=live, other=0),
-        )
-    quads = x_ptr + ((w + word) * 2)[:, None] + tl.arange(0, 2)[None, :]
-    low, high = tl.split(tl.load(quads, mask=live[:, None], other=0))
-    return low.to(tl.int32), (low >> 32).to(tl.int32), high.to(tl.int32), (high >> 32).to(tl.int32)
+        p0, p1 = tl.load(pairs, mask=live, other=0), tl.load(pairs + 1, mask=live, other=0)
+        p2, p3 = tl.load(pairs + 2, mask=live, other=0), tl.load(pairs + 3, mask=live, other=0)
+    else:
+        quads = x_ptr + ((w + word) * 2)[:, None] + tl.arange(0, 2)[None, :]
+        low, high = tl.split(tl.load(quads, mask=live[:, None], other=0))
+        p0, p1, p2, p3 = low.to(tl.int32), (low >> 32).to(tl.int32), high.to(tl.int32), (high >> 32).to(tl.int32)
+    return p0, p1, p2, p3
 
 
 @triton.jit
@@ -304,14 +303,9 @@ _launch_tile = CachedLaunch(_tile_kernel)
 _launch_reduce = CachedLaunch(_split_k_reduce_kernel)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) -> int:
     """Columns of K per program: all of K unless N/128 x M/BLOCK_M tiles underfill the GPU."""
-    sms = 4 if interpreting() or device.type != "cuda" else _multiprocessors(device.index or 0)
+    sms = multiprocessors(device)
     tiles = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
     splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), triton.cdiv(K, K_CHUNK_ALIGN))
     return triton.cdiv(triton.cdiv(K, max(splits, 1)), K_CHUNK_ALIGN) * K_CHUNK_ALIGN

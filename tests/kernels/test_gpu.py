@@ -24,7 +24,7 @@ def test_gpu_quantize_bytes_and_dequantize_values_equal_reference(shape, quant_t
         assert torch.equal(dequantize(q, dtype), dequantize_reference(q, dtype))
 
 
-@pytest.mark.parametrize("M", [1, 3, 16, 17, 300])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 16, 17, 300])
 @pytest.mark.parametrize("K", [4096, 4160, 4097])  # aligned, blocks straddling rows, odd (dequantize path)
 def test_gpu_bf16_nf4_linear_forward_and_backward_match_reference(M, K):
     N = 1000
@@ -39,6 +39,17 @@ def test_gpu_bf16_nf4_linear_forward_and_backward_match_reference(M, K):
     for out, ref in ((y, F.linear(xd, wd, bias.detach().double())), (gx, g.double() @ wd), (gb, g.double().sum(0))):
         # bf16 output rounding (2**-8 relative) plus fp32 accumulation: 1e-2
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("M", [1, 5])
+def test_gpu_fused_kernels_take_fp32_and_fp16_inputs(M, dtype, tolerance):
+    # the GEMV (M = 1) and tile kernel (M = 5) compile a separate x path per input dtype
+    q = quantize(torch.randn(1000, 4096, device="cuda"))
+    x = torch.randn(M, 4096, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), dequantize_reference(q, dtype).double())
+    y = nf4_linear(x, q)
+    assert y.dtype == dtype and float((y.double() - ref).norm() / ref.norm()) < tolerance
 
 
 def test_gpu_cached_relaunch_matches_fresh_launch_and_respects_alignment():
