@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--ms", default=",".join(map(str, SMALL_MS)), help="small M values for the linear op")
+    parser.add_argument("--name", default=None, help="result family (default: kernels, or kernels-subset for a subset)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--ops {args.ops!r}: valid ops are {', '.join(OPS)}")
     small_ms = tuple(int(m) for m in args.ms.split(","))
     # a subset run must not overwrite the full table of the same day
-    family = "kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset"
+    family = args.name or ("kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset")
     env = environment(extra_packages=("bitsandbytes",))
     ceilings = device_ceilings()
     print(f"ceilings: {ceilings}", flush=True)

@@ -2,17 +2,24 @@
 
 ``quantize_triton(w)`` produces the same bytes as ``nf4lora.nf4.quantize`` (and so bitsandbytes):
 
-1. one launch over ``w``: per block of ``blocksize`` elements, absmax = max|x| (float32); full blocks
-   scale by ``x * (1 / absmax)``, the partial last block by ``x / absmax`` (both correctly rounded,
-   ``div_rn``, with absmax clamped to 1e-38); clamp to [-1, 1]; the index is ``order[#bounds < x]``
-   found by a branchless binary search over the sorted midpoints (ties take the lower code); two
+1. one launch over ``w``: per block of ``blocksize`` elements, absmax = max|x| (float32, NaN
+   propagated); full blocks scale by ``x * (1 / absmax)``, the partial last block by ``x / absmax``
+   (both correctly rounded, ``div_rn``, with absmax clamped to 1e-38; only the program holding that
+   block runs the slow division); clamp to [-1, 1]; the index is ``order[#bounds < x]`` found by a
+   branchless binary search over the sorted midpoints (ties take the lower code), where each probe
+   of the midpoints and of the order is a warp shuffle, like a code lookup (``codes.py``); two
    indices per byte, element 2i in the high nibble. Writes packed bytes and float32 absmax.
 2. with double quantization: ``offset = absmax.mean()`` (torch, so the reduction order is torch's,
    as in the reference), then the same kernel in 8-bit mode over ``absmax - offset``: blocks of 256,
    the signed dynamic map, nearest code through the reference's bin table
    (``nf4lora.nf4.blockwise._quantize_8bit`` gives the arithmetic, which the kernel repeats op for op).
 
-Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
+Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
+infinity makes its block's absmax, and so the offset, non-finite.
+Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass). Measured on
+an H200 (benchmarks/results/2026-11-28_kernels-quantize_h200.md, bf16, blocksize 64 with double
+quantization): 0.43-0.44 ms at the 70B projections (5.7-5.9x bitsandbytes' quantize_4bit), whose
+first launch alone takes 0.34 ms; at 4096x4096 the call's host time (about 0.1 ms) dominates.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import tuning_space
+from nf4lora.kernels.codes import lane_code, lookup
+from nf4lora.kernels.dispatch import interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
 from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize
@@ -42,6 +50,11 @@ def _configs() -> list[triton.Config]:
     )
 
 
+@triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "EIGHT_BIT"])
 @triton.jit
 def _quantize_blockwise_kernel(
@@ -52,7 +65,7 @@ def _quantize_blockwise_kernel(
     # sizes
     n_elements, n_blocks,
     # format: EIGHT_BIT selects the 8-bit nested pass (offset subtracted, bin table, no packing)
-    BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr, PTX: tl.constexpr,
     # tiling
     ELEMS: tl.constexpr,
 ):
@@ -63,8 +76,8 @@ def _quantize_blockwise_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if EIGHT_BIT:
         x = tl.where(mask, x - tl.load(offset_ptr), 0.0)
-    absmax = tl.max(tl.abs(x), axis=1)
     if EIGHT_BIT:
+        absmax = tl.max(tl.abs(x), axis=1)
         # blockwise._quantize_8bit: every block (the padded last one too) scales by 1/absmax, then the
         # nearest code comes from a table over LUT_BINS evenly spaced bins; an all-zero block takes code 0
         recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)
@@ -75,22 +88,27 @@ def _quantize_blockwise_kernel(
         tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
         tl.store(out_ptr + offs, idx.to(tl.uint8), mask=mask)
     else:
-        # NaN/Inf: the host checks absmax for NaN, so mark such blocks (tl.max may drop NaN)
-        bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
-        # 1e-38 is a float32 subnormal; a bare literal that small would be typed float64
+        # NaN/Inf: max|x| with NaN propagated (tl.max may drop it), so a block holding either stores a
+        # non-finite absmax, which the host checks
+        absmax = tl.reduce(tl.abs(x), 1, _max_propagating_nan)
         safe = tl.maximum(absmax, tl.full([BLOCKS], 1e-38, tl.float32))
-        full = (blocks + 1) * BLOCKSIZE <= n_elements
         recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), safe)
-        scaled = tl.where(full[:, None], x * recip[:, None], tl.math.div_rn(x, safe[:, None]))
+        full = (blocks + 1) * BLOCKSIZE <= n_elements
+        if (tl.program_id(0) + 1) * (BLOCKS * BLOCKSIZE) <= n_elements:
+            scaled = x * recip[:, None]
+        else:  # the program holding the partial last block: that block divides (a dozen instructions each)
+            scaled = tl.where(full[:, None], x * recip[:, None], tl.math.div_rn(x, safe[:, None]))
         scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-        # number of the 15 sorted midpoints strictly below x, by a branchless binary search
+        # number of the 15 sorted midpoints strictly below x, by a branchless binary search; the
+        # midpoints and the sort order are looked up like codes (a warp shuffle each when compiled)
+        lane_bounds = lane_code(table_ptr, PTX)
         pos = tl.zeros([BLOCKS, BLOCKSIZE], dtype=tl.int32)
         for level in tl.static_range(4):
             step = 8 >> level
-            pos += tl.where(tl.load(table_ptr + pos + (step - 1)) < scaled, step, 0)
-        idx = tl.load(order_ptr + pos)
+            pos += tl.where(lookup(lane_bounds, table_ptr, pos + (step - 1), PTX) < scaled, step, 0)
+        idx = lookup(lane_code(order_ptr, PTX), order_ptr, pos, PTX).to(tl.int32)
         stored = tl.where(full, absmax, safe)  # the reference stores the clamped absmax of a partial block
-        tl.store(absmax_ptr + blocks, tl.where(bad > 0, float("nan"), stored), mask=blocks < n_blocks)
+        tl.store(absmax_ptr + blocks, stored, mask=blocks < n_blocks)
         HALF: tl.constexpr = BLOCKSIZE // 2
         hi, lo = tl.split(tl.reshape(idx, [BLOCKS, HALF, 2]))
         byte_offs = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -105,33 +123,41 @@ _launch_quantize = CachedLaunch(_quantize_blockwise_kernel)
 def _lookup_tables(
     code_values: tuple[float, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(code, table, order) on ``device``: for 16 codes the sorted midpoints and the sort order, for
-    256 the reference's bin table (order unused). Cached so that quantizing a model's layers does not
-    rebuild them (a 65536-entry search) and copy them to the device for every weight."""
+    """(code, table, order) on ``device``: for 16 codes the 15 sorted midpoints padded to 16 and the
+    sort order as float32 (both read like a codebook, one entry per lane), for 256 the reference's bin
+    table as int32 (order unused). Cached so that quantizing a model's layers does not rebuild them (a
+    65536-entry search) and copy them to the device for every weight."""
     code = torch.tensor(code_values, dtype=torch.float32)  # float32 values round-trip through Python floats
     if code.numel() == 256:
-        table, order = blockwise.bin_table(code).to(torch.int32), code
-    else:
-        table, order = codebook.quantize_bounds(code)
-    return code.to(device), table.to(device), order.to(device=device, dtype=torch.int32)
+        return code.to(device), blockwise.bin_table(code).to(device=device, dtype=torch.int32), code.to(device)
+    bounds, order = codebook.quantize_bounds(code)
+    table = torch.cat([bounds, bounds.new_tensor([float("inf")])])  # the pad is never looked up
+    return code.to(device), table.to(device), order.to(device=device, dtype=torch.float32)
 
 
-def _launch(x: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor | None):
-    """One blockwise pass. 4-bit (offset None): packed (ceil(n/2),) uint8 and absmax (nblocks,) float32.
-    8-bit (nested, over ``x - offset``): indices (n,) uint8 and absmax (nblocks,) float32."""
+@functools.cache
+def _nested_code_values() -> tuple[float, ...]:
+    return tuple(codebook.dynamic_map(signed=True).tolist())
+
+
+def _launch(x: torch.Tensor, code_values: tuple[float, ...], blocksize: int, offset: torch.Tensor | None):
+    """One blockwise pass with the codebook ``code_values``. 4-bit (offset None): packed (ceil(n/2),)
+    uint8 and absmax (nblocks,) float32. 8-bit (nested, over ``x - offset``): indices (n,) uint8 and
+    absmax (nblocks,) float32. Also returns the codebook on x's device (cached: clone before storing)."""
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
     eight_bit = offset is not None
-    _, table, order = _lookup_tables(tuple(code.tolist()), x.device)
+    code, table, order = _lookup_tables(code_values, x.device)
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1)),)  # noqa: E731
     _launch_quantize(
         grid, (n, blocksize, eight_bit, x.dtype, x.device),
         x, offset if eight_bit else absmax, table, order, out, absmax, n, n_blocks,
-        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, PTX=not interpreting(),
+        enable_fp_fusion=False,
     )
-    return out, absmax
+    return out, absmax, code
 
 
 def quantize_triton(
@@ -149,20 +175,27 @@ def quantize_triton(
         blockwise.check_float_input(w, "weight")
     check_blocksize(blocksize)
     code, quant_type = codebook.resolve_code(quant_type, code)
-    code = code.cpu()
-    packed, absmax = _launch(w.contiguous().reshape(-1), code, blocksize, offset=None)
-    if not bool(torch.isfinite(absmax).all()):
-        blockwise.check_float_input(w, "weight")  # raises with the reference's message
-    # cloned: the state's tensors must not share storage across weights (safetensors refuses that)
-    code = _lookup_tables(tuple(code.tolist()), w.device)[0].clone()
-    state = dict(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
+    packed, absmax, code = _launch(w.contiguous().reshape(-1), tuple(code.tolist()), blocksize, offset=None)
+    # The state's tensors are cloned from the cached codebooks: they must not share storage across
+    # weights (safetensors refuses that).
+    state = dict(
+        absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code.clone()
+    )
     if double_quant:
         offset = absmax.mean()
-        nested_code = codebook.dynamic_map(signed=True)
-        quantized, nested_absmax = _launch(absmax, nested_code, codebook.NESTED_BLOCKSIZE, offset=offset)
-        nested_code = _lookup_tables(tuple(nested_code.tolist()), w.device)[0].clone()
+        # a NaN or an infinity in absmax makes the mean non-finite: one scalar to check
+        finite = torch.isfinite(offset)
+        quantized, nested_absmax, nested_code = _launch(
+            absmax, _nested_code_values(), codebook.NESTED_BLOCKSIZE, offset=offset
+        )
         state.update(
-            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code,
+            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code.clone(),
             nested_blocksize=codebook.NESTED_BLOCKSIZE,
         )
+    else:
+        finite = torch.isfinite(absmax).all()
+    # Checked once everything is queued, so the host waits for the GPU once. A false alarm (a sum of
+    # finite absmax overflowing the mean) only costs the reference's check below, which then passes.
+    if not bool(finite):
+        blockwise.check_float_input(w, "weight")  # raises with the reference's message
     return QuantizedTensor(packed, QuantState(**state))
