@@ -7,7 +7,8 @@
 for x, x_lora (..., K), W (N, K) frozen (a dense tensor, or a ``QuantizedTensor`` dequantized on
 the fly with ``nf4lora.kernels.dequantize``), A (r, K), B (N, r), and returns gradients for x,
 x_lora, bias, A and B. The matmuls run in x.dtype; A and B may be stored in another (fp32 by
-default) and are cast inside the node, so a step records one autograd node per layer. Compared
+default) and are cast inside the node, so a step records one autograd node per layer; on CUDA their
+gradients come out of the GEMMs in fp32 (``out_dtype``, fp32 accumulators unrounded). Compared
 with running the base layer and then adding the update (``functional.lora_add``), it removes
 every (M, N) and (M, K) pass that is not a matmul output:
 
@@ -19,7 +20,8 @@ every (M, N) and (M, K) pass that is not a matmul output:
   produces the whole grad_x.
 
 Every op counts: at 4096 x 4096 a step is bound by host time, not by the GPU (about 10 us per
-launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward.
+launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward (on CUDA 6:
+the engine has no gradient of A or B to cast back).
 
 Saved for backward: x_lora (needed for grad_A), xa = x_lora @ A.T (M, r), A, B, and the weight
 as given (the packed ``QuantizedTensor`` for NF4: dequantized again in backward, never stored).
@@ -40,6 +42,11 @@ def dense_weight(weight: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> 
     return weight.detach().to(dtype)
 
 
+def _wide_grad_gemms(grad: torch.Tensor, lora_dtype: torch.dtype) -> bool:
+    """Whether mm/addmm can write fp32 outputs from ``grad``'s 16-bit operands (``out_dtype``: CUDA only)."""
+    return grad.is_cuda and lora_dtype == torch.float32 and grad.dtype in (torch.float16, torch.bfloat16)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x @ W.T + bias + scaling * x_lora @ A.T @ B.T; no gradient to W."""
 
@@ -47,7 +54,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, x_lora, weight_t, qweight, bias, lora_a, lora_b, scaling):
         # weight_t: the dense weight (a tensor input, so autograd tracks its version) or None for NF4;
         # qweight: the QuantizedTensor or None. A and B arrive in their storage dtype and are cast here,
-        # outside autograd: the engine casts their gradients back, without a graph node per cast.
+        # outside autograd: their gradients come back in their dtype, without a graph node per cast.
         weight = weight_t if qweight is None else qweight
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
@@ -65,6 +72,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.shared_input = x_lora is x
         ctx.qweight = qweight
         ctx.scaling = scaling
+        ctx.lora_dtype = lora_a.dtype if lora_b.dtype == lora_a.dtype else None
         ctx.shapes = (x.shape, x_lora.shape)
         ctx.save_for_backward(xl2d, xa, weight_t, a, b)
         return y
@@ -79,10 +87,13 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_xl = grad_bias = grad_a = grad_b = None
         # (M, r): grad of xa. beta=0 makes the first argument a shape donor only.
         g_xa = torch.addmm(xa, g2d, b, beta=0, alpha=scaling)
+        # A and B's gradients straight from the fp32 accumulators where cuBLAS can write them (no
+        # rounding to x.dtype, no cast node); elsewhere in x.dtype, cast back by the engine
+        grad_dtype = {"out_dtype": ctx.lora_dtype} if _wide_grad_gemms(g2d, ctx.lora_dtype) else {}
         if needs_b:
-            grad_b = torch.addmm(b, g2d.t(), xa, beta=0, alpha=scaling)
+            grad_b = torch.addmm(b, g2d.t(), xa, beta=0, alpha=scaling, **grad_dtype)
         if needs_a:
-            grad_a = g_xa.t() @ xl2d
+            grad_a = torch.mm(g_xa.t(), xl2d, **grad_dtype)
         if needs_bias:
             grad_bias = g2d.sum(0)
         x_shape, xl_shape = ctx.shapes
