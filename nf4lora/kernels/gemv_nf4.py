@@ -2,14 +2,15 @@
 
 Two kernels stream the packed weight once, as 32-bit words of 8 codes:
 
-- ``_gemv_kernel`` (M = 1, decode): CUDA cores. A program owns BLOCK_N rows; each step reads a
+- ``_gemv_kernel`` (M = 1 and 2, decode): CUDA cores. A program owns BLOCK_N rows; each step reads a
   (BLOCK_N, 32) tile of words, 256 columns: every row's slice is a whole 128-byte line, which a
   warp reads with 8 threads (16 bytes each), so a load instruction touches 4 lines instead of 16
   partly used ones. Each thread looks up the 8 codes of its words, multiplies them by the matching
   entries of x in fp32, and scales each word's partial sum by its block's absmax (the step spans
   one or more quantization blocks per row). x is read one step ahead, 16 bytes per word, and
-  reused by the rows a thread owns, so the weight dominates the traffic.
-- ``_tile_kernel`` (M = 2..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
+  reused by the rows a thread owns, so the weight dominates the traffic. With ``ROWS = 2`` each
+  looked-up code is multiplied into two rows of x (a second set of accumulators, same lookups).
+- ``_tile_kernel`` (M = 3..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
   ``benchmarks/kernels.py``): tensor cores. A step's (BLOCK_N, 8)-word tile is dequantized in
   registers (code * absmax in fp32, rounded once to x.dtype, as the reference rounds it) and fed to
   ``tl.dot`` as the A operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows
@@ -31,10 +32,11 @@ the bias (deterministic: no atomics). Otherwise the bias is fused into the singl
 Needs K % 8 == 0 and K % blocksize == 0 (``supports``), true of every Llama projection;
 ``nf4_linear`` sends other shapes to ``matmul_nf4.dequant_matmul``.
 Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled for sm_90 the
-GEMV's loop is 4.5-5.2 instructions per weight and the tile kernel's 5.7-5.8. Measured on an H200
-(benchmarks/results/2026-11-28_kernels_h200.md) in bf16: M = 1 streams the 70B projections at
-about 1.6 TB/s (1.6-1.7x bf16 F.linear) and 4096x4096 at 1.3x bf16; M = 2..16 runs at 0.73-0.99x
-bf16 and 1.3-2.8x bitsandbytes.
+GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the tile kernel's
+5.7-5.8. Measured on an H200 in bf16 (benchmarks/results/2026-11-28_kernels-small-m_h200.md): M = 1
+streams the 70B projections at about 1.5 TB/s (1.5-1.6x bf16 F.linear) and 4096x4096 at 1.3x bf16;
+M = 2 runs at 1.01-1.16x bf16; M = 3..16 at 0.73-0.99x bf16 (..._kernels_h200.md) and 1.5-2.8x
+bitsandbytes.
 """
 
 from __future__ import annotations
@@ -62,20 +64,33 @@ TILE_WORDS_PER_STEP = 8
 # (BLOCK_N, num_warps) per kernel; the first entry is the interpreter's. num_stages stays 1: the
 # pipeliner would stage the tiles through shared memory, while the kernels keep two steps of loads
 # in flight in registers themselves. The GEMV favours small tiles (many programs, 16 words per
-# thread); tile kernel register counts (triton 3.6, sm_90): (64, 4) 72, (128, 8) 80, (128, 4) and
-# (256, 8) 128.
+# thread); with two rows of x it keeps the configs whose accumulators fit GEMV_MAX_ACC per thread.
+# Tile kernel register counts (triton 3.6, sm_90): (64, 4) 72, (128, 8) 80, (128, 4) and (256, 8) 128.
 GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
+GEMV_MAX_ACC = 32
 TILE_CONFIGS = {
     16: [(64, 4), (128, 8), (128, 4), (256, 8)],
     64: [(64, 4), (128, 8)],
     128: [(64, 4), (128, 8)],
 }
-BLOCK_MS = (1, *TILE_CONFIGS)
+# Rows of x per GEMV program: M = 1 and M = 2 run the GEMV (each looked-up code multiplied into both
+# rows), larger M the tile kernel. On an H200 two rows per GEMV beat the tile kernel at M = 2 (1.01-1.16x
+# bf16 against 0.85-0.99x, ..._kernels-small-m_h200.md), while four or eight rows lost to it
+# (benchmarks/results/2026-11-28_small-m-variants_h200.md).
+GEMV_ROWS = (1, 2)
+BLOCK_MS = (*GEMV_ROWS, *TILE_CONFIGS)
 _X_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _configs(table: list[tuple[int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1) for n, w in table]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Keep the configs whose ROWS x (words per thread) fp32 accumulators fit GEMV_MAX_ACC (the first
+    such under the interpreter)."""
+    rows, sub_w = (kwargs.get(name, named_args.get(name)) for name in ("ROWS", "SUB_W"))
+    return tuning_space([c for c in configs if rows * c.kwargs["BLOCK_N"] * sub_w <= GEMV_MAX_ACC * 32 * c.num_warps])
 
 
 def _prune_tile(configs, named_args, **kwargs):
@@ -106,10 +121,8 @@ def _load_x(x_ptr, w, word, w_end, X_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_byte(
-    part, words, pair, p: tl.constexpr, lane_codes, code_ptr, X_DTYPE: tl.constexpr, PTX: tl.constexpr
-):
-    """part + code(element 2p) * x_even + code(element 2p + 1) * x_odd for byte p of every word (float32)."""
+def _pair_floats(pair, X_DTYPE: tl.constexpr):
+    """The two float32 x entries packed in each element of ``pair`` (from ``_load_x``): (even, odd)."""
     if X_DTYPE == "fp32":
         even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
         odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -119,10 +132,27 @@ def _accumulate_byte(
     else:  # bf16 is the top half of a float32
         even = (pair << 16).to(tl.float32, bitcast=True)
         odd = (pair & -65536).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _accumulate_byte(
+    part, part_2, words, pair, pair_2, p: tl.constexpr, lane_codes, code_ptr,
+    X_DTYPE: tl.constexpr, PTX: tl.constexpr, TWO_ROWS: tl.constexpr,
+):
+    """part + code(element 2p) * x_even + code(element 2p + 1) * x_odd for byte p of every word (float32),
+    and with TWO_ROWS the same for a second row of x (``pair_2`` into ``part_2``) from the same lookups."""
     # byte p of a word holds elements 2p (high nibble) and 2p + 1 (low nibble)
-    part += lookup(lane_codes, code_ptr, words >> (8 * p + 4), PTX) * even[None, :]
-    part += lookup(lane_codes, code_ptr, words >> (8 * p), PTX) * odd[None, :]
-    return part
+    high = lookup(lane_codes, code_ptr, words >> (8 * p + 4), PTX)
+    low = lookup(lane_codes, code_ptr, words >> (8 * p), PTX)
+    even, odd = _pair_floats(pair, X_DTYPE)
+    part += high * even[None, :]
+    part += low * odd[None, :]
+    if TWO_ROWS:
+        even_2, odd_2 = _pair_floats(pair_2, X_DTYPE)
+        part_2 += high * even_2[None, :]
+        part_2 += low * odd_2[None, :]
+    return part, part_2
 
 
 @triton.jit
@@ -178,22 +208,33 @@ def _store_result(
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(tuning_space(GEMV_CONFIGS)), key=["N", "K_WORDS", "CHUNK_WORDS", "DOUBLE_QUANT"])
+@triton.autotune(
+    configs=_configs(GEMV_CONFIGS),
+    key=["M", "N", "K_WORDS", "CHUNK_WORDS", "ROWS", "DOUBLE_QUANT"],
+    prune_configs_by={"early_config_prune": _prune_gemv},
+)
 @triton.jit
 def _gemv_kernel(
     x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr,
     out_ptr, partial_ptr,
-    N, K_WORDS, CHUNK_WORDS,
+    M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
     X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    SUB_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    TWO_ROWS: tl.constexpr = ROWS == 2
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     n_mask = rn < N
+    # x rows as int64 words (stride_xm counts them); a missing second row reads as zeros
+    x_row = x_ptr + (tl.program_id(2) * ROWS).to(tl.int64) * stride_xm
+    x_row_2 = x_row + stride_xm
     rows, first_block, word, w_begin, w_end = _split_rows(words_ptr, rn, pid_s, K_WORDS, CHUNK_WORDS, BLOCKSIZE, SUB_W)
+    w_end_2 = tl.where(tl.program_id(2) * ROWS + 1 < M, w_end, 0)
     acc = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
+    acc_2 = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
     words, stored, nested = _load_step(
@@ -204,28 +245,43 @@ def _gemv_kernel(
         rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
-    x0, x1, x2, x3 = _load_x(x_ptr, w_begin, word, w_end, X_DTYPE)
+    x0, x1, x2, x3 = _load_x(x_row, w_begin, word, w_end, X_DTYPE)
+    y0, y1, y2, y3 = x0, x1, x2, x3  # the second row's pairs (unused with one row)
+    if TWO_ROWS:
+        y0, y1, y2, y3 = _load_x(x_row_2, w_begin, word, w_end_2, X_DTYPE)
     for w in range(w_begin, w_end, SUB_W):
         words_2, stored_2, nested_2 = _load_step(
             rows, first_block, n_mask, word, w + 2 * SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
             BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
         )
-        next_x0, next_x1, next_x2, next_x3 = _load_x(x_ptr, w + SUB_W, word, w_end, X_DTYPE)
+        next_x0, next_x1, next_x2, next_x3 = _load_x(x_row, w + SUB_W, word, w_end, X_DTYPE)
+        next_y0, next_y1, next_y2, next_y3 = next_x0, next_x1, next_x2, next_x3
+        if TWO_ROWS:
+            next_y0, next_y1, next_y2, next_y3 = _load_x(x_row_2, w + SUB_W, word, w_end_2, X_DTYPE)
         part = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
-        part = _accumulate_byte(part, words, x0, 0, lane_codes, code_ptr, X_DTYPE, PTX)
-        part = _accumulate_byte(part, words, x1, 1, lane_codes, code_ptr, X_DTYPE, PTX)
-        part = _accumulate_byte(part, words, x2, 2, lane_codes, code_ptr, X_DTYPE, PTX)
-        part = _accumulate_byte(part, words, x3, 3, lane_codes, code_ptr, X_DTYPE, PTX)
+        part_2 = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
+        part, part_2 = _accumulate_byte(part, part_2, words, x0, y0, 0, lane_codes, code_ptr, X_DTYPE, PTX, TWO_ROWS)
+        part, part_2 = _accumulate_byte(part, part_2, words, x1, y1, 1, lane_codes, code_ptr, X_DTYPE, PTX, TWO_ROWS)
+        part, part_2 = _accumulate_byte(part, part_2, words, x2, y2, 2, lane_codes, code_ptr, X_DTYPE, PTX, TWO_ROWS)
+        part, part_2 = _accumulate_byte(part, part_2, words, x3, y3, 3, lane_codes, code_ptr, X_DTYPE, PTX, TWO_ROWS)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
         # scale (BLOCK_N, BPS): each run of SUB_W / BPS words shares one block's absmax
         BPS: tl.constexpr = scale.shape[1]
         acc += tl.reshape(tl.reshape(part, [BLOCK_N, BPS, SUB_W // BPS]) * scale[:, :, None], [BLOCK_N, SUB_W])
+        if TWO_ROWS:
+            acc_2 += tl.reshape(
+                tl.reshape(part_2, [BLOCK_N, BPS, SUB_W // BPS]) * scale[:, :, None], [BLOCK_N, SUB_W]
+            )
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x0, x1, x2, x3 = next_x0, next_x1, next_x2, next_x3
+        y0, y1, y2, y3 = next_y0, next_y1, next_y2, next_y3
     result = tl.sum(acc, axis=1)[None, :]
-    rm = tl.arange(0, 1)
-    _store_result(result, rm, rn, rm < 1, n_mask, pid_s, 1, N, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT)
+    if TWO_ROWS:
+        result = tl.permute(tl.join(tl.sum(acc, axis=1), tl.sum(acc_2, axis=1)), (1, 0))
+    _store_result(
+        result, rm, rn, rm < M, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT
+    )
 
 
 @triton.autotune(
@@ -311,6 +367,11 @@ def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) ->
     return triton.cdiv(triton.cdiv(K, max(splits, 1)), K_CHUNK_ALIGN) * K_CHUNK_ALIGN
 
 
+def default_block_m(M: int) -> int:
+    """The tiling ``fused_matmul`` picks for M rows: the GEMV for M <= 2 (one program per 1 or 2 rows), else 16."""
+    return M if M in GEMV_ROWS else 16
+
+
 def supports(K: int, blocksize: int) -> bool:
     """Whether the fused kernels take in_features K: whole 32-bit words and whole blocks per row."""
     return K % 8 == 0 and K % blocksize == 0
@@ -322,8 +383,8 @@ def fused_matmul(
     """``x2d @ dequant(qweight).T + bias`` in one fused launch (two with split-K).
 
     x2d: (M, K) fp32/fp16/bf16; qweight: (N, K) with ``supports(K, blocksize)``; bias: (N,) or None
-    -> (M, N) in x2d.dtype. ``block_m`` defaults to 1 (the GEMV) for M == 1 and 16 otherwise; 64 or
-    128 give the large-M tiling.
+    -> (M, N) in x2d.dtype. ``block_m`` is the rows of x per program: 1 or 2 run the GEMV, 16 the
+    tensor-core tile kernel, 64 or 128 its large-M tiling; the default is ``default_block_m(M)``.
     """
     check_quantized(qweight)
     M, K = x2d.shape
@@ -334,11 +395,9 @@ def fused_matmul(
             f"the fused kernels need in_features K divisible by 8 and by the blocksize {state.blocksize}, "
             f"got K={K}; use matmul_nf4.dequant_matmul"
         )
-    block_m = (1 if M == 1 else 16) if block_m is None else block_m
+    block_m = default_block_m(M) if block_m is None else block_m
     if block_m not in BLOCK_MS:
         raise ValueError(f"block_m={block_m} has no configs; valid: {list(BLOCK_MS)}")
-    if block_m == 1 and M != 1:
-        raise ValueError(f"block_m=1 is the GEMV, for M=1; got M={M}")
     x2d = x2d.contiguous()
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     k_chunk = split_k_chunk(M, N, K, block_m, x2d.device)
@@ -354,16 +413,15 @@ def fused_matmul(
         M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
         x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device,
     )
-    if block_m == 1:
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
+    if block_m in GEMV_ROWS:
         if x2d.storage_offset() * x2d.element_size() % 8:
             x2d = x2d.clone()  # x is read in 8-byte words
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
         _launch_gemv(
-            grid, key, x2d.view(torch.int64), *args, N, K // 8, k_chunk // 8,
-            X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, **common,
+            grid, key, x2d.view(torch.int64), *args, M, N, K // 8, k_chunk // 8, K * x2d.element_size() // 8,
+            out.stride(0), X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=block_m, **common,
         )
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
         _launch_tile(
             grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
             DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m,

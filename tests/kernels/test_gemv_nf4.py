@@ -31,6 +31,10 @@ def rel_err(out, ref):
         (1, 20, 384, 128, False, None),  # GEMV, 2 blocks a step
         (1, 16, 512, 256, True, None),  # GEMV, one block a step
         (1, 8, 2048, 1024, True, None),  # GEMV, a block over four steps (and split-K)
+        (2, 300, 192, 64, True, None),  # two-row GEMV
+        (2, 24, 2112, 64, False, None),  # two-row GEMV with split-K
+        (3, 20, 384, 128, True, 2),  # two-row GEMV over two programs, the second one's second row missing
+        (3, 16, 512, 256, False, 1),  # one-row GEMV, a program per row
         (3, 40, 96, 32, False, None),  # tensor-core tile with 13 padded rows
         (17, 33, 192, 64, True, None),  # two M tiles, N not a multiple of the tile
         (3, 24, 2112, 64, True, None),  # tile kernel with split-K
@@ -68,7 +72,5 @@ def test_fused_matmul_refuses_unaligned_k_and_unknown_tiling(device):
         with pytest.raises(ValueError, match=f"divisible by 8 and by the blocksize 64, got K={K}"):
             fused_matmul(torch.randn(1, K, device=device), q)
     q = quantize_ref(torch.randn(8, 64)).to(device)
-    with pytest.raises(ValueError, match=r"block_m=32 has no configs; valid: \[1, 16, 64, 128\]"):
+    with pytest.raises(ValueError, match=r"block_m=32 has no configs; valid: \[1, 2, 16, 64, 128\]"):
         fused_matmul(torch.randn(1, 64, device=device), q, block_m=32)
-    with pytest.raises(ValueError, match="block_m=1 is the GEMV, for M=1; got M=2"):
-        fused_matmul(torch.randn(2, 64, device=device), q, block_m=1)
