@@ -42,9 +42,14 @@ def dense_weight(weight: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> 
     return weight.detach().to(dtype)
 
 
-def _wide_grad_gemms(grad: torch.Tensor, lora_dtype: torch.dtype) -> bool:
-    """Whether mm/addmm can write fp32 outputs from ``grad``'s 16-bit operands (``out_dtype``: CUDA only)."""
-    return grad.is_cuda and lora_dtype == torch.float32 and grad.dtype in (torch.float16, torch.bfloat16)
+# mm/addmm's ``out_dtype`` overloads (fp32 output from 16-bit operands, CUDA only; pytorch#150812, 2025)
+_HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
+def _wide_grad_gemms(grad: torch.Tensor, lora_dtype: torch.dtype | None) -> bool:
+    """Whether mm/addmm can write fp32 outputs from ``grad``'s 16-bit operands (``out_dtype``)."""
+    wide = grad.is_cuda and lora_dtype == torch.float32 and grad.dtype in (torch.float16, torch.bfloat16)
+    return wide and _HAS_OUT_DTYPE
 
 
 class LoraLinearFunction(torch.autograd.Function):
