@@ -67,12 +67,13 @@ def test_quantize_custom_codebook_matches_reference(triton_mode, device):
     assert_same_bytes(q, quantize_ref(w, 32, code=code))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_quantize_refuses_non_finite_weights(triton_mode, device, bad):
+@pytest.mark.parametrize("double_quant", [True, False])  # checked through the offset, or through absmax
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_refuses_non_finite_weights(triton_mode, device, bad, double_quant):
     w = torch.randn(4, 64)
     w[1, 3] = bad
     with pytest.raises(ValueError, match="1 NaN or Inf values"):
-        quantize(w.to(device))
+        quantize(w.to(device), double_quant=double_quant)
 
 
 def test_quantize_refuses_bad_blocksize_and_codebook(triton_mode, device):
