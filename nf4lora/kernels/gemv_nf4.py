@@ -276,9 +276,10 @@ def _gemv_kernel(
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x0, x1, x2, x3 = next_x0, next_x1, next_x2, next_x3
         y0, y1, y2, y3 = next_y0, next_y1, next_y2, next_y3
-    result = tl.sum(acc, axis=1)[None, :]
     if TWO_ROWS:
         result = tl.permute(tl.join(tl.sum(acc, axis=1), tl.sum(acc_2, axis=1)), (1, 0))
+    else:
+        result = tl.sum(acc, axis=1)[None, :]
     _store_result(
         result, rm, rn, rm < M, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT
     )

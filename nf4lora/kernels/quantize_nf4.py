@@ -91,6 +91,7 @@ def _quantize_blockwise_kernel(
         # NaN/Inf: max|x| with NaN propagated (tl.max may drop it), so a block holding either stores a
         # non-finite absmax, which the host checks
         absmax = tl.reduce(tl.abs(x), 1, _max_propagating_nan)
+        # 1e-38 is a float32 subnormal; a bare literal that small would be typed float64
         safe = tl.maximum(absmax, tl.full([BLOCKS], 1e-38, tl.float32))
         recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), safe)
         full = (blocks + 1) * BLOCKSIZE <= n_elements

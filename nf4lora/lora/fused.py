@@ -20,8 +20,8 @@ every (M, N) and (M, K) pass that is not a matmul output:
   produces the whole grad_x.
 
 Every op counts: at 4096 x 4096 a step is bound by host time, not by the GPU (about 10 us per
-launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward (on CUDA 6:
-the engine has no gradient of A or B to cast back).
+launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward; on CUDA the
+engine adds no casts after it (A's and B's gradients already arrive in fp32).
 
 Saved for backward: x_lora (needed for grad_A), xa = x_lora @ A.T (M, r), A, B, and the weight
 as given (the packed ``QuantizedTensor`` for NF4: dequantized again in backward, never stored).
