@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
 
-from nf4lora.kernels.gemv_nf4 import fused_matmul, split_k_chunk
+from nf4lora.kernels.gemv_nf4 import arrival_counters, fused_matmul, split_k_chunk
 from nf4lora.nf4.tensor import dequantize as dequantize_ref
 from nf4lora.nf4.tensor import quantize as quantize_ref
 
@@ -58,12 +58,24 @@ def test_split_k_chunks_are_aligned_and_cover_k(device):
     for M, N, K in [(1, 64, 4096), (1, 28672, 8192), (16, 4096, 11008), (3, 24, 2112)]:
         chunk = split_k_chunk(M, N, K, 16, device)
         assert chunk % 1024 == 0 and 0 < chunk < K + 1024
+    for block_m in (1, 2):  # the GEMV takes 2048-column multiples on weights of 2**25 elements and more
+        assert split_k_chunk(block_m, 28672, 8192, block_m, device) % 2048 == 0
 
 
 def test_fused_matmul_is_deterministic(device):
     q = quantize_ref(torch.randn(24, 2112)).to(device)
     x = torch.randn(2, 2112, device=device)
     assert torch.equal(fused_matmul(x, q), fused_matmul(x, q))
+
+
+def test_split_k_leaves_its_arrival_counters_at_zero(device):
+    # the last split of a tile resets its counter; a stale count would make the next call skip the sum
+    q = quantize_ref(torch.randn(24, 2112)).to(device)
+    for M in (1, 2, 3):  # one-row GEMV, two-row GEMV, tile kernel: all three split K here
+        x = torch.randn(M, 2112, device=device)
+        first = fused_matmul(x, q)
+        assert int(arrival_counters(1, x.device).count_nonzero()) == 0
+        assert torch.equal(first, fused_matmul(x, q))
 
 
 def test_fused_matmul_refuses_unaligned_k_and_unknown_tiling(device):
