@@ -393,6 +393,7 @@ def default_block_m(M: int) -> int:
 _ARRIVALS: dict[tuple, list[torch.Tensor]] = {}
 
 
+@torch.compiler.disable  # a buffer keyed by the live stream: run eagerly, not traced into a compiled graph
 def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
     """At least ``count`` int32 zeros for split-K's per-tile arrival counters, shared by the launches on
     this device's current stream (they run one after another, and each leaves its counters at zero).

@@ -16,6 +16,12 @@ import torch
 from .llama import KVCache, Llama
 
 
+# Fixed-shape decoding rounds its cache up to a multiple of this many slots, so that calls whose prompt and
+# new-token counts differ a little share one cache shape, hence one compiled graph (torch.compile with
+# dynamic=False recompiles for every new shape, and gives up after its recompile limit).
+STATIC_CACHE_MULTIPLE = 256
+
+
 def _as_batch(prompts, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (B, T) int64, mask (B, T) bool), left-padding a list of token lists."""
     if isinstance(prompts, torch.Tensor):
@@ -122,7 +128,10 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
         generator = torch.Generator(device=device).manual_seed(seed)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_cache(b, t + max_new_tokens)
+    cache_len = t + max_new_tokens
+    if static_cache or cuda_graph or compile:  # fixed-shape steps read every slot anyway
+        cache_len = -(-cache_len // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+    cache = model.new_cache(b, cache_len)
     padded = not bool(mask.all())
     logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
                    logits_to_keep=1)

@@ -38,6 +38,18 @@ def test_static_cache_decoding_equals_prefix_decoding(checkpoints):
                        prefix)
 
 
+def test_fixed_shape_decoding_shares_one_cache_shape_across_lengths(checkpoints, monkeypatch):
+    # one shape for nearby lengths: one compiled graph, not a recompile per prompt or max_new_tokens
+    model = load_model(checkpoints("llama3"), dtype=torch.float32)
+    lengths = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n: lengths.append(n) or new_cache(b, n))
+    for prompt, n in (([5, 6], 3), ([5, 6, 7, 8], 40)):
+        generate(model, [prompt], max_new_tokens=n, eos_ids=(), static_cache=True)
+    generate(model, [[5, 6]], max_new_tokens=3, eos_ids=())  # the prefix cache keeps the exact length
+    assert lengths == [256, 256, 5]
+
+
 def test_batched_rows_decode_as_they_would_alone(checkpoints):
     model = load_model(checkpoints("gqa"), dtype=torch.float32)
     rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [40]]
