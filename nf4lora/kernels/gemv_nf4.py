@@ -38,7 +38,7 @@ Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled
 GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the tile kernel's
 5.7-5.8. Measured on an H200 in bf16 (benchmarks/results/2026-11-28_kernels-small-m_h200.md): M = 1
 streams the 70B projections at about 1.65 TB/s (1.72x bf16 F.linear) and 4096x4096 at 1.48x bf16;
-M = 2 runs at 1.03-1.24x bf16; M = 4..16 at 0.85-1.03x bf16 and 2.0-2.8x bitsandbytes.
+M = 2 runs at 1.03-1.24x bf16; M = 4..16 at 0.85-1.03x bf16 and 1.5-2.8x bitsandbytes.
 """
 
 from __future__ import annotations
