@@ -390,20 +390,37 @@ def default_block_m(M: int) -> int:
 
 
 _ARRIVALS: dict[tuple, list[torch.Tensor]] = {}
+# Launches recorded into CUDA graphs share one buffer per device, under this key in place of a stream.
+_CAPTURED = "captured"
+
+
+def _grow(key: tuple, count: int, device: torch.device) -> None:
+    buffers = _ARRIVALS.setdefault(key, [])
+    if not buffers or buffers[-1].numel() < count:
+        buffers.append(torch.zeros(max(count, 1 << 14), dtype=torch.int32, device=device))
 
 
 @torch.compiler.disable  # a buffer keyed by the live stream: run eagerly, not traced into a compiled graph
 def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
-    """At least ``count`` int32 zeros for split-K's per-tile arrival counters, shared by the launches on
-    this device's current stream (they run one after another, and each leaves its counters at zero).
+    """At least ``count`` int32 zeros for split-K's per-tile arrival counters. Each launch leaves them at zero.
 
-    A buffer that grows is replaced, never freed: a captured CUDA graph keeps the old address.
+    Eager launches share a buffer per (device, stream): one stream runs them one after another. Launches
+    captured into CUDA graphs share one per device, allocated and zeroed eagerly beside the eager one,
+    since a buffer first allocated inside a capture would hold garbage until that graph first replays.
+    (A capture always follows an eager launch of the same shapes: autotuning cannot run inside one.)
+    Buffers that grow are replaced, never freed: a captured graph keeps the old address.
     """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buffers = _ARRIVALS.get((device, _CAPTURED))
+        if not buffers or buffers[-1].numel() < count:
+            raise RuntimeError(f"split-K needs {count} arrival counters on {device} inside a CUDA graph capture; "
+                               "run the same call once outside the capture first")
+        return buffers[-1]
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buffers = _ARRIVALS.setdefault((device, stream), [])
-    if not buffers or buffers[-1].numel() < count:
-        buffers.append(torch.zeros(max(count, 1 << 14), dtype=torch.int32, device=device))
-    return buffers[-1]
+    _grow((device, stream), count, device)
+    if device.type == "cuda":
+        _grow((device, _CAPTURED), count, device)
+    return _ARRIVALS[(device, stream)][-1]
 
 
 def supports(K: int, blocksize: int) -> bool:

@@ -70,6 +70,29 @@ def test_gpu_split_k_last_arrival_sum_is_right_and_deterministic(M):
     assert int(arrival_counters(1, x.device).count_nonzero()) == 0
 
 
+def test_gpu_split_k_in_cuda_graphs_uses_counters_zeroed_before_capture(monkeypatch):
+    from nf4lora.kernels import gemv_nf4
+
+    monkeypatch.setattr(gemv_nf4, "_ARRIVALS", {})
+    q = quantize(torch.randn(11008, 4096, device="cuda"))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = nf4_linear(x, q)  # allocates and zeroes the eager and the graphs' counters
+    graphs = []
+    for _ in range(2):  # the second graph must not depend on the first having replayed
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = nf4_linear(x, q)
+        graphs.append((graph, out))
+    for graph, out in reversed(graphs):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    monkeypatch.setattr(gemv_nf4, "_ARRIVALS", {})  # no eager launch before this capture: refused, not garbage
+    with pytest.raises(RuntimeError, match="outside the capture first"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            nf4_linear(x, q)
+
+
 def test_gpu_cached_relaunch_matches_fresh_launch_and_respects_alignment():
     # second and later calls skip the JIT through launch.CachedLaunch; a misaligned view of x must not
     # reuse a binary specialized for 16-byte aligned pointers
