@@ -408,7 +408,8 @@ def arrival_counters(count: int, device: torch.device) -> torch.Tensor:
     captured into CUDA graphs share one per device, allocated and zeroed eagerly beside the eager one,
     since a buffer first allocated inside a capture would hold garbage until that graph first replays.
     (A capture always follows an eager launch of the same shapes: autotuning cannot run inside one.)
-    Buffers that grow are replaced, never freed: a captured graph keeps the old address.
+    So two such graphs must not replay at the same time on different streams. Buffers that grow are
+    replaced, never freed: a captured graph keeps the old address.
     """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         buffers = _ARRIVALS.get((device, _CAPTURED))
