@@ -85,6 +85,11 @@ TILE_CONFIGS = {
 # bf16 against 0.85-0.99x, ..._kernels-small-m_h200.md), while four or eight rows lost to it
 # (benchmarks/results/2026-11-28_small-m-variants_h200.md).
 GEMV_ROWS = (1, 2)
+# Reads of a tile's split-K partials in flight in its last program. The tile kernel keeps 2: 8 would raise its
+# registers from 72 to 123 ((64, 4), sm_90, triton 3.6) and cut it from 7 to 4 programs per multiprocessor.
+# The GEMV's 168 registers do not change with 8.
+GEMV_SPLIT_READS = 8
+TILE_SPLIT_READS = 2
 BLOCK_MS = (*GEMV_ROWS, *TILE_CONFIGS)
 MIN_BLOCK_N = min(n for table in (GEMV_CONFIGS, *TILE_CONFIGS.values()) for n, _ in table)
 _X_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -212,7 +217,7 @@ def _write_out(result, rm, rn, mask, n_mask, stride_om, bias_ptr, out_ptr, HAS_B
 @triton.jit
 def _store_result(
     result, rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr = 8,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr,
 ):
     """Store ``result`` (BLOCK_M, BLOCK_N) fp32 biased into out; with SPLIT, as split ``pid_s``'s partial,
     and the tile's last split to arrive writes out the sum of all its partials."""
@@ -226,7 +231,7 @@ def _store_result(
         if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
             total = tl.zeros_like(result)
             # split order, whichever split came last: deterministic. The reads go out SPLIT_READS at a time
-            # (one L2 round trip each) since they end the kernel; .cg reads L2, never a stale L1 line.
+            # (one L2 round trip per batch, at the kernel's end); .cg reads L2, never a stale L1 line.
             for first in range(0, n_splits, SPLIT_READS):
                 for i in tl.static_range(SPLIT_READS):
                     split_partial = partial_ptr + ((first + i) * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
@@ -249,7 +254,7 @@ def _gemv_kernel(
     out_ptr, partial_ptr, arrivals_ptr,
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr,
     SUB_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     TWO_ROWS: tl.constexpr = ROWS == 2
@@ -312,7 +317,7 @@ def _gemv_kernel(
         result = tl.sum(acc, axis=1)[None, :]
     _store_result(
         result, rm, rn, rm < M, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-        HAS_BIAS, SPLIT,
+        HAS_BIAS, SPLIT, SPLIT_READS,
     )
 
 
@@ -327,7 +332,7 @@ def _tile_kernel(
     out_ptr, partial_ptr, arrivals_ptr,
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -366,7 +371,7 @@ def _tile_kernel(
         x_tile = next_x
     _store_result(
         tl.trans(acc), rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr,
-        arrivals_ptr, HAS_BIAS, SPLIT,
+        arrivals_ptr, HAS_BIAS, SPLIT, SPLIT_READS,
     )
 
 
@@ -476,13 +481,14 @@ def fused_matmul(
             x2d = x2d.clone()  # x is read in 8-byte words
         _launch_gemv(
             grid, key, x2d.view(torch.int64), *args, M, N, K // 8, k_chunk // 8, K * x2d.element_size() // 8,
-            out.stride(0), X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=block_m, **common,
+            out.stride(0), X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=block_m,
+            SPLIT_READS=GEMV_SPLIT_READS, **common,
         )
     else:
         _launch_tile(
             grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
             DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
-            SUB_W=min(state.blocksize // 8, TILE_WORDS_PER_STEP), **common,
+            SUB_W=min(state.blocksize // 8, TILE_WORDS_PER_STEP), SPLIT_READS=TILE_SPLIT_READS, **common,
         )
     return out
 
