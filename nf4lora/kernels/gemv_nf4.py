@@ -205,6 +205,23 @@ def _load_step(
 
 
 @triton.jit
+def _load_first_steps(
+    rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SUB_W: tl.constexpr,
+):
+    """``_load_step`` at ``w_begin`` and ``w_begin + SUB_W``: the two steps a kernel has in flight before its loop."""
+    words, stored, nested = _load_step(
+        rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
+    )
+    words_1, stored_1, nested_1 = _load_step(
+        rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
+    )
+    return words, stored, nested, words_1, stored_1, nested_1
+
+
+@triton.jit
 def _write_out(result, rm, rn, mask, n_mask, stride_om, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
     """out[rm, rn] = result (BLOCK_M, BLOCK_N) fp32 + bias, in out's dtype."""
     if HAS_BIAS:  # rounded to out's dtype first, as F.linear adds a bias of x's dtype
@@ -272,12 +289,8 @@ def _gemv_kernel(
     acc_2 = tl.zeros([BLOCK_N, SUB_W], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight: step w + 2 SUB_W is loaded while step w is computed
-    words, stored, nested = _load_step(
+    words, stored, nested, words_1, stored_1, nested_1 = _load_first_steps(
         rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
-    )
-    words_1, stored_1, nested_1 = _load_step(
-        rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
     x0, x1, x2, x3 = _load_x(x_row, w_begin, word, w_end, X_DTYPE)
@@ -348,12 +361,8 @@ def _tile_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     lane_codes = lane_code(code_ptr, PTX)
     # two steps in flight, as in the GEMV
-    words, stored, nested = _load_step(
+    words, stored, nested, words_1, stored_1, nested_1 = _load_first_steps(
         rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
-    )
-    words_1, stored_1, nested_1 = _load_step(
-        rows, first_block, n_mask, word, w_begin + SUB_W, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
     x_tile = _load_x_tile(x_rows, col, m_mask, w_begin, w_end)
