@@ -56,10 +56,10 @@ def test_gpu_fused_kernels_take_fp32_and_fp16_inputs(M, dtype, tolerance):
 def test_gpu_split_k_last_arrival_sum_is_right_and_deterministic(M):
     # hundreds of tiles, each summed by whichever of its splits the GPU finishes last, relaunched many
     # times: a lost partial, a stale read or a counter left non-zero would change some output
-    from nf4lora.kernels.gemv_nf4 import arrival_counters, split_k_chunk
+    from nf4lora.kernels.gemv_nf4 import arrival_counters, default_block_m, split_k_chunk
 
     N, K = 11008, 4096
-    assert split_k_chunk(M, N, K, 16, torch.device("cuda")) < K  # split-K runs
+    assert split_k_chunk(M, N, K, default_block_m(M), torch.device("cuda")) < K  # split-K runs
     q = quantize(torch.randn(N, K, device="cuda"))
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
