@@ -2,7 +2,7 @@
 
 For each weight shape and M, times the fused matmul with every K chunk (columns per program) in
 ``--chunks`` against the chunk ``split_k_chunk`` picks, on the same random weights (rotating copies so
-that the weights stream from DRAM). This is the sweep behind ``GEMV_LARGE_WEIGHT`` / ``GEMV_LARGE_CHUNK``.
+that the weights stream from DRAM). This is the sweep behind ``GEMV_CHUNK_ALIGNS`` / ``TILE_CHUNK_ALIGNS``.
 
     python benchmarks/split_k.py [--shapes 4096x4096,...] [--ms 1,2,16] [--chunks 1024,2048,...]
 """

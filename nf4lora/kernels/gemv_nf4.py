@@ -53,13 +53,14 @@ from nf4lora.kernels.dispatch import interpreting, multiprocessors, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
-# K chunks for split-K are multiples of this many columns, so every chunk holds whole steps
-K_CHUNK_ALIGN = 1024
-# ... and for the GEMV on a weight of GEMV_LARGE_WEIGHT elements or more, multiples of GEMV_LARGE_CHUNK: such a
-# weight fills the GPU with half as many programs, each storing half the partials. Swept on an H200 (bf16):
-# 8-18% faster at M = 1 and 2 from 11008x4096 up; 4096x4096 ran 11-27% slower with 2048 (too few programs).
-GEMV_LARGE_WEIGHT = 1 << 25
-GEMV_LARGE_CHUNK = 2048
+# Split-K cuts K into chunks of a multiple of these many columns (whole steps), by kernel and weight size:
+# (smallest weight in elements, chunk multiple), largest first. Swept on an H200 in bf16 with
+# benchmarks/split_k.py (2026-11-28_split-k*_h200.md): the GEMV (M = 1, 2) ran 8-18% faster with 2048 from
+# 11008x4096 up, and 11-27% slower at 4096x4096 (too few programs). The tile kernel (M = 4..16) ran 13-15%
+# faster with 512 than 1024 at 4096x4096, within 2% of 1024 at the 7B MLP shapes, and 1-3% faster with
+# 2048 at the 70B shapes.
+GEMV_CHUNK_ALIGNS = ((1 << 25, 2048), (0, 1024))
+TILE_CHUNK_ALIGNS = ((1 << 27, 2048), (1 << 25, 1024), (0, 512))
 # aim for this many programs per multiprocessor before splitting K further
 PROGRAMS_PER_SM = 16
 # Words per row in one step. The GEMV reads 32 (a whole 128-byte line per row, so a warp's load
@@ -389,9 +390,10 @@ _launch_tile = CachedLaunch(_tile_kernel)
 
 
 def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) -> int:
-    """Columns of K per program: all of K unless N/128 x M/BLOCK_M tiles underfill the GPU (a multiple of
-    K_CHUNK_ALIGN, or of GEMV_LARGE_CHUNK for the GEMV on a large weight)."""
-    align = GEMV_LARGE_CHUNK if block_m in GEMV_ROWS and N * K >= GEMV_LARGE_WEIGHT else K_CHUNK_ALIGN
+    """Columns of K per program: all of K unless N/128 x M/BLOCK_M tiles underfill the GPU (then a multiple of
+    the kernel's ``*_CHUNK_ALIGNS`` entry for an N x K weight)."""
+    aligns = GEMV_CHUNK_ALIGNS if block_m in GEMV_ROWS else TILE_CHUNK_ALIGNS
+    align = next(multiple for smallest, multiple in aligns if N * K >= smallest)
     sms = multiprocessors(device)
     tiles = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
     splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), triton.cdiv(K, align))

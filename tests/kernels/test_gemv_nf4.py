@@ -54,12 +54,16 @@ def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, do
     assert rel_err(out, reference(x, q, bias)) < TOLERANCE[dtype]
 
 
-def test_split_k_chunks_are_aligned_and_cover_k(device):
-    for M, N, K in [(1, 64, 4096), (1, 28672, 8192), (16, 4096, 11008), (3, 24, 2112)]:
-        chunk = split_k_chunk(M, N, K, 16, device)
-        assert chunk % 1024 == 0 and 0 < chunk < K + 1024
-    for block_m in (1, 2):  # the GEMV takes 2048-column multiples on weights of 2**25 elements and more
-        assert split_k_chunk(block_m, 28672, 8192, block_m, device) % 2048 == 0
+@pytest.mark.parametrize("block_m", [1, 2, 16])
+def test_split_k_chunks_are_aligned_and_cover_k(device, block_m):
+    expected = {  # (N, K): the chunk multiple for the GEMV (M = 1, 2) and for the tile kernel
+        (64, 4096): (1024, 512), (3, 2112): (1024, 512), (4096, 11008): (2048, 1024),
+        (11008, 4096): (2048, 1024), (28672, 8192): (2048, 2048),
+    }
+    for (N, K), (gemv_align, tile_align) in expected.items():
+        align = gemv_align if block_m in (1, 2) else tile_align
+        chunk = split_k_chunk(block_m, N, K, block_m, device)
+        assert chunk % align == 0 and 0 < chunk < K + align, (N, K, chunk)
 
 
 def test_fused_matmul_is_deterministic(device):
