@@ -1,4 +1,6 @@
-"""Suite-wide setup: reference libraries run eagerly, and GPU tests skip on machines without CUDA."""
+"""Suite-wide setup: reference libraries run eagerly, GPU tests skip on machines without CUDA, and there the Triton
+kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET`` must be set before a kernel module is
+first imported, which the dispatchers do lazily)."""
 
 import os
 
@@ -7,6 +9,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

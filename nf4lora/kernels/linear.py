@@ -10,6 +10,10 @@
   which measured 2.2-2.9x faster than the fused tensor-core kernel at M = 4096 on an H200
   (benchmarks/results/2026-11-28_kernels_h200.md).
 
+``nf4_linear_parts(x, [W_0, W_1, ...])`` is ``[nf4_linear(x, W) for W in ...]`` for projections that read
+the same x (q/k/v, gate/up): at M = 1 or 2 with nothing to differentiate, one launch of
+``gemv_nf4.fused_matmul_parts`` streams all the weights.
+
 Note: backward saves only the ``QuantizedTensor`` (packed bytes and its small state), never a
 dequantized copy; grad_input dequantizes again. The frozen weight never receives a gradient.
 """
@@ -121,3 +125,21 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
     # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs
     # about as much host time as a kernel launch.
     return _linear(x, qweight, bias)
+
+
+def nf4_linear_parts(x: torch.Tensor, qweights: list[QuantizedTensor]) -> list[torch.Tensor]:
+    """``[nf4_linear(x, W) for W in qweights]`` (no bias), as one fused launch where it can be.
+
+    x: (..., K); qweights: ``QuantizedTensor`` (N_p, K). Returns [(..., N_p)] in x.dtype, views of one buffer
+    on the fused path. That path takes the Triton route with 1 or 2 rows of x, no autograd to x, and weights
+    that ``gemv_nf4.parts_supported`` accepts; anything else makes one ``nf4_linear`` call per weight.
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    if use_triton(x.device) and not (torch.is_grad_enabled() and x.requires_grad):
+        from nf4lora.kernels.gemv_nf4 import fused_matmul_parts, parts_supported
+
+        if all(isinstance(q, QuantizedTensor) for q in qweights) and parts_supported(x2d, qweights):
+            rows = [q.shape[0] for q in qweights]
+            out = fused_matmul_parts(x2d, qweights)
+            return [part.reshape(*x.shape[:-1], n) for part, n in zip(out.split(rows, dim=1), rows)]
+    return [nf4_linear(x, q) for q in qweights]

@@ -3,7 +3,8 @@
 Module names mirror transformers' `LlamaForCausalLM` exactly (`model.embed_tokens`, `model.layers.{i}.self_attn.
 {q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`, the two layer norms, `model.norm`, `lm_head`), so HF
 state dicts and peft adapter keys map 1:1. Linear layers are ordinary submodules: the loader swaps `nn.Linear` for
-`NF4Linear`, and LoRA wraps either, without this file knowing.
+`NF4Linear`, and LoRA wraps either, without this file knowing (a layer class may define `forward_group` to compute
+several layers that read the same input at once, as NF4Linear does for a decode step's q/k/v).
 
 Masks accepted by `Llama.forward` (True / 1 = may attend):
 - `attention_mask` (B, L) 0/1 padding mask over the keys, combined with causality (as transformers does);
@@ -85,9 +86,10 @@ class Attention(nn.Module):
         """x (B, T, hidden) -> (B, T, hidden). `kv` = (k_cache, v_cache) buffers written at `cache_position` (T,),
         of which the first `n_keys` slots (all when None) are attended."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = _same_input((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k_cache, v_cache = kv
@@ -97,6 +99,15 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
         out = _sdpa(q, k, v, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _same_input(layers, x):
+    """``[layer(x) for layer in layers]``; layers of one class that defines ``forward_group(layers, x)`` (NF4Linear:
+    one kernel launch for a decode step's q/k/v) are computed by it."""
+    forward_group = getattr(type(layers[0]), "forward_group", None)
+    if forward_group is not None and all(type(layer) is type(layers[0]) for layer in layers):
+        return forward_group(list(layers), x)
+    return [layer(x) for layer in layers]
 
 
 def _sdpa(q, k, v, mask, is_causal):
@@ -121,7 +132,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _same_input((self.gate_proj, self.up_proj), x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nf4lora.kernels import dequantize, nf4_linear
+from nf4lora.kernels import dequantize, nf4_linear, nf4_linear_parts
 
 from .state_dict import bnb_state_keys, from_bnb_state_dict, to_bnb_state_dict
 from .tensor import QuantizedTensor, quantize
@@ -47,6 +47,17 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x.to(self.compute_dtype), self.weight, self.bias)
+
+    @staticmethod
+    def forward_group(layers: list[NF4Linear], x: torch.Tensor) -> list[torch.Tensor]:
+        """``[layer(x) for layer in layers]`` for NF4Linear layers that read the same x (a decode step's q/k/v or
+        gate/up): one kernel launch for all of them (``nf4_linear_parts``) when none has a bias or a hook and
+        they share a compute dtype."""
+        dtype = layers[0].compute_dtype
+        if any(layer.bias is not None or layer.compute_dtype != dtype or layer._forward_hooks
+               or layer._forward_pre_hooks for layer in layers):
+            return [layer(x) for layer in layers]
+        return nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out_features, in_features) dense weight in `dtype` (default `compute_dtype`)."""

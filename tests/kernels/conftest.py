@@ -1,14 +1,8 @@
 """Kernel tests run the Triton kernels on CUDA when there is a GPU, else on CPU tensors under Triton's
-interpreter. ``TRITON_INTERPRET`` must be set before ``triton.jit`` wraps the kernels, which happens
-when ``nf4lora.kernels.<kernel>`` modules are first imported (lazily, by the dispatcher)."""
-
-import os
+interpreter (set up in tests/conftest.py)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 POISON_FLOAT = float("nan")
 POISON_BYTE = 0xA5

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
 
-from nf4lora.kernels.gemv_nf4 import arrival_counters, fused_matmul, split_k_chunk
+from nf4lora.kernels.gemv_nf4 import arrival_counters, fused_matmul, fused_matmul_parts, parts_supported, split_k_chunk
 from nf4lora.nf4.tensor import dequantize as dequantize_ref
 from nf4lora.nf4.tensor import quantize as quantize_ref
 
@@ -90,3 +90,39 @@ def test_fused_matmul_refuses_unaligned_k_and_unknown_tiling(device):
     q = quantize_ref(torch.randn(8, 64)).to(device)
     with pytest.raises(ValueError, match=r"block_m=32 has no configs; valid: \[1, 2, 16, 64, 128\]"):
         fused_matmul(torch.randn(1, 64, device=device), q, block_m=32)
+
+
+@pytest.mark.parametrize(
+    "M, rows, K, blocksize, double_quant",
+    [
+        (1, (40, 24, 8), 2112, 64, True),  # three parts, split-K with a ragged last chunk
+        (2, (64, 17), 2112, 64, False),  # two parts (the third has 0 rows), a part not a whole tile
+        (2, (3, 5, 130), 384, 128, True),  # parts smaller than a tile, no split-K
+        (1, (16, 16, 16), 96, 32, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
+def test_fused_matmul_parts_matches_reference(poisoned, device, M, rows, K, blocksize, double_quant, dtype):
+    skip_interpreter_bf16(device, dtype)
+    # each part keeps its own codebook: the middle one is FP4
+    weights = [quantize_ref(torch.randn(n, K), blocksize, "fp4" if i == 1 else "nf4", double_quant)
+               for i, n in enumerate(rows)]
+    x = torch.randn(M, K).to(dtype)
+    out = fused_matmul_parts(x.to(device), [q.to(device) for q in weights])
+    assert out.shape == (M, sum(rows)) and out.dtype == dtype
+    assert not out.isnan().any(), "unwritten (poisoned) outputs"
+    expected = torch.cat([reference(x, q, None) for q in weights], dim=1)
+    assert rel_err(out, expected) < TOLERANCE[dtype]
+    assert int(arrival_counters(1, out.device).count_nonzero()) == 0
+
+
+def test_parts_supported_refuses_what_the_kernel_cannot_take(device):
+    x = torch.randn(1, 128, device=device)
+    q64, q128 = (quantize_ref(torch.randn(8, 128), blocksize).to(device) for blocksize in (64, 128))
+    assert parts_supported(x, [q64, q64]) and parts_supported(x.repeat(2, 1), [q64, q64, q64])
+    assert not parts_supported(x.repeat(3, 1), [q64, q64])  # 3 rows: the tile kernel's M
+    assert not parts_supported(x, [q64])  # one weight
+    assert not parts_supported(x, [q64, q128])  # two blocksizes
+    assert not parts_supported(x, [q64, quantize_ref(torch.randn(8, 64)).to(device)])  # two K
+    with pytest.raises(ValueError, match=r"1 or 2 rows of x and 2 or 3 weights .* got x \(3, 128\)"):
+        fused_matmul_parts(x.repeat(3, 1), [q64, q64])

@@ -70,6 +70,21 @@ def test_gpu_split_k_last_arrival_sum_is_right_and_deterministic(M):
     assert int(arrival_counters(1, x.device).count_nonzero()) == 0
 
 
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("rows", [(4096, 1024, 1024), (11008, 11008)])  # Llama-3-8B q/k/v, Llama-2-7B gate/up
+def test_gpu_bf16_grouped_projections_match_reference_and_are_deterministic(M, rows):
+    from nf4lora.kernels import nf4_linear_parts
+
+    weights = [quantize(torch.randn(n, 4096, device="cuda")) for n in rows]
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    outs = nf4_linear_parts(x, weights)
+    for out, q in zip(outs, weights):
+        ref = F.linear(x.double(), dequantize_reference(q, torch.bfloat16).double())
+        assert out.shape == (M, q.shape[0]) and float((out.double() - ref).norm() / ref.norm()) < 1e-2
+    first = torch.cat(outs, dim=1)
+    assert all(torch.equal(torch.cat(nf4_linear_parts(x, weights), dim=1), first) for _ in range(20))
+
+
 def test_gpu_split_k_in_cuda_graphs_uses_counters_zeroed_before_capture(monkeypatch):
     from nf4lora.kernels import gemv_nf4
 

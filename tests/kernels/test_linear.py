@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
 
-from nf4lora.kernels import nf4_linear, use_kernels
+from nf4lora.kernels import gemv_nf4, nf4_linear, nf4_linear_parts, use_kernels
 from nf4lora.nf4.tensor import dequantize as dequantize_ref
 from nf4lora.nf4.tensor import quantize as quantize_ref
 
@@ -93,3 +93,23 @@ def test_nf4_linear_rejects_bad_inputs():
         nf4_linear(torch.ones(2, 64, dtype=torch.long), q)
     with pytest.raises(ValueError, match=r"qweight must be 2-D .* got shape \(2, 4, 64\)"):
         nf4_linear(torch.randn(2, 64), quantize_ref(torch.randn(2, 4, 64)))
+
+
+@pytest.mark.parametrize("lead_shape, grad, fused", [((1, 1), False, True), ((2, 1), False, True),
+                                                      ((1, 3), False, False), ((2,), True, False)])
+def test_nf4_linear_parts_fuses_decode_rows_and_equals_separate_calls(device, monkeypatch, lead_shape, grad, fused):
+    launches = []
+    real = gemv_nf4.fused_matmul_parts
+    monkeypatch.setattr(gemv_nf4, "fused_matmul_parts", lambda *args: launches.append(1) or real(*args))
+    weights = [quantize_ref(torch.randn(n, 128)).to(device) for n in (40, 24, 24)]
+    x = torch.randn(*lead_shape, 128, device=device).requires_grad_(grad)
+    with use_kernels("triton"):
+        outs = nf4_linear_parts(x, weights)
+        expected = [nf4_linear(x, q) for q in weights]
+    assert len(launches) == int(fused)  # one launch for all three on 1 or 2 rows without autograd
+    for out, exp, q in zip(outs, expected, weights):
+        assert out.shape == (*lead_shape, q.shape[0])
+        assert rel_err(out, exp.detach().cpu()) < TOLERANCE[torch.float32]
+    if grad:  # the unfused path keeps autograd to x
+        sum(out.sum() for out in outs).backward()
+        assert x.grad is not None

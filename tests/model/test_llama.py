@@ -108,6 +108,23 @@ def test_kv_cache_decoding_matches_full_forward(static):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_decode_step_groups_qkv_and_gate_up_into_one_launch_each(checkpoints, monkeypatch):
+    from nf4lora.kernels import gemv_nf4, use_kernels
+    from nf4lora.nf4.linear import NF4Linear
+
+    model = load_model(checkpoints("gqa"), quantization="nf4", dtype=torch.float32)
+    launches = []
+    real = gemv_nf4.fused_matmul_parts
+    monkeypatch.setattr(gemv_nf4, "fused_matmul_parts", lambda x, qs: launches.append(len(qs)) or real(x, qs))
+    x = _ids(2, 1, 96)  # a batch-2 decode step: 2 rows of x per projection
+    with torch.no_grad(), use_kernels("triton"):
+        grouped = model(x)
+        monkeypatch.setattr(NF4Linear, "forward_group", None)  # every projection on its own
+        separate = model(x)
+    assert launches == [3, 2] * model.config.num_hidden_layers
+    torch.testing.assert_close(grouped, separate, rtol=1e-5, atol=1e-5)  # fp32: split-K order differs
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     model = _tiny().train()
     x = _ids(2, 8, 50)

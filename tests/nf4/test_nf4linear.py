@@ -57,3 +57,21 @@ def test_compute_dtype_governs_input_and_output(layer):
     quantized = NF4Linear.from_linear(dense.to(torch.bfloat16))
     assert quantized(torch.randn(4, 96)).dtype == torch.bfloat16
     assert "nf4+dq, blocksize=64" in repr(quantized)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_group_equals_calling_each_layer(monkeypatch, with_bias):
+    from nf4lora.kernels import gemv_nf4
+
+    torch.manual_seed(0)
+    layers = [NF4Linear.from_linear(nn.Linear(128, n, bias=with_bias)) for n in (40, 24)]
+    launches = []
+    real = gemv_nf4.fused_matmul_parts
+    monkeypatch.setattr(gemv_nf4, "fused_matmul_parts", lambda *args: launches.append(1) or real(*args))
+    x = torch.randn(1, 1, 128)
+    with torch.no_grad(), use_kernels("triton"):
+        grouped = NF4Linear.forward_group(layers, x)
+        separate = [layer(x) for layer in layers]
+    assert launches == ([] if with_bias else [1])  # biased layers take one launch each
+    for a, b in zip(grouped, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

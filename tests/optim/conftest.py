@@ -1,13 +1,8 @@
 """Optimizer tests run the Triton step on CUDA when there is a GPU, else on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET`` must be set before the kernel is first built, which happens lazily on its first launch)."""
-
-import os
+(set up in tests/conftest.py)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
