@@ -6,7 +6,9 @@ decoding stops when every row has stopped or after `max_new_tokens`.
 
 With `cuda_graph=True` (CUDA only) each single-token decode step is captured once in a CUDA graph and replayed:
 the step has fixed shapes because it reads every cache slot under a mask built from the slot index tensor, which
-removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model.
+removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model (4.3 against 34 ms/token for
+a 7B model on an H200, benchmarks/results/2026-11-28_model_h200.md). By default (`cuda_graph=None`) that is the
+path for a model on one CUDA device asked for GRAPH_MIN_NEW_TOKENS tokens or more.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from .llama import KVCache, Llama
 # new-token counts differ a little share one cache shape, hence one compiled graph (torch.compile with
 # dynamic=False recompiles for every new shape, and gives up after its recompile limit).
 STATIC_CACHE_MULTIPLE = 256
+# cuda_graph=None captures a decode step for this many new tokens or more: the capture costs about three eager
+# steps (two warm-up calls, one recorded), and each replayed step saves most of an eager one.
+GRAPH_MIN_NEW_TOKENS = 8
 
 
 def _as_batch(prompts, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +102,7 @@ class _GraphedDecodeStep:
 @torch.no_grad()
 def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_ids=None, pad_id: int | None = None, seed: int | None = None,
-             attention_mask: torch.Tensor | None = None, static_cache: bool = False, cuda_graph: bool = False,
+             attention_mask: torch.Tensor | None = None, static_cache: bool = False, cuda_graph: bool | None = None,
              compile: bool = False) -> torch.Tensor:
     """Continue `prompts` and return (B, T + n) int64: the (left-padded) prompts followed by n <= max_new_tokens
     new tokens per row, `pad_id` after a row's EOS.
@@ -109,6 +114,8 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     static_cache: decode with fixed-shape steps that read every cache slot under a mask (instead of the filled
     prefix); implied by cuda_graph (replay each decode step from a CUDA graph) and by compile (run decode steps
     through `torch.compile`, which fuses the small elementwise kernels; compiled once per model and batch shape).
+    cuda_graph=None (the default) turns graphs on for a model whose parameters all sit on one CUDA device and
+    max_new_tokens >= GRAPH_MIN_NEW_TOKENS; pass False for eager steps.
     """
     if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
@@ -121,6 +128,9 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     device = model.model.embed_tokens.weight.device
     ids, mask = _as_batch(prompts, attention_mask, pad_id, device)
     b, t = ids.shape
+    if cuda_graph is None:
+        cuda_graph = (device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
+                      and all(p.device == device for p in model.parameters()))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {device}")
     generator = None

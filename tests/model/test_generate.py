@@ -116,7 +116,8 @@ def test_bad_generation_arguments_are_named(checkpoints):
 def test_cuda_graph_decoding_equals_eager(checkpoints, quantization, compile):
     model = load_model(checkpoints("gqa"), quantization=quantization, dtype=torch.float32, device="cuda")
     ids, mask = _left_padded()
-    eager = generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, eos_ids=(), static_cache=True)
+    eager = generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, eos_ids=(), static_cache=True,
+                     cuda_graph=False)
     graphed = generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, eos_ids=(),
                        cuda_graph=True, compile=compile)
     assert torch.equal(eager, graphed)  # fp32 on a tiny model: greedy choices are far from ties
@@ -128,3 +129,27 @@ def test_compiled_decoding_equals_eager(checkpoints):
     ids, mask = _left_padded()
     eager = generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_ids=())
     assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_ids=(), compile=True), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_decoding_on_one_gpu_replays_a_graph_also_with_lora(checkpoints, monkeypatch):
+    import importlib
+
+    from nf4lora.lora import LoraConfig, inject_lora
+
+    generate_module = importlib.import_module("nf4lora.model.generate")  # the package exports the function
+
+    model = load_model(checkpoints("gqa"), quantization="nf4", dtype=torch.float32, device="cuda")
+    inject_lora(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    captured = []
+    real_step = generate_module._GraphedDecodeStep
+    monkeypatch.setattr(generate_module, "_GraphedDecodeStep", lambda *a: captured.append(1) or real_step(*a))
+    ids, mask = _left_padded()
+    default = generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, eos_ids=())
+    assert captured == [1]
+    eager = generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, eos_ids=(), static_cache=True,
+                     cuda_graph=False)
+    assert torch.equal(default, eager)
+    generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, eos_ids=())  # too short to pay back
+    assert captured == [1]
