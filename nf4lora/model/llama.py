@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nf4lora.kernels.dispatch import use_triton
+
 from .config import LlamaConfig
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -111,7 +113,13 @@ def _same_input(layers, x):
 
 
 def _sdpa(q, k, v, mask, is_causal):
-    """Grouped-query SDPA: k, v carry n_kv_heads, broadcast to q's heads without a copy where torch allows."""
+    """Grouped-query SDPA: k, v carry n_kv_heads, broadcast to q's heads without a copy where torch allows. A decode
+    step (one query row, nothing to differentiate) takes `decode_attention` on the Triton path where it applies."""
+    if q.shape[2] == 1 and not is_causal and not (torch.is_grad_enabled() and q.requires_grad) and use_triton(q.device):
+        from nf4lora.kernels import decode_attention
+
+        if decode_attention.supports(q, k, v, mask):
+            return decode_attention.decode_attention(q, k, v, mask)
     groups = q.shape[1] // k.shape[1]
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

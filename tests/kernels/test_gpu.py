@@ -85,6 +85,20 @@ def test_gpu_bf16_grouped_projections_match_reference_and_are_deterministic(M, r
     assert all(torch.equal(torch.cat(nf4_linear_parts(x, weights), dim=1), first) for _ in range(20))
 
 
+@pytest.mark.parametrize("H, H_kv, L", [(32, 32, 256), (32, 8, 2304), (64, 8, 4096)])  # 7B, 8B, 70B-shaped caches
+def test_gpu_bf16_decode_attention_matches_sdpa(H, H_kv, L):
+    from nf4lora.kernels.decode_attention import decode_attention
+
+    q = torch.randn(2, H, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, H_kv, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.arange(L, device="cuda") < torch.tensor([[L // 3], [L - 5]], device="cuda")  # filled prefixes
+    mask = mask[:, None, None, :].contiguous()
+    out = decode_attention(q, k, v, mask)
+    kr, vr = (t.double().repeat_interleave(H // H_kv, dim=1) for t in (k, v))
+    ref = F.scaled_dot_product_attention(q.double(), kr, vr, attn_mask=mask)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_gpu_split_k_in_cuda_graphs_uses_counters_zeroed_before_capture(monkeypatch):
     from nf4lora.kernels import gemv_nf4
 

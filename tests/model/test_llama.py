@@ -60,8 +60,8 @@ def test_padding_mask_matches_transformers(checkpoints):
 
 def _tiny(**overrides) -> Llama:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, **overrides)
+    cfg = LlamaConfig(**{**dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2), **overrides})
     return Llama(cfg).eval()
 
 
@@ -106,6 +106,28 @@ def test_kv_cache_decoding_matches_full_forward(static):
             steps.append(model(x[:, i:i + 1], cache=cache, cache_position=slot, position_ids=pos))
     # Same math; attention over cached keys reorders the fp32 reductions.
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_decode_steps_take_the_decode_attention_kernel(monkeypatch):
+    from nf4lora.kernels import decode_attention, use_kernels
+
+    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16, 2 query heads per kv
+    calls = []
+    real = decode_attention.decode_attention
+    monkeypatch.setattr(decode_attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    x = _ids(2, 10, 50)
+    outputs = {}
+    for mode in ("triton", "reference"):
+        with torch.no_grad(), use_kernels(mode):
+            cache = model.new_cache(2, 16)
+            cache.set_padding(torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]))  # left padding: masked keys
+            steps = [model(x[:, :6], cache=cache, cache_position=torch.arange(6))]
+            for i in range(6, 10):
+                steps.append(model(x[:, i:i + 1], cache=cache, cache_position=torch.tensor([i]),
+                                   position_ids=torch.full((2, 1), i)))
+        outputs[mode] = torch.cat(steps, dim=1)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # every decode step's attention, not the prefill's
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
 
 
 def test_nf4_decode_step_groups_qkv_and_gate_up_into_one_launch_each(checkpoints, monkeypatch):
