@@ -65,7 +65,7 @@ def _chunk_kernel(
         keys = block + tl.arange(0, BLOCK_L)
         live = keys < end
         if HAS_MASK:
-            live &= tl.load(mask_ptr + b.to(tl.int64) * stride_mb + keys, mask=live, other=0) != 0
+            live &= tl.load(mask_ptr + b.to(tl.int64) * stride_mb + keys, mask=live, other=0).to(tl.int1)
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kl + d[None, :], mask=(keys < end)[:, None], other=0.0)
         v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vl + d[None, :], mask=(keys < end)[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
@@ -149,7 +149,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         row_sum = torch.empty_like(row_max)
     else:
         part, row_max, row_sum = out, out, out
-    mask_arg = q if mask is None else mask.view(torch.uint8)
+    mask_arg = q if mask is None else mask
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                stride_mb)
@@ -157,7 +157,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                 HAS_MASK=mask is not None, SPLIT=chunks > 1,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     _launch_chunks(
-        lambda _: (programs, chunks), (B, H, H_kv, L, D, chunk, q.dtype, q.device, *meta.values(), *strides),
+        # L and chunk vary from step to step on the prefix-cache path: the key holds what Triton specializes them
+        # on (divisibility by 16; chunk is a multiple of BLOCK_L) and the grid, not their values
+        lambda _: (programs, chunks),
+        (B, H, H_kv, D, chunks, L % 16 == 0, L == 1, q.dtype, q.device, *meta.values(), *strides),
         q, k, v, mask_arg, part, row_max, row_sum, L, chunk, H_kv, 1.0 / math.sqrt(D), *strides, **meta, num_warps=4,
     )
     if chunks > 1:
