@@ -65,3 +65,15 @@ def test_supports_and_refusals(device):
     assert not supports(q, torch.randn(1, 3, 50, 64, device=device), torch.randn(1, 3, 50, 64, device=device), None)
     with pytest.raises(ValueError, match=r"decode_attention takes q \(B, H, 1, D\).*got q \(1, 4, 1, 48\)"):
         decode_attention(q[..., :48], k[..., :48], k[..., :48])
+
+
+def test_decode_attention_combines_more_chunks_than_one_block(device, monkeypatch):
+    from nf4lora.kernels import decode_attention as module
+
+    monkeypatch.setattr(module, "PROGRAMS_PER_SM", 64)  # 32 chunks of 128 keys: two blocks of the combining launch
+    q = torch.randn(1, 2, 1, 16, device=device)
+    k, v = (torch.randn(1, 1, 4096, 16, device=device) for _ in range(2))
+    mask = (torch.rand(1, 1, 1, 4096, device=device) < 0.02) | (torch.arange(4096, device=device) == 4000)
+    k[0, 0, 4000] = 100 * q[0, 0, 0]  # a score of ~400 in the second block of chunks: exp overflows unless shifted
+    out = decode_attention(q, k, v, mask)  # most chunks hold one or no live key
+    assert float((out.double() - reference(q, k, v, mask)).norm() / reference(q, k, v, mask).norm()) < 1e-5
