@@ -115,8 +115,8 @@ def _same_input(layers, x):
 def _sdpa(q, k, v, mask, is_causal):
     """Grouped-query SDPA: k, v carry n_kv_heads, broadcast to q's heads without a copy where torch allows. A decode
     step (one query row, nothing to differentiate) takes `decode_attention` on the Triton path where it applies,
-    except under torch.compile: there the step keeps SDPA, whose cuDNN kernel inductor schedules with the rest (with
-    the kernel, dynamo recompiled Triton's launcher frame past its limit on a 32-layer model: not yet measured)."""
+    except under torch.compile: there the step keeps SDPA until the kernel's compiled path has been measured on a GPU
+    (its one run failed on a bool mask view inductor cannot lower, removed since)."""
     if (q.shape[2] == 1 and not is_causal and not (torch.is_grad_enabled() and q.requires_grad)
             and not torch.compiler.is_compiling() and use_triton(q.device)):
         from nf4lora.kernels import decode_attention
