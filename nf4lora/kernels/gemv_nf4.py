@@ -10,6 +10,9 @@ Two kernels stream the packed weight once, as 32-bit words of 8 codes:
   one or more quantization blocks per row). x is read one step ahead, 16 bytes per word, and
   reused by the rows a thread owns, so the weight dominates the traffic. With ``ROWS = 2`` each
   looked-up code is multiplied into two rows of x (a second set of accumulators, same lookups).
+- ``_gemv_parts_kernel``: the same GEMV program over two or three weights that read one x (a decode
+  step's q/k/v or gate/up), each weight owning a run of the grid's programs and its own pointers, so one
+  launch streams them all (``fused_matmul_parts``).
 - ``_tile_kernel`` (M = 3..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
   ``benchmarks/kernels.py``): tensor cores. A step's (BLOCK_N, 8)-word tile is dequantized in
   registers (code * absmax in fp32, rounded once to x.dtype, as the reference rounds it) and fed to
@@ -38,7 +41,8 @@ Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled
 GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the tile kernel's
 5.7-5.8. Measured on an H200 in bf16 (benchmarks/results/2026-11-28_kernels-small-m_h200.md): M = 1
 streams the 70B projections at about 1.65 TB/s (1.72x bf16 F.linear) and 4096x4096 at 1.48x bf16;
-M = 2 runs at 1.03-1.24x bf16; M = 4..16 at 0.85-1.03x bf16 and 1.5-2.8x bitsandbytes.
+M = 2 runs at 1.03-1.25x bf16; M = 4..16 at 0.90-1.01x bf16 and 1.8-2.8x bitsandbytes. One launch for
+3 x 4096x4096 (q/k/v) took 0.018 against 0.028 ms for three (..._grouped_h200.md).
 """
 
 from __future__ import annotations
