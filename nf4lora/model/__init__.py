@@ -1,7 +1,7 @@
 """nf4lora.model: a Llama implementation that loads Hugging Face safetensors, quantizes on load, and generates."""
 
 from .config import LlamaConfig
-from .generate import filter_logits, generate, sample_next
+from .generate import filter_logits, generate, generate_stream, sample_next
 from .llama import KVCache, Llama
 from .loading import load_model, model_nbytes, save_pretrained, save_quantized
 from .tokenizer import load_tokenizer
@@ -12,6 +12,7 @@ __all__ = [
     "LlamaConfig",
     "filter_logits",
     "generate",
+    "generate_stream",
     "load_model",
     "load_tokenizer",
     "model_nbytes",

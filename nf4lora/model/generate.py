@@ -13,6 +13,8 @@ path for a model on one CUDA device asked for GRAPH_MIN_NEW_TOKENS tokens or mor
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .llama import KVCache, Llama
@@ -99,7 +101,6 @@ class _GraphedDecodeStep:
         return self.logits
 
 
-@torch.no_grad()
 def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_ids=None, pad_id: int | None = None, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, static_cache: bool = False, cuda_graph: bool | None = None,
@@ -117,6 +118,26 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     cuda_graph=None (the default) turns graphs on for a model whose parameters all sit on one CUDA device and
     max_new_tokens >= GRAPH_MIN_NEW_TOKENS; pass False for eager steps.
     """
+    ids, steps = _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed,
+                        attention_mask, static_cache, cuda_graph, compile)
+    return torch.cat([ids, *(tokens[:, None] for tokens in steps)], dim=1)
+
+
+def generate_stream(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, eos_ids=None, pad_id: int | None = None,
+                    seed: int | None = None, attention_mask: torch.Tensor | None = None, static_cache: bool = False,
+                    cuda_graph: bool | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+    """`generate`'s new tokens as they come: yields one (B,) int64 tensor per step (`pad_id` for rows already
+    ended), the prompt and arguments read as `generate` reads them. Arguments are checked, and the prompt is
+    prefilled, before the first token is asked for."""
+    return _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed, attention_mask,
+                  static_cache, cuda_graph, compile)[1]
+
+
+@torch.no_grad()
+def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed, attention_mask,
+           static_cache, cuda_graph, compile) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
     if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1; got "
@@ -133,10 +154,6 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
                       and all(p.device == device for p in model.parameters()))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {device}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_len = t + max_new_tokens
     if static_cache or cuda_graph or compile:  # fixed-shape steps read every slot anyway
@@ -145,24 +162,33 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     padded = not bool(mask.all())
     logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
                    logits_to_keep=1)
-    forward = torch.compile(model, dynamic=False) if compile else model
-    step = _GraphedDecodeStep(forward, cache, b, device) if cuda_graph else None
-    pos = positions[:, -1:]
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    out = [ids]
+    if compile:
+        model = torch.compile(model, dynamic=False)
+    step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None
+    static = static_cache or compile
+    sampling = (temperature, top_k, top_p, None if seed is None else torch.Generator(device=device).manual_seed(seed))
+    return ids, _steps(model, cache, step, static, logits, positions[:, -1:], t, max_new_tokens, sampling, eos, pad_id)
+
+
+@torch.no_grad()
+def _steps(model, cache: KVCache, step, static: bool, logits: torch.Tensor, pos: torch.Tensor, t: int,
+           max_new_tokens: int, sampling: tuple, eos: tuple, pad_id: int) -> Iterator[torch.Tensor]:
+    """Sample from `logits` (B, 1, vocab), yield the (B,) tokens, decode them at slot t + i; repeat."""
+    device = logits.device
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        sampled = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        out.append(torch.where(finished, torch.full_like(sampled, pad_id), sampled)[:, None])
+        sampled = sample_next(logits[:, -1], *sampling)
+        yield torch.where(finished, torch.full_like(sampled, pad_id), sampled)
         finished |= torch.isin(sampled, eos_tensor)
         if i == max_new_tokens - 1 or (eos and bool(finished.all())):  # no EOS ids: skip the host sync
-            break
+            return
         pos = pos + 1
         # Finished rows keep decoding their own (valid) samples: pad_id need not be a vocabulary id.
         if step is not None:
             logits = step(sampled[:, None], pos, t + i)
-        elif static_cache or compile:
+        elif static:
             slot = torch.full((1,), t + i, dtype=torch.long, device=device)
-            logits = forward(sampled[:, None], position_ids=pos, cache=cache, cache_position=slot)
+            logits = model(sampled[:, None], position_ids=pos, cache=cache, cache_position=slot)
         else:
             logits = model(sampled[:, None], position_ids=pos, cache=cache)
-    return torch.cat(out, dim=1)

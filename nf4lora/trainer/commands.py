@@ -87,31 +87,22 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_tokens: int, temperature: float,
                     top_k: int | None, top_p: float | None, seed: int, emit: Any) -> list[int]:
-    """Decode one prompt with the KV cache, calling ``emit(piece)`` with each new piece of text as it appears.
+    """Decode one prompt (``nf4lora.model.generate_stream``: CUDA-graph steps on one GPU), calling
+    ``emit(piece)`` with each new piece of text as it appears. Returns the new token ids (without the EOS that
+    stopped it)."""
+    from nf4lora.model import generate_stream
 
-    Same sampling as ``nf4lora.model.generate`` (``sample_next``); this loop exists to print while decoding.
-    Returns the new token ids (without the EOS that stopped it).
-    """
-    from nf4lora.model import sample_next
-
-    device = model.model.embed_tokens.weight.device
     ids = tokenizer.encode(text, bos=True, eos=False)
-    stop = set(tokenizer.eos_ids or model.config.eos_token_ids)
-    cache = model.new_cache(1, len(ids) + max_new_tokens)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device), cache=cache, logits_to_keep=1)
-        new: list[int] = []
-        shown = ""
-        for _ in range(max_new_tokens):
-            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            if int(token) in stop:
-                break
-            new.append(int(token))
-            decoded = tokenizer.decode(new)
-            emit(decoded[len(shown):])
-            shown = decoded
-            logits = model(token[:, None], cache=cache)
+    stop = tuple(tokenizer.eos_ids or model.config.eos_token_ids)
+    new: list[int] = []
+    shown = ""
+    for token in generate_stream(model, [ids], max_new_tokens, temperature, top_k, top_p, eos_ids=stop, seed=seed):
+        if int(token[0]) in stop:
+            break
+        new.append(int(token[0]))
+        decoded = tokenizer.decode(new)
+        emit(decoded[len(shown):])
+        shown = decoded
     return new
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nf4lora.model import filter_logits, generate, load_model
+from nf4lora.model import filter_logits, generate, generate_stream, load_model
 
 from .conftest import VARIANTS, hf_model
 
@@ -71,6 +71,19 @@ def test_rows_stop_at_eos_and_are_padded(checkpoints):
     assert torch.equal(out[1, :n], free[1, :n])  # the other row is unaffected until its own stop
     everyone = generate(model, rows, max_new_tokens=10, eos_ids=[int(free[0, 3]), int(free[1, 3])])
     assert everyone.shape == (2, 4)  # all rows done after one token: decoding stops early
+
+
+def test_stream_yields_generate_s_tokens_step_by_step(checkpoints):
+    model = load_model(checkpoints("gqa"), dtype=torch.float32)
+    rows = [[5, 6, 7], [8, 9]]  # left-padded with pad_id
+    sampling = dict(max_new_tokens=8, pad_id=0, temperature=0.8, top_k=20, seed=4)
+    stop = int(generate(model, rows, eos_ids=(), **sampling)[0, 4])  # row 0's second new token ends it
+    steps = list(generate_stream(model, rows, eos_ids=stop, **sampling))
+    assert all(step.shape == (2,) for step in steps)
+    expected = generate(model, rows, eos_ids=stop, **sampling)[:, 3:]
+    assert (expected[0, 2:] == 0).all() and torch.equal(torch.stack(steps, dim=1), expected)
+    with pytest.raises(ValueError, match="need max_new_tokens >= 1"):
+        generate_stream(model, rows, max_new_tokens=0)  # refused at the call, not at the first step
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(checkpoints):
