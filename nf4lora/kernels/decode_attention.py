@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import multiprocessors
+from nf4lora.kernels.dispatch import dot_precision, multiprocessors
 from nf4lora.kernels.launch import CachedLaunch
 
 # keys per inner step, and the fewest keys a chunk (program) takes before the keys are split further
@@ -137,7 +137,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             and mask.shape[3] == k.shape[2] and mask.stride(3) == 1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) where mask) v for q (B, H, 1, D), k, v (B, H_kv, L, D), mask (B or 1, 1, 1, L)
     bool or None -> (B, H, 1, D) in q.dtype, on tensors that ``supports`` accepts. No autograd."""
     if not supports(q, k, v, mask):
@@ -166,7 +168,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                stride_mb)
     meta = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_L=BLOCK_L,
                 HAS_MASK=mask is not None, SPLIT=chunks > 1,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PRECISION=dot_precision(q.dtype))
     _launch_chunks(
         # L and chunk vary from step to step on the prefix-cache path: the key holds what Triton specializes them
         # on (divisibility by 16; chunk is a multiple of BLOCK_L) and the grid, not their values

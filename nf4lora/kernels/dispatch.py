@@ -98,3 +98,9 @@ def _cuda_multiprocessors(index: int) -> int:
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` for sizing grids; 4 under the interpreter or off CUDA."""
     return 4 if interpreting() or device.type != "cuda" else _cuda_multiprocessors(device.index or 0)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: IEEE for fp32, whose products the kernels must
+    keep exact to meet fp32 tolerances (TF32 keeps 10 mantissa bits); 16-bit operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
-from nf4lora.kernels.dispatch import interpreting, multiprocessors, tuning_space
+from nf4lora.kernels.dispatch import dot_precision, interpreting, multiprocessors, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -519,6 +519,22 @@ def _split_k_buffers(out: torch.Tensor, K: int, block_m: int, part_rows: list[in
     return k_chunk, n_splits, partial, arrival_counters(tiles, out.device)
 
 
+def _format_meta(state, n_splits: int) -> dict:
+    """The constexprs every fused kernel takes from the weight's format and the split count."""
+    return dict(
+        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256, DOUBLE_QUANT=state.double_quant,
+        PTX=not interpreting(), SPLIT=n_splits > 1,
+    )
+
+
+def _gemv_x(x2d: torch.Tensor) -> torch.Tensor:
+    """Contiguous x (M, K) viewed as the GEMV reads it, in 8-byte words (M, K * itemsize / 8) int64; copied
+    first when it does not start on an 8-byte boundary."""
+    if x2d.storage_offset() * x2d.element_size() % 8:
+        x2d = x2d.clone()
+    return x2d.view(torch.int64)
+
+
 def fused_matmul(
     x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None, block_m: int | None = None
 ) -> torch.Tensor:
@@ -544,10 +560,7 @@ def fused_matmul(
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     k_chunk, n_splits, partial, arrivals = _split_k_buffers(out, K, block_m, [N])
     words = packed_words(qweight)
-    common = dict(
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
-        DOUBLE_QUANT=state.double_quant, PTX=not interpreting(), HAS_BIAS=bias is not None, SPLIT=n_splits > 1,
-    )
+    common = dict(_format_meta(state, n_splits), HAS_BIAS=bias is not None)
     args = (words, *format_args(qweight), out if bias is None else bias, out, partial, arrivals)
     key = (
         M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
@@ -555,26 +568,25 @@ def fused_matmul(
     )
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
     if block_m in GEMV_ROWS:
-        if x2d.storage_offset() * x2d.element_size() % 8:
-            x2d = x2d.clone()  # x is read in 8-byte words
+        x_words = _gemv_x(x2d)
         _launch_gemv(
-            grid, key, x2d.view(torch.int64), *args, M, N, K // 8, k_chunk // 8, K * x2d.element_size() // 8,
-            out.stride(0), X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=block_m,
-            SPLIT_READS=GEMV_SPLIT_READS, **common,
+            grid, key, x_words, *args, M, N, K // 8, k_chunk // 8, x_words.stride(0), out.stride(0),
+            X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=block_m, SPLIT_READS=GEMV_SPLIT_READS,
+            **common,
         )
     else:
         _launch_tile(
             grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
-            DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+            DOT_PRECISION=dot_precision(x2d.dtype), BLOCK_M=block_m,
             SUB_W=min(state.blocksize // 8, TILE_WORDS_PER_STEP), SPLIT_READS=TILE_SPLIT_READS, **common,
         )
     return out
 
 
 def parts_supported(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> bool:
-    """Whether ``fused_matmul_parts`` takes these: M = 1 or 2 rows of fp32/fp16/bf16 x (M, K) on the weights' device, 2 or 3
-    (N_p, K) weights with ``supports(K, blocksize)``, one blocksize and one double-quantization layout, and
-    packed codes that are whole 32-bit words in place (as a Llama projection's always are)."""
+    """Whether ``fused_matmul_parts`` takes these: M = 1 or 2 rows of fp32/fp16/bf16 x (M, K) on the weights'
+    device, 2 or 3 (N_p, K) weights with ``supports(K, blocksize)``, one blocksize and one double-quantization
+    layout, and packed codes that are whole 32-bit words in place (as a Llama projection's always are)."""
     if x2d.dim() != 2 or x2d.shape[0] not in GEMV_ROWS or x2d.dtype not in _X_DTYPES or len(qweights) not in (2, 3):
         return False
     first = qweights[0].state
@@ -605,9 +617,7 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
     parts = list(qweights) + [qweights[-1]] * (3 - len(qweights))  # a missing third part has 0 rows
     part_rows = [q.shape[0] for q in qweights] + [0] * (3 - len(qweights))
     (M, K), state = x2d.shape, parts[0].state
-    x2d = x2d.contiguous()
-    if x2d.storage_offset() * x2d.element_size() % 8:
-        x2d = x2d.clone()  # x is read in 8-byte words
+    x_words = _gemv_x(x2d.contiguous())
     out = torch.empty((M, sum(part_rows)), dtype=x2d.dtype, device=x2d.device)
     k_chunk, n_splits, partial, arrivals = _split_k_buffers(out, K, M, part_rows)
     formats = [format_args(q) for q in parts]
@@ -616,11 +626,10 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
            x2d.device)
     grid = lambda meta: (sum(triton.cdiv(rows, meta["BLOCK_N"]) for rows in part_rows), n_splits, 1)  # noqa: E731
     _launch_gemv_parts(
-        grid, key, x2d.view(torch.int64), *pointers, out, partial, arrivals,
-        M, *part_rows, K // 8, k_chunk // 8, K * x2d.element_size() // 8, out.stride(0),
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256, DOUBLE_QUANT=state.double_quant,
-        PTX=not interpreting(), X_DTYPE=_X_DTYPES[x2d.dtype], SPLIT=n_splits > 1, SPLIT_READS=GEMV_SPLIT_READS,
-        SUB_W=GEMV_WORDS_PER_STEP, ROWS=M,
+        grid, key, x_words, *pointers, out, partial, arrivals,
+        M, *part_rows, K // 8, k_chunk // 8, x_words.stride(0), out.stride(0),
+        X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=M, SPLIT_READS=GEMV_SPLIT_READS,
+        **_format_meta(state, n_splits),
     )
     return out
 
