@@ -186,8 +186,10 @@ def write_results(
     columns: Sequence[str],
     summary: str = "",
     out_dir: Path | str | None = None,
+    announce: bool = False,
 ) -> tuple[Path, Path]:
-    """Write ``<date>_<family>_<gpu>.json`` (everything) and ``.md`` (summary + table); return both paths."""
+    """Write ``<date>_<family>_<gpu>.json`` (everything) and ``.md`` (summary + table); return both paths.
+    With ``announce``, also print the table and a last JSON line naming the files and the ceilings."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{env['date'][:10]}_{family}_{_gpu_tag(env)}"
@@ -204,4 +206,8 @@ def write_results(
     )
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(header + (summary + "\n\n" if summary else "") + markdown_table(rows, columns) + "\n")
+    if announce:
+        print(markdown_table(rows, columns))
+        print(json.dumps({"results": [str(json_path), str(md_path)], "ceilings": ceilings}))
     return json_path, md_path
+

@@ -11,7 +11,6 @@ replays over rotating cache copies, so the cache streams from DRAM.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, markdown_table, write_results,
+    bench_rotating, copies_for, device_ceilings, environment, write_results,
 )
 from nf4lora.kernels.decode_attention import decode_attention  # noqa: E402
 
@@ -82,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_case(name, H, H_kv, D, B, L, ceilings["copy_gbs"])
             for name, (H, H_kv, D) in MODELS.items() for B in map(int, args.batch.split(",")) for L in LENGTHS]
     config = {"models": MODELS, "lengths": LENGTHS, "dtype": "bfloat16", "mask": "bool (B, 1, 1, L), filled prefixes"}
-    paths = write_results("decode-attention", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir,
-                          summary="One query row per sequence over a bf16 static KV cache; GB/s counts the K and V "
-                                  "bytes read.")
-    print(markdown_table(rows, COLUMNS))
-    print(json.dumps({"results": [str(p) for p in paths], "ceilings": ceilings}))
+    write_results("decode-attention", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True,
+                  summary="One query row per sequence over a bf16 static KV cache; GB/s counts the K and V bytes "
+                          "read.")
     return 0
 
 

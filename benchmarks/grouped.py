@@ -11,7 +11,6 @@ they stream from DRAM; timed as CUDA-graph replays): our one-launch ``nf4_linear
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, markdown_table, write_results,
+    bench_rotating, copies_for, device_ceilings, environment, write_results,
 )
 from nf4lora.kernels import nf4_linear, nf4_linear_parts, quantize  # noqa: E402
 from nf4lora.kernels.reference import dequantize_reference  # noqa: E402
@@ -91,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     config = {"groups": {name: {"K": K, "rows": r} for name, (K, r) in GROUPS.items()}, "ms": ms, "blocksize": 64,
               "quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}
-    paths = write_results("grouped", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir,
-                          summary="Projections that read one x, per decode step: one launch (ours) against one "
-                                  "launch per weight (ours, bitsandbytes, bf16) and bf16 on the concatenated weight.")
-    print(markdown_table(rows, COLUMNS))
-    print(json.dumps({"results": [str(p) for p in paths], "ceilings": ceilings}))
+    write_results("grouped", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True,
+                  summary="Projections that read one x, per decode step: one launch (ours) against one launch per "
+                          "weight (ours, bitsandbytes, bf16) and bf16 on the concatenated weight.")
     return 0
 
 

@@ -23,7 +23,6 @@ Prints a table, then one JSON line; writes benchmarks/results/<date>_kernels_<gp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -207,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(shape_rows, COLUMNS), flush=True)
         write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
         torch.cuda.empty_cache()
-    paths = write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
-    print(markdown_table(rows, COLUMNS))
-    print(json.dumps({"results": [str(p) for p in paths], "ceilings": ceilings}))
+    write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True)
     return 0
 
 
