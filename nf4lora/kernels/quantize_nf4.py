@@ -6,9 +6,10 @@
    propagated); full blocks scale by ``x * (1 / absmax)``, the partial last block by ``x / absmax``
    (both correctly rounded, ``div_rn``, with absmax clamped to 1e-38; only the program holding that
    block runs the slow division); clamp to [-1, 1]; the index is ``order[#bounds < x]`` found by a
-   branchless binary search over the sorted midpoints (ties take the lower code), where each probe
-   of the midpoints and of the order is a warp shuffle, like a code lookup (``codes.py``); two
-   indices per byte, element 2i in the high nibble. Writes packed bytes and float32 absmax.
+   branchless binary search over the sorted midpoints (ties take the lower code): the first two
+   probes are scalars, the last two (and ``order`` unless the codebook is ascending, as NF4 is) a
+   warp shuffle each, like a code lookup (``codes.py``); two indices per byte, element 2i in the
+   high nibble. Writes packed bytes and float32 absmax.
 2. with double quantization: ``offset = absmax.mean()`` (torch, so the reduction order is torch's,
    as in the reference), then the same kernel in 8-bit mode over ``absmax - offset``: blocks of 256,
    the signed dynamic map, nearest code through the reference's bin table
@@ -25,6 +26,8 @@ first launch alone takes 0.34 ms; at 4096x4096 the call's host time (about 0.1 m
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,8 +67,10 @@ def _quantize_blockwise_kernel(
     out_ptr, absmax_ptr,
     # sizes
     n_elements, n_blocks,
-    # format: EIGHT_BIT selects the 8-bit nested pass (offset subtracted, bin table, no packing)
-    BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr, PTX: tl.constexpr,
+    # format: EIGHT_BIT selects the 8-bit nested pass (offset subtracted, bin table, no packing);
+    # SORTED says the 4-bit codebook is ascending (NF4), so the sort order is not looked up
+    BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr, SORTED: tl.constexpr,
+    PTX: tl.constexpr,
     # tiling
     ELEMS: tl.constexpr,
 ):
@@ -100,14 +105,19 @@ def _quantize_blockwise_kernel(
         else:  # the program holding the partial last block: that block divides (a dozen instructions each)
             scaled = tl.where(full[:, None], x * recip[:, None], tl.math.div_rn(x, safe[:, None]))
         scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-        # number of the 15 sorted midpoints strictly below x, by a branchless binary search; the
-        # midpoints and the sort order are looked up like codes (a warp shuffle each when compiled)
+        # number of the 15 sorted midpoints strictly below x, by a branchless binary search. The first
+        # two probes can only read midpoint 7, then 3 or 11: scalars and a select. The last two, and the
+        # sort order of an unsorted codebook, are looked up like codes (a warp shuffle each when
+        # compiled), the instruction that bounds this kernel.
+        pos = tl.where(tl.load(table_ptr + 7) < scaled, 8, 0)
+        pos += tl.where(tl.where(pos == 8, tl.load(table_ptr + 11), tl.load(table_ptr + 3)) < scaled, 4, 0)
         lane_bounds = lane_code(table_ptr, PTX)
-        pos = tl.zeros([BLOCKS, BLOCKSIZE], dtype=tl.int32)
-        for level in tl.static_range(4):
-            step = 8 >> level
-            pos += tl.where(lookup(lane_bounds, table_ptr, pos + (step - 1), PTX) < scaled, step, 0)
-        idx = lookup(lane_code(order_ptr, PTX), order_ptr, pos, PTX).to(tl.int32)
+        pos += tl.where(lookup(lane_bounds, table_ptr, pos + 1, PTX) < scaled, 2, 0)
+        pos += tl.where(lookup(lane_bounds, table_ptr, pos, PTX) < scaled, 1, 0)
+        if SORTED:
+            idx = pos
+        else:
+            idx = lookup(lane_code(order_ptr, PTX), order_ptr, pos, PTX).to(tl.int32)
         stored = tl.where(full, absmax, safe)  # the reference stores the clamped absmax of a partial block
         tl.store(absmax_ptr + blocks, stored, mask=blocks < n_blocks)
         HALF: tl.constexpr = BLOCKSIZE // 2
@@ -120,45 +130,51 @@ def _quantize_blockwise_kernel(
 _launch_quantize = CachedLaunch(_quantize_blockwise_kernel)
 
 
+class _Tables(NamedTuple):
+    code: torch.Tensor  # (C,) float32, the codebook
+    table: torch.Tensor  # 16 codes: the 15 sorted midpoints padded to 16 (float32); 256: the bin table (int32)
+    order: torch.Tensor  # 16 codes: sorted position -> code index as float32; 256: unused
+    ascending: bool  # the sort order is the identity (NF4), so the kernel skips its lookup
+
+
 @functools.lru_cache(maxsize=64)
-def _lookup_tables(
-    code_values: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(code, table, order) on ``device``: for 16 codes the 15 sorted midpoints padded to 16 and the
-    sort order as float32 (both read like a codebook, one entry per lane), for 256 the reference's bin
-    table as int32 (order unused). Cached so that quantizing a model's layers does not rebuild them (a
-    65536-entry search) and copy them to the device for every weight."""
+def _lookup_tables(code_values: tuple[float, ...], device: torch.device) -> _Tables:
+    """The codebook ``code_values`` and its search tables on ``device``. The 16-code tables are read
+    like a codebook, one entry per lane. Cached so that quantizing a model's layers does not rebuild
+    them (a 65536-entry search for 256 codes) and copy them to the device for every weight."""
     code = torch.tensor(code_values, dtype=torch.float32)  # float32 values round-trip through Python floats
     if code.numel() == 256:
-        return code.to(device), blockwise.bin_table(code).to(device=device, dtype=torch.int32), code.to(device)
+        table = blockwise.bin_table(code).to(device=device, dtype=torch.int32)
+        return _Tables(code.to(device), table, code.to(device), ascending=False)
     bounds, order = codebook.quantize_bounds(code)
     table = torch.cat([bounds, bounds.new_tensor([float("inf")])])  # the pad is never looked up
-    return code.to(device), table.to(device), order.to(device=device, dtype=torch.float32)
+    ascending = bool(torch.equal(order, torch.arange(code.numel())))
+    return _Tables(code.to(device), table.to(device), order.to(device=device, dtype=torch.float32), ascending)
 
 
-@functools.cache
-def _nested_code_values() -> tuple[float, ...]:
-    return tuple(codebook.dynamic_map(signed=True).tolist())
+@functools.lru_cache(maxsize=8)
+def _nested_tables(device: torch.device) -> _Tables:
+    """The double quantization's 256-code tables (hashing their 256 values once per device, not per call)."""
+    return _lookup_tables(tuple(codebook.dynamic_map(signed=True).tolist()), device)
 
 
-def _launch(x: torch.Tensor, code_values: tuple[float, ...], blocksize: int, offset: torch.Tensor | None):
-    """One blockwise pass with the codebook ``code_values``. 4-bit (offset None): packed (ceil(n/2),)
+def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None):
+    """One blockwise pass with the codebook of ``tables``. 4-bit (offset None): packed (ceil(n/2),)
     uint8 and absmax (nblocks,) float32. 8-bit (nested, over ``x - offset``): indices (n,) uint8 and
-    absmax (nblocks,) float32. Also returns the codebook on x's device (cached: clone before storing)."""
+    absmax (nblocks,) float32."""
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
     eight_bit = offset is not None
-    code, table, order = _lookup_tables(code_values, x.device)
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1)),)  # noqa: E731
     _launch_quantize(
-        grid, (n, blocksize, eight_bit, x.dtype, x.device),
-        x, offset if eight_bit else absmax, table, order, out, absmax, n, n_blocks,
-        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, PTX=not interpreting(),
-        enable_fp_fusion=False,
+        grid, (n, blocksize, eight_bit, tables.ascending, x.dtype, x.device),
+        x, offset if eight_bit else absmax, tables.table, tables.order, out, absmax, n, n_blocks,
+        BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,
+        PTX=not interpreting(), enable_fp_fusion=False,
     )
-    return out, absmax, code
+    return out, absmax
 
 
 def quantize_triton(
@@ -176,27 +192,27 @@ def quantize_triton(
         blockwise.check_float_input(w, "weight")
     check_blocksize(blocksize)
     code, quant_type = codebook.resolve_code(quant_type, code)
-    packed, absmax, code = _launch(w.contiguous().reshape(-1), tuple(code.tolist()), blocksize, offset=None)
-    # The state's tensors are cloned from the cached codebooks: they must not share storage across
+    tables = _lookup_tables(tuple(code.tolist()), w.device)
+    packed, absmax = _launch(w.contiguous().reshape(-1), tables, blocksize, offset=None)
+    # The state's codebooks are cloned from the cached tables: they must not share storage across
     # weights (safetensors refuses that).
     state = dict(
-        absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code.clone()
+        absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
+        code=tables.code.clone(),
     )
     if double_quant:
         offset = absmax.mean()
-        # a NaN or an infinity in absmax makes the mean non-finite: one scalar to check
-        finite = torch.isfinite(offset)
-        quantized, nested_absmax, nested_code = _launch(
-            absmax, _nested_code_values(), codebook.NESTED_BLOCKSIZE, offset=offset
-        )
+        nested = _nested_tables(w.device)
+        quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, offset=offset)
         state.update(
-            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code.clone(),
+            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested.code.clone(),
             nested_blocksize=codebook.NESTED_BLOCKSIZE,
         )
-    else:
-        finite = torch.isfinite(absmax).all()
-    # Checked once everything is queued, so the host waits for the GPU once. A false alarm (a sum of
-    # finite absmax overflowing the mean) only costs the reference's check below, which then passes.
-    if not bool(finite):
+    # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in
+    # absmax makes the mean non-finite, so with double quantization the offset is the one scalar to
+    # read. A false alarm (a sum of finite absmax overflowing the mean) only costs the reference's
+    # check below, which then passes.
+    finite = math.isfinite(offset.item()) if double_quant else bool(torch.isfinite(absmax).all())
+    if not finite:
         blockwise.check_float_input(w, "weight")  # raises with the reference's message
     return QuantizedTensor(packed, QuantState(**state))
