@@ -29,6 +29,7 @@ def assert_same_bytes(q, ref):
         ((300, 700), 256, "nf4", True, torch.float32),  # nested: a partial block of 256 absmax
         ((3, 4096), 4096, "fp4", True, torch.float16),  # one block per row
         ((129,), 128, "nf4", False, torch.float32),
+        ((41, 1000), 64, "nf4", False, torch.float32),  # two tiles per program, the last program's second partial
     ],
 )
 def test_quantize_matches_reference_bytes(
