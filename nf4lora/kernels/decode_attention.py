@@ -5,9 +5,11 @@ q (B, H, 1, D), k and v (B, H_kv, L, D) with H a multiple of H_kv (grouped-query
 reads kv head h // (H / H_kv)) and mask None or bool, broadcastable to (B, 1, 1, L) (True = attend).
 
 Why a kernel of our own: with one query row, attention is a stream over the cache (2 * B * H_kv * L * D
-elements), yet SDPA's kernels are built for many query rows. On an H200 in bf16 this kernel ran 1.15-1.87x
-faster than SDPA's pick (cuDNN) for Llama-2-7B, Llama-3-8B and Llama-3-70B heads at 256-4096 cached keys,
-7.3 against 12.5 us for a 7B layer's 256-slot cache (benchmarks/results/2026-11-28_decode-attention_h200.md).
+elements), yet SDPA's kernels are built for many query rows. On an H200 in bf16 this kernel ran 1.12-1.65x
+faster than SDPA's pick (cuDNN) at batch 1 for Llama-2-7B, Llama-3-8B and Llama-3-70B heads at 256-4096
+cached keys, 8.1 against 12.5 us for a 7B layer's 256-slot cache, and 1.06-1.31x at batch 8 with 8 kv heads;
+at batch 8 with 32 kv heads (256 sequence-heads) SDPA was faster, 0.84-0.99x
+(benchmarks/results/2026-11-28_decode-attention_h200.md). ``preferred`` keeps the kernel to where it won.
 Here a program owns one kv head of one sequence and a chunk of its keys, with all of that head's
 query rows as the 16-row M side of ``tl.dot``; it keeps a running max, sum and weighted value sum
 (fp32) over blocks of BLOCK_L keys. With several chunks a second launch combines the chunks' partial
@@ -33,6 +35,8 @@ MIN_CHUNK = 128
 PROGRAMS_PER_SM = 2
 # chunks the combining launch reads at a time
 COMBINE_BLOCK = 16
+# the most sequences x kv heads that ``preferred`` sends here: measured ahead of SDPA up to 64, behind at 256
+MAX_BATCH_HEADS = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -135,6 +139,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         return True
     return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[0] in (1, B)
             and mask.shape[3] == k.shape[2] and mask.stride(3) == 1)
+
+
+def preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a decode step should take ``decode_attention`` over SDPA: supported, and at most
+    MAX_BATCH_HEADS (sequence, kv head) pairs."""
+    return supports(q, k, v, mask) and q.shape[0] * k.shape[1] <= MAX_BATCH_HEADS
 
 
 def decode_attention(

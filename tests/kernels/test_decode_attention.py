@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import skip_interpreter_bf16
 
-from nf4lora.kernels.decode_attention import decode_attention, supports
+from nf4lora.kernels.decode_attention import MAX_BATCH_HEADS, decode_attention, preferred, supports
 
 # Relative error against float64 SDPA on the same inputs: fp32 ~1e-7; fp16 rounds the probabilities to fp16 for
 # the value product (as flash attention does) and the output once.
@@ -65,6 +65,16 @@ def test_supports_and_refusals(device):
     assert not supports(q, torch.randn(1, 3, 50, 64, device=device), torch.randn(1, 3, 50, 64, device=device), None)
     with pytest.raises(ValueError, match=r"decode_attention takes q \(B, H, 1, D\).*got q \(1, 4, 1, 48\)"):
         decode_attention(q[..., :48], k[..., :48], k[..., :48])
+
+
+def test_preferred_up_to_max_batch_heads(device):
+    q = torch.randn(8, 32, 1, 64, device=device)
+    k = torch.randn(8, 8, 40, 64, device=device)
+    assert 8 * 8 <= MAX_BATCH_HEADS < 8 * 32
+    assert preferred(q, k, k, None)  # 64 (sequence, kv head) pairs
+    k = torch.randn(8, 32, 40, 64, device=device)
+    assert supports(q, k, k, None) and not preferred(q, k, k, None)  # 256: SDPA measured faster
+    assert not preferred(q[..., :48], k[..., :48], k[..., :48], None)  # unsupported
 
 
 def test_decode_attention_combines_more_chunks_than_one_block(device, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nf4lora.model import filter_logits, generate, generate_stream, load_model
+from nf4lora.model import Llama, LlamaConfig, filter_logits, generate, generate_stream, load_model
 
 from .conftest import VARIANTS, hf_model
 
@@ -166,3 +166,17 @@ def test_default_decoding_on_one_gpu_replays_a_graph_also_with_lora(checkpoints,
     assert torch.equal(default, eager)
     generate(model, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, eos_ids=())  # too short to pay back
     assert captured == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_built_under_a_cuda_device_context_decodes_in_a_graph():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Llama(config)
+    assert model.inv_freq.device.type == "cuda"  # not left on the CPU, where a graph capture cannot copy it from
+    ids = torch.randint(0, 96, (1, 5), device="cuda")
+    graphed = generate(model, ids, max_new_tokens=10, eos_ids=(), cuda_graph=True)
+    assert torch.equal(graphed, generate(model, ids, max_new_tokens=10, eos_ids=(), static_cache=True, cuda_graph=False))
