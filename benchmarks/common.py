@@ -94,6 +94,24 @@ def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 200) -> f
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def device_busy_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Milliseconds per call that the GPU spends in kernels and copies (``torch.profiler``), idle time excluded.
+
+    Where a step is bound by host time, ``bench`` measures the host; this is the device's share, the time
+    the same work takes once the host runs ahead (as in a model whose layers queue behind each other).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    # CUDA activity only: every event is a kernel, memcpy or memset, none nested in another
+    return sum(event.device_time_total for event in prof.key_averages()) / calls / 1e3
+
+
 def copies_for(nbytes: int) -> int:
     """How many copies of an input of ``nbytes`` make a working set of ROTATION_BYTES (1..MAX_COPIES)."""
     return max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / max(nbytes, 1))))
