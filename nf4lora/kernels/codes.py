@@ -1,7 +1,8 @@
 """Triton device helpers that read packed 4-bit codes and their absmax; shared by the kernels.
 
 Packed weights are read as 32-bit words of 8 codes. Byte p of a little-endian word holds elements
-2p (high nibble) and 2p + 1 (low nibble), so element j of a word sits at bit ``WORD_SHIFTS[j]``.
+2p (high nibble) and 2p + 1 (low nibble), so element j of a word sits at bit ``word_shifts()[j]``,
+8 (j // 2) + 4 (1 - j % 2).
 
 The 16-entry lookup is the hot instruction of every kernel here. Compiled (``PTX``), each thread
 keeps ``code[lane % 16]`` in one register (``lane_code``) and a lookup is one warp shuffle whose
@@ -81,6 +82,13 @@ def lane_code(code_ptr, PTX: tl.constexpr):
         )
         return tl.load(code_ptr + (lane & 15))
     return 0.0
+
+
+@triton.jit
+def word_shifts():
+    """(8,) int32: the bit at which element j of a packed 32-bit word starts."""
+    j = tl.arange(0, 8)
+    return 8 * (j >> 1) + 4 - 4 * (j & 1)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.codes import lane_code, lookup
+from nf4lora.kernels.codes import lane_code, lookup, word_shifts
 from nf4lora.kernels.dispatch import interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
@@ -114,12 +114,10 @@ def _quantize_tile(
         stored = tl.where(full, absmax, safe)  # the reference stores the clamped absmax of a partial block
         tl.store(absmax_ptr + blocks, stored, mask=blocks < n_blocks)
         if WORD_STORE:
-            # whole 32-bit words of 8 codes (n a multiple of 8): one store where bytes took four.
-            # Element j of a word sits at bit 8 (j // 2) + 4 (1 - j % 2); the bits are disjoint, so the
-            # sum is an or
+            # whole 32-bit words of 8 codes (n a multiple of 8): one store where bytes took four; the
+            # shifted codes' bits are disjoint, so their sum is an or
             WORDS: tl.constexpr = BLOCKSIZE // 8
-            j = tl.arange(0, 8)
-            words = tl.sum(tl.reshape(idx, [BLOCKS, WORDS, 8]) << (8 * (j >> 1) + 4 - 4 * (j & 1)), axis=2)
+            words = tl.sum(tl.reshape(idx, [BLOCKS, WORDS, 8]) << word_shifts(), axis=2)
             word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
             tl.store(out_ptr + word_offs, words, mask=word_offs < n_elements // 8)
         else:
