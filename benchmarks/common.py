@@ -154,6 +154,16 @@ def _capture(fns: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def streaming_rate(nbytes: int, ms: float, copy_gbs: float) -> dict[str, float]:
+    """Result columns for ``nbytes`` moved in ``ms``: "GB/s", and "%copy" of the measured copy bandwidth."""
+    return {"GB/s": nbytes / ms / 1e6, "%copy": 100 * nbytes / ms / 1e6 / copy_gbs}
+
+
+def peer_ratios(times: dict[str, float]) -> dict[str, float]:
+    """"vs_<peer>" = <peer>_ms / ours_ms for every "<peer>_ms" in ``times`` besides "ours_ms" (> 1: ours is faster)."""
+    return {f"vs_{key.removesuffix('_ms')}": ms / times["ours_ms"] for key, ms in times.items() if key != "ours_ms"}
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
     """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, write_results,
+    bench_rotating, copies_for, device_ceilings, environment, peer_ratios, streaming_rate, write_results,
 )
 from nf4lora.kernels.decode_attention import decode_attention  # noqa: E402
 
@@ -58,12 +58,8 @@ def bench_case(name: str, H: int, H_kv: int, D: int, B: int, L: int, copy_gbs: f
     }
     if H == H_kv:  # the memory-efficient kernel has no grouped-query form
         times["sdpa_efficient_ms"] = bench_rotating([lambda c=c: sdpa_efficient(*c) for c in caches])
-    row = {"model": name, "B": B, "L": L, **times, "GB/s": nbytes / times["ours_ms"] / 1e6,
-           "%copy": 100 * nbytes / times["ours_ms"] / 1e6 / copy_gbs,
-           "rel_err": float((out.double() - ref).norm() / ref.norm())}
-    for peer in ("sdpa", "sdpa_efficient"):
-        if f"{peer}_ms" in times:
-            row[f"vs_{peer}"] = times[f"{peer}_ms"] / times["ours_ms"]
+    row = {"model": name, "B": B, "L": L, **times, **streaming_rate(nbytes, times["ours_ms"], copy_gbs),
+           **peer_ratios(times), "rel_err": float((out.double() - ref).norm() / ref.norm())}
     print(row, flush=True)
     return row
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, write_results,
+    bench_rotating, copies_for, device_ceilings, environment, peer_ratios, streaming_rate, write_results,
 )
 from nf4lora.kernels import nf4_linear, nf4_linear_parts, quantize  # noqa: E402
 from nf4lora.kernels.reference import dequantize_reference  # noqa: E402
@@ -61,11 +61,8 @@ def bench_group(name: str, K: int, rows: tuple[int, ...], ms: tuple[int, ...], b
                 "bf16_fused_ms": bench_rotating([lambda w=w: F.linear(x, w) for w in fused_dense]),
             }
             nbytes = q_bytes + (M * K + M * sum(rows)) * 2
-            row = {"group": name, "M": M, **times, "GB/s": nbytes / times["ours_ms"] / 1e6,
-                   "%copy": 100 * nbytes / times["ours_ms"] / 1e6 / copy_gbs,
-                   "rel_err": float((out.float() - ref).norm() / ref.norm())}
-            for peer in ("separate", "bnb", "bf16", "bf16_fused"):
-                row[f"vs_{peer}"] = times[f"{peer}_ms"] / times["ours_ms"]
+            row = {"group": name, "M": M, **times, **streaming_rate(nbytes, times["ours_ms"], copy_gbs),
+                   **peer_ratios(times), "rel_err": float((out.float() - ref).norm() / ref.norm())}
             print(row, flush=True)
             results.append(row)
     return results

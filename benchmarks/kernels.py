@@ -39,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     device_ceilings,
     environment,
     markdown_table,
+    streaming_rate,
     write_results,
 )
 from nf4lora.kernels import dequantize, nf4_linear, quantize  # noqa: E402
@@ -94,7 +95,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
         theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
         nbytes = w.numel() * 2 + q_bytes(q)
         rows.append(dict(op="quantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
-            "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
+            **streaming_rate(nbytes, ours, copy_gbs), "vs_bnb": theirs / ours,
             "check": check,
         }))
 
@@ -108,7 +109,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
         theirs = bench_rotating([lambda b=b: bnb.functional.dequantize_4bit(*b) for b in bqs])
         nbytes = q_bytes(q) + w.numel() * 2
         rows.append(dict(op="dequantize", shape=shape, M=None, ours_ms=ours, bnb_ms=theirs, **{
-            "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs, "vs_bnb": theirs / ours,
+            **streaming_rate(nbytes, ours, copy_gbs), "vs_bnb": theirs / ours,
             "check": check,
         }))
 
@@ -128,7 +129,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
             alt = bench_rotating([lambda qi=qi: dequant_matmul(x, qi) for qi in qs])
             nbytes = q_bytes(q) + (M * K + M * N) * 2
             rows.append(dict(op="linear", shape=shape, M=M, ours_ms=ours, bnb_ms=theirs, bf16_ms=dense, alt_ms=alt, **{
-                "GB/s": nbytes / ours / 1e6, "%copy": 100 * nbytes / ours / 1e6 / copy_gbs,
+                **streaming_rate(nbytes, ours, copy_gbs),
                 "TFLOP/s": 2 * M * N * K / ours / 1e9, "vs_bnb": theirs / ours, "vs_bf16": dense / ours,
                 "check": check,
             }))
