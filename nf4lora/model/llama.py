@@ -45,9 +45,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """weight * rms_norm(x). With `residual`: (residual + x, weight * rms_norm(residual + x)), the sum in x's
+        dtype: a decoder layer's residual add and its next norm, one kernel on the inference path."""
+        if _inference_kernels(x, self.weight):
+            from nf4lora.kernels import rms_norm
+
+            if rms_norm.supports(x, self.weight, residual):
+                if residual is None:
+                    return rms_norm.rms_norm(x, self.weight, self.eps)
+                return rms_norm.add_rms_norm(residual, x, self.weight, self.eps)
+        if residual is None:
+            return self._normalize(x)
+        total = residual + x
+        return total, self._normalize(total)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is one fused kernel on CUDA where torch has one; on float32 input it equals HF's formula.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def _inference_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether the fused inference kernels (RMSNorm, RoPE + cache write, SiLU * up) take a call on x: the Triton
+    path on x's device, nothing to differentiate, and not traced by torch.compile (which fuses these ops itself)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return not torch.compiler.is_compiling() and use_triton(x.device)
 
 
 class KVCache:
@@ -89,18 +112,34 @@ class Attention(nn.Module):
         of which the first `n_keys` slots (all when None) are attended."""
         b, t, _ = x.shape
         q, k, v = _same_input((self.q_proj, self.k_proj, self.v_proj), x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k_cache, v_cache = kv
-            k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
-            if not is_causal:  # attend the cache; a causal prefill from slot 0 only needs its own k, v
-                k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = _rope_and_cache(q, k, v, cos, sin, is_causal, kv, cache_position, n_keys)
         out = _sdpa(q, k, v, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _rope_and_cache(q, k, v, cos, sin, is_causal, kv, cache_position, n_keys):
+    """Rotate q (B, T, H, D) and k (B, T, H_kv, D), write k and v into the cache `kv` at `cache_position`, and return
+    q, k, v as (B, heads, keys, D) for attention: the cache's first `n_keys` slots, or a causal prefill's own k, v."""
+    if kv is not None and _inference_kernels(q):
+        from nf4lora.kernels import rope_cache
+
+        if rope_cache.supports(q, k, v, cos, *kv):
+            k_cache, v_cache = kv
+            q = rope_cache.rope_into_cache(q, k, v, cos, sin, k_cache, v_cache, cache_position)
+            # a causal prefill starts at slot 0 with n_keys = T: the slots just written
+            return q, k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv is not None:
+        k_cache, v_cache = kv
+        k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
+        if not is_causal:  # attend the cache; a causal prefill from slot 0 only needs its own k, v
+            k, v = k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+    return q, k, v
 
 
 def _same_input(layers, x):
@@ -144,6 +183,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = _same_input((self.gate_proj, self.up_proj), x)
+        if _inference_kernels(gate):
+            from nf4lora.kernels import silu_mul
+
+            if silu_mul.supports(gate, up):
+                return self.down_proj(silu_mul.silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -160,8 +204,9 @@ class DecoderLayer(nn.Module):
         return self.input_layernorm.weight.device
 
     def forward(self, x, cos, sin, mask, is_causal, kv=None, cache_position=None, n_keys=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, cache_position, n_keys)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, cache_position, n_keys)
+        x, normed = self.post_attention_layernorm(attn, residual=x)
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

@@ -130,6 +130,35 @@ def test_static_cache_decode_steps_take_the_decode_attention_kernel(monkeypatch)
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
 
 
+def test_inference_steps_take_the_fused_layer_kernels_and_training_does_not(monkeypatch):
+    from nf4lora.kernels import rms_norm, rope_cache, silu_mul, use_kernels
+
+    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    calls = []
+    for module, name in ((rms_norm, "rms_norm"), (rms_norm, "add_rms_norm"), (rope_cache, "rope_into_cache"),
+                         (silu_mul, "silu_mul")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x = _ids(2, 9, 50)
+    outputs = {}
+    for mode in ("triton", "reference"):
+        with torch.no_grad(), use_kernels(mode):
+            cache = model.new_cache(2, 12)
+            steps = [model(x[:, :6], cache=cache)]  # causal prefill from slot 0, then decode steps
+            steps += [model(x[:, i:i + 1], cache=cache) for i in range(6, 9)]
+        outputs[mode] = torch.cat(steps, dim=1)
+    layers = model.config.num_hidden_layers
+    assert sorted(set(calls)) == ["add_rms_norm", "rms_norm", "rope_into_cache", "silu_mul"]
+    assert calls.count("rope_into_cache") == 4 * layers and calls.count("rms_norm") == 4 * (layers + 1)
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with use_kernels("triton"):
+        model.train()
+        model.model.norm.weight.requires_grad_(True)
+        model(x).float().pow(2).mean().backward()  # every layer's weights train: nothing may skip autograd
+    assert calls == [] and model.model.norm.weight.grad is not None
+
+
 def test_nf4_decode_step_groups_qkv_and_gate_up_into_one_launch_each(checkpoints, monkeypatch):
     from nf4lora.kernels import gemv_nf4, use_kernels
     from nf4lora.nf4.linear import NF4Linear

@@ -1,0 +1,65 @@
+"""SwiGLU's gate in one launch for inference: ``silu(gate) * up``.
+
+Rounds as the eager ``F.silu(gate) * up`` does: silu computed in float32 (``g / (1 + exp(-g))``) and rounded to
+the inputs' dtype, then the product computed in float32 and rounded. ``exp`` is Triton's, so an output may
+differ from torch's in the last bit. gate and up (..., I) may be views with strided rows (the two halves of one
+grouped projection output); the result is contiguous. Eagerly that is two kernels and an (..., I) round trip
+through memory in between; no autograd (the model calls it only when nothing needs a gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.rms_norm import rows_2d
+
+BLOCK = 1024
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate, stride_up, BLOCK: tl.constexpr):
+    """Program (row, column block): out[row, cols] = silu(gate[row, cols]) * up[row, cols]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < I
+    gate = tl.load(gate_ptr + row * stride_gate + cols, mask=live, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_up + cols, mask=live, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * I + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=live)
+
+
+_launch = CachedLaunch(_silu_mul_kernel)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the kernel takes these: gate and up of one shape (..., I), one fp32/fp16/bf16 dtype and device."""
+    return (
+        gate.shape == up.shape and gate.dim() > 0 and gate.numel() > 0 and gate.dtype == up.dtype
+        and gate.dtype in _DTYPES and gate.device == up.device
+    )
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for gate, up (..., I) of one dtype; returns a contiguous (..., I) tensor."""
+    if not supports(gate, up):
+        raise ValueError(
+            f"silu_mul takes gate and up of one shape and fp32/fp16/bf16 dtype; got {tuple(gate.shape)} {gate.dtype} "
+            f"and {tuple(up.shape)} {up.dtype}"
+        )
+    gate2d, up2d = rows_2d(gate), rows_2d(up)
+    rows, width = gate2d.shape
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    key = (rows, width, gate2d.stride(0), up2d.stride(0), gate.dtype, gate.device)
+    _launch(
+        lambda meta: (rows, triton.cdiv(width, BLOCK)), key, gate2d, up2d, out, width, gate2d.stride(0),
+        up2d.stride(0), BLOCK=BLOCK, num_warps=4,
+    )
+    return out
