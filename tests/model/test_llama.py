@@ -9,6 +9,10 @@ from nf4lora.model import Llama, LlamaConfig, load_model
 
 from .conftest import VARIANTS, hf_model, rel_err
 
+# Tests that force the Triton path run the kernels on the GPU where there is one (the interpreter is set up only
+# on machines without CUDA), else on CPU tensors under the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # fp32: both sides run the same float32 math in a different op order; observed ~1e-7, the issue asks 1e-5.
 FP32_REL = 1e-5
 # bf16: 8 mantissa bits, rounding after every op of a 2-3 layer model; the issue asks 2e-2.
@@ -111,20 +115,21 @@ def test_kv_cache_decoding_matches_full_forward(static):
 def test_static_cache_decode_steps_take_the_decode_attention_kernel(monkeypatch):
     from nf4lora.kernels import decode_attention, use_kernels
 
-    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16, 2 query heads per kv
+    # head_dim 16, 2 query heads per kv head
+    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(KERNEL_DEVICE)
     calls = []
     real = decode_attention.decode_attention
     monkeypatch.setattr(decode_attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
-    x = _ids(2, 10, 50)
+    x = _ids(2, 10, 50).to(KERNEL_DEVICE)
     outputs = {}
     for mode in ("triton", "reference"):
         with torch.no_grad(), use_kernels(mode):
             cache = model.new_cache(2, 16)
             cache.set_padding(torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]))  # left padding: masked keys
-            steps = [model(x[:, :6], cache=cache, cache_position=torch.arange(6))]
+            steps = [model(x[:, :6], cache=cache, cache_position=torch.arange(6, device=KERNEL_DEVICE))]
             for i in range(6, 10):
-                steps.append(model(x[:, i:i + 1], cache=cache, cache_position=torch.tensor([i]),
-                                   position_ids=torch.full((2, 1), i)))
+                steps.append(model(x[:, i:i + 1], cache=cache, cache_position=torch.tensor([i], device=KERNEL_DEVICE),
+                                   position_ids=torch.full((2, 1), i, device=KERNEL_DEVICE)))
         outputs[mode] = torch.cat(steps, dim=1)
     assert len(calls) == 4 * model.config.num_hidden_layers  # every decode step's attention, not the prefill's
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-5, atol=1e-5)
@@ -133,13 +138,13 @@ def test_static_cache_decode_steps_take_the_decode_attention_kernel(monkeypatch)
 def test_inference_steps_take_the_fused_layer_kernels_and_training_does_not(monkeypatch):
     from nf4lora.kernels import rms_norm, rope_cache, silu_mul, use_kernels
 
-    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    model = _tiny(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(KERNEL_DEVICE)
     calls = []
     for module, name in ((rms_norm, "rms_norm"), (rms_norm, "add_rms_norm"), (rope_cache, "rope_into_cache"),
                          (silu_mul, "silu_mul")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    x = _ids(2, 9, 50)
+    x = _ids(2, 9, 50).to(KERNEL_DEVICE)
     outputs = {}
     for mode in ("triton", "reference"):
         with torch.no_grad(), use_kernels(mode):
@@ -163,11 +168,11 @@ def test_nf4_decode_step_groups_qkv_and_gate_up_into_one_launch_each(checkpoints
     from nf4lora.kernels import gemv_nf4, use_kernels
     from nf4lora.nf4.linear import NF4Linear
 
-    model = load_model(checkpoints("gqa"), quantization="nf4", dtype=torch.float32)
+    model = load_model(checkpoints("gqa"), quantization="nf4", dtype=torch.float32, device=KERNEL_DEVICE)
     launches = []
     real = gemv_nf4.fused_matmul_parts
     monkeypatch.setattr(gemv_nf4, "fused_matmul_parts", lambda x, qs: launches.append(len(qs)) or real(x, qs))
-    x = _ids(2, 1, 96)  # a batch-2 decode step: 2 rows of x per projection
+    x = _ids(2, 1, 96).to(KERNEL_DEVICE)  # a batch-2 decode step: 2 rows of x per projection
     with torch.no_grad(), use_kernels("triton"):
         grouped = model(x)
         monkeypatch.setattr(NF4Linear, "forward_group", None)  # every projection on its own
