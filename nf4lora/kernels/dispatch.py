@@ -33,12 +33,18 @@ def _check_mode(mode: str, source: str) -> str:
     return mode
 
 
+@functools.lru_cache(maxsize=16)
+def _env_mode(raw: str) -> str:
+    return _check_mode(raw.strip().lower() or "auto", ENV_VAR)
+
+
 def kernel_mode() -> str:
     """The active mode: the innermost ``use_kernels`` block, else ``$NF4LORA_KERNELS``, else ``auto``."""
     stack = getattr(_override, "stack", None)
     if stack:
         return stack[-1]
-    return _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    # read on every call (a test or user may set it at any time); its parse is cached, as every op asks
+    return _env_mode(os.environ.get(ENV_VAR, "auto"))
 
 
 @contextlib.contextmanager
@@ -80,8 +86,12 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1``, where kernels run on CPU tensors through Triton's interpreter."""
+    """True under ``TRITON_INTERPRET=1``, where kernels run on CPU tensors through Triton's interpreter.
+
+    Read once: ``triton.jit`` makes a kernel interpreted or compiled when the kernel's module is imported, so the
+    answer cannot change afterwards (and every launch asks)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -68,10 +68,14 @@ def supports(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None =
     )
 
 
-def rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """t (..., D) as (rows, D) with unit column stride (a view where one exists)."""
+def rows_2d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t (..., D) as a tensor whose rows of D unit-stride values are ``row_stride`` apart: t itself when
+    contiguous, else a (rows, D) view or copy."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
     t2d = t.reshape(-1, t.shape[-1])
-    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+    t2d = t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+    return t2d, t2d.stride(0)
 
 
 def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -81,16 +85,18 @@ def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps:
             f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
             + ("" if delta is None else f", delta {tuple(delta.shape)} {delta.dtype}")
         )
-    x2d = rows_2d(x)
-    delta2d = x2d if delta is None else rows_2d(delta)
-    rows, d = x2d.shape
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if delta is not None else out
-    block = triton.next_power_of_2(d)
+    d = x.shape[-1]
+    rows = x.numel() // d
+    x_rows, x_stride = rows_2d(x)
+    delta_rows, delta_stride = (x_rows, x_stride) if delta is None else rows_2d(delta)
+    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    total = out if delta is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = 1 << (d - 1).bit_length()
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    key = (rows, d, x2d.stride(0), delta2d.stride(0), x.dtype, weight.dtype, delta is None, x.device)
+    key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None, x.device)
     _launch(
-        lambda meta: (rows,), key, x2d, delta2d, weight, out, total, d, x2d.stride(0), delta2d.stride(0), d, d,
+        lambda meta: (rows,), key, x_rows, delta_rows, weight, out, total, d, x_stride, delta_stride, d, d,
         float(eps), HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
     )
     return total, out

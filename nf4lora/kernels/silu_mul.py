@@ -54,12 +54,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             f"silu_mul takes gate and up of one shape and fp32/fp16/bf16 dtype; got {tuple(gate.shape)} {gate.dtype} "
             f"and {tuple(up.shape)} {up.dtype}"
         )
-    gate2d, up2d = rows_2d(gate), rows_2d(up)
-    rows, width = gate2d.shape
+    (gate_rows, gate_stride), (up_rows, up_stride) = rows_2d(gate), rows_2d(up)
+    width = gate.shape[-1]
+    rows = gate.numel() // width
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    key = (rows, width, gate2d.stride(0), up2d.stride(0), gate.dtype, gate.device)
+    key = (rows, width, gate_stride, up_stride, gate.dtype, gate.device)
     _launch(
-        lambda meta: (rows, triton.cdiv(width, BLOCK)), key, gate2d, up2d, out, width, gate2d.stride(0),
-        up2d.stride(0), BLOCK=BLOCK, num_warps=4,
+        lambda meta: (rows, triton.cdiv(width, BLOCK)), key, gate_rows, up_rows, out, width, gate_stride, up_stride,
+        BLOCK=BLOCK, num_warps=4,
     )
     return out
