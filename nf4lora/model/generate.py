@@ -181,8 +181,9 @@ def _steps(model, cache: KVCache, step, static: bool, logits: torch.Tensor, pos:
         sampled = sample_next(logits[:, -1], *sampling)
         yield torch.where(finished, torch.full_like(sampled, pad_id), sampled)
         finished |= torch.isin(sampled, eos_tensor)
-        if i == max_new_tokens - 1 or (eos and bool(finished.all())):  # no EOS ids: skip the host sync
+        if i == max_new_tokens - 1:
             return
+        all_finished = finished.all() if eos else None  # no EOS ids: no host sync at all
         pos = pos + 1
         # Finished rows keep decoding their own (valid) samples: pad_id need not be a vocabulary id.
         if step is not None:
@@ -192,3 +193,7 @@ def _steps(model, cache: KVCache, step, static: bool, logits: torch.Tensor, pos:
             logits = model(sampled[:, None], position_ids=pos, cache=cache, cache_position=slot)
         else:
             logits = model(sampled[:, None], position_ids=pos, cache=cache)
+        # Read after the next step is queued: the host waits for this step's sampling only, while the GPU already
+        # has the next forward, so host and GPU overlap (a last, unused forward is the price once all rows end).
+        if all_finished is not None and bool(all_finished):
+            return
