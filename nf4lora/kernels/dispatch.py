@@ -13,7 +13,6 @@ which takes precedence over the variable while it is active:
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -33,9 +32,11 @@ def _check_mode(mode: str, source: str) -> str:
     return mode
 
 
-@functools.lru_cache(maxsize=16)
-def _env_mode(raw: str) -> str:
-    return _check_mode(raw.strip().lower() or "auto", ENV_VAR)
+# Per-process caches as plain dicts, not functools caches: torch.compile traces through these functions and warns
+# about every functools cache it meets.
+_ENV_MODES: dict[str, str] = {}  # $NF4LORA_KERNELS value -> parsed mode
+_PROCESS: dict[str, object] = {}  # triton_available, interpreting
+_MULTIPROCESSORS: dict[int, int] = {}
 
 
 def kernel_mode() -> str:
@@ -44,7 +45,11 @@ def kernel_mode() -> str:
     if stack:
         return stack[-1]
     # read on every call (a test or user may set it at any time); its parse is cached, as every op asks
-    return _env_mode(os.environ.get(ENV_VAR, "auto"))
+    raw = os.environ.get(ENV_VAR, "auto")
+    mode = _ENV_MODES.get(raw)
+    if mode is None:
+        mode = _ENV_MODES[raw] = _check_mode(raw.strip().lower() or "auto", ENV_VAR)
+    return mode
 
 
 @contextlib.contextmanager
@@ -64,10 +69,11 @@ def use_kernels(mode: str) -> Iterator[None]:
         stack.pop()
 
 
-@functools.cache
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (it is Linux-only). Cached: every op asks."""
-    return importlib.util.find_spec("triton") is not None
+    if "triton" not in _PROCESS:
+        _PROCESS["triton"] = importlib.util.find_spec("triton") is not None
+    return _PROCESS["triton"]
 
 
 def use_triton(device: torch.device) -> bool:
@@ -86,13 +92,14 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-@functools.cache
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1``, where kernels run on CPU tensors through Triton's interpreter.
 
     Read once: ``triton.jit`` makes a kernel interpreted or compiled when the kernel's module is imported, so the
     answer cannot change afterwards (and every launch asks)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if "interpret" not in _PROCESS:
+        _PROCESS["interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _PROCESS["interpret"]
 
 
 def tuning_space(configs: list) -> list:
@@ -100,14 +107,14 @@ def tuning_space(configs: list) -> list:
     return configs[:1] if interpreting() else configs
 
 
-@functools.cache
-def _cuda_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` for sizing grids; 4 under the interpreter or off CUDA."""
-    return 4 if interpreting() or device.type != "cuda" else _cuda_multiprocessors(device.index or 0)
+    if interpreting() or device.type != "cuda":
+        return 4
+    index = device.index or 0
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
