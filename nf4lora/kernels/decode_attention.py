@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import dot_precision, multiprocessors
+from nf4lora.kernels.dispatch import cdiv, dot_precision, multiprocessors, next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
 # keys per inner step, and the fewest keys a chunk (program) takes before the keys are split further
@@ -162,9 +162,9 @@ def decode_attention(
     H_kv, L = k.shape[1], k.shape[2]
     group = H // H_kv
     programs = B * H_kv
-    chunks = max(1, min(triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), programs), triton.cdiv(L, MIN_CHUNK)))
-    chunk = triton.cdiv(triton.cdiv(L, chunks), BLOCK_L) * BLOCK_L
-    chunks = triton.cdiv(L, chunk)
+    chunks = max(1, min(cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), programs), cdiv(L, MIN_CHUNK)))
+    chunk = cdiv(cdiv(L, chunks), BLOCK_L) * BLOCK_L
+    chunks = cdiv(L, chunk)
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if chunks > 1:
         part = torch.empty((B * H * chunks, D), dtype=torch.float32, device=q.device)
@@ -176,7 +176,7 @@ def decode_attention(
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                stride_mb)
-    meta = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK_L=BLOCK_L,
+    meta = dict(GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), D=D, BLOCK_L=BLOCK_L,
                 HAS_MASK=mask is not None, SPLIT=chunks > 1,
                 DOT_PRECISION=dot_precision(q.dtype))
     _launch_chunks(

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
-from nf4lora.kernels.dispatch import interpreting, tuning_space
+from nf4lora.kernels.dispatch import cdiv, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -78,7 +78,7 @@ def packed_words(q: QuantizedTensor) -> torch.Tensor:
     """``q.packed`` as int32 words of 8 codes, copied into a zero-padded buffer when not whole words."""
     packed = q.packed
     if packed.numel() % 4 or packed.storage_offset() % 4:
-        padded = torch.zeros(triton.cdiv(packed.numel(), 4) * 4, dtype=torch.uint8, device=packed.device)
+        padded = torch.zeros(cdiv(packed.numel(), 4) * 4, dtype=torch.uint8, device=packed.device)
         padded[: packed.numel()] = packed
         packed = padded
     return packed.view(torch.int32)
@@ -114,7 +114,7 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     n = q.numel()
     state = q.state
     n_blocks = state.absmax.numel()
-    grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
+    grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
     key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype, out.device)
     _launch_dequantize(
         grid, key, packed_words(q), *format_args(q), out, n, n_blocks,

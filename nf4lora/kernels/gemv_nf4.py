@@ -53,7 +53,7 @@ import triton.language as tl
 
 from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
-from nf4lora.kernels.dispatch import dot_precision, interpreting, multiprocessors, tuning_space
+from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, multiprocessors, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -455,9 +455,9 @@ def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) ->
     aligns = GEMV_CHUNK_ALIGNS if block_m in GEMV_ROWS else TILE_CHUNK_ALIGNS
     align = next(multiple for smallest, multiple in aligns if N * K >= smallest)
     sms = multiprocessors(device)
-    tiles = triton.cdiv(N, 128) * triton.cdiv(M, block_m)
-    splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), triton.cdiv(K, align))
-    return triton.cdiv(triton.cdiv(K, max(splits, 1)), align) * align
+    tiles = cdiv(N, 128) * cdiv(M, block_m)
+    splits = min(cdiv(PROGRAMS_PER_SM * sms, tiles), cdiv(K, align))
+    return cdiv(cdiv(K, max(splits, 1)), align) * align
 
 
 def default_block_m(M: int) -> int:
@@ -510,12 +510,12 @@ def _split_k_buffers(out: torch.Tensor, K: int, block_m: int, part_rows: list[in
     each (summing to N). Without split-K the two buffers alias out (unused)."""
     M, N = out.shape
     k_chunk = split_k_chunk(M, N, K, block_m, out.device)
-    n_splits = triton.cdiv(K, k_chunk)
+    n_splits = cdiv(K, k_chunk)
     if n_splits == 1:
         return k_chunk, n_splits, out, out
     partial = torch.empty((n_splits, M, N), dtype=torch.float32, device=out.device)
     # one counter per output tile at the smallest BLOCK_N of either kernel's configs; every part starts a tile
-    tiles = sum(triton.cdiv(rows, MIN_BLOCK_N) for rows in part_rows) * triton.cdiv(M, block_m)
+    tiles = sum(cdiv(rows, MIN_BLOCK_N) for rows in part_rows) * cdiv(M, block_m)
     return k_chunk, n_splits, partial, arrival_counters(tiles, out.device)
 
 
@@ -566,7 +566,7 @@ def fused_matmul(
         M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
         x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device,
     )
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits, triton.cdiv(M, block_m))  # noqa: E731
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), n_splits, cdiv(M, block_m))  # noqa: E731
     if block_m in GEMV_ROWS:
         x_words = _gemv_x(x2d)
         _launch_gemv(
@@ -624,7 +624,7 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
     pointers = [packed_words(q) for q in parts] + [f[i] for i in range(5) for f in formats]
     key = (*part_rows, K, k_chunk, M, state.blocksize, state.nested_blocksize, state.double_quant, x2d.dtype,
            x2d.device)
-    grid = lambda meta: (sum(triton.cdiv(rows, meta["BLOCK_N"]) for rows in part_rows), n_splits, 1)  # noqa: E731
+    grid = lambda meta: (sum(cdiv(rows, meta["BLOCK_N"]) for rows in part_rows), n_splits, 1)  # noqa: E731
     _launch_gemv_parts(
         grid, key, x_words, *pointers, out, partial, arrivals,
         M, *part_rows, K // 8, k_chunk // 8, x_words.stride(0), out.stride(0),

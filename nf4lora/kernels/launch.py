@@ -36,7 +36,7 @@ class CachedLaunch:
         if interpreting():
             self.kernel[grid](*args, **meta)
             return
-        key = (key, tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+        key = (key, tuple([a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)]))
         hit = self.compiled.get(key)
         if hit is not None:
             compiled, grid_dims, tail = hit

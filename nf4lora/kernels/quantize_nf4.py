@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.codes import lane_code, lookup, word_shifts
-from nf4lora.kernels.dispatch import interpreting, tuning_space
+from nf4lora.kernels.dispatch import cdiv, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
 from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize
@@ -203,7 +203,7 @@ def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tens
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     word_store = not eight_bit and n % 8 == 0
-    grid = lambda meta: (triton.cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
     _launch_quantize(
         grid, (n, blocksize, eight_bit, tables.ascending, x.dtype, x.device),
         x, offset if eight_bit else absmax, tables.table, tables.order, out.view(torch.int32) if word_store else out,

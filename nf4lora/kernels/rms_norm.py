@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4lora.kernels.dispatch import next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
 MAX_FEATURES = 32768
@@ -92,7 +93,7 @@ def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps:
     out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     total = out if delta is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block = 1 << (d - 1).bit_length()
+    block = next_power_of_2(d)
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
     key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None, x.device)
     _launch(

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4lora.kernels.dispatch import next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,6 +117,6 @@ def rope_into_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache_position) 
     key = (b, t, h, h_kv, d, strides, q.dtype, q.device)
     _launch(
         lambda meta: (b * t, h + h_kv), key, q, k, v, cos, signed_sin, q_out, k_cache, v_cache, pos,
-        t, h, h_kv, *strides, D=d, BLOCK=1 << (d - 1).bit_length(), num_warps=1, enable_fp_fusion=False,
+        t, h, h_kv, *strides, D=d, BLOCK=next_power_of_2(d), num_warps=1, enable_fp_fusion=False,
     )
     return q_out

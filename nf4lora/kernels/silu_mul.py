@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4lora.kernels.dispatch import cdiv
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.kernels.rms_norm import rows_2d
 
@@ -60,7 +61,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     key = (rows, width, gate_stride, up_stride, gate.dtype, gate.device)
     _launch(
-        lambda meta: (rows, triton.cdiv(width, BLOCK)), key, gate_rows, up_rows, out, width, gate_stride, up_stride,
+        lambda meta: (rows, cdiv(width, BLOCK)), key, gate_rows, up_rows, out, width, gate_stride, up_stride,
         BLOCK=BLOCK, num_warps=4,
     )
     return out
