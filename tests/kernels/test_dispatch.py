@@ -54,3 +54,13 @@ def test_forced_triton_without_triton_raises(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     with use_kernels("triton"), pytest.raises(ValueError, match="triton package is not installed"):
         dispatch.use_triton(torch.device("cpu"))
+
+
+def test_host_cdiv_and_next_power_of_2_equal_triton_s():
+    import triton
+
+    for a in [0, 1, 2, 3, 15, 16, 17, 1000, 4095, 4096, 4097, 11008 * 4096 + 3]:
+        for b in [1, 2, 7, 16, 64, 128, 2048]:
+            assert dispatch.cdiv(a, b) == triton.cdiv(a, b)
+    for n in list(range(1, 300)) + [4095, 4096, 4097, 11008, 32768, 32769]:
+        assert dispatch.next_power_of_2(n) == triton.next_power_of_2(n)
