@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, write_results  # noqa: E402
 from nf4lora.model import Llama, LlamaConfig, generate  # noqa: E402
 from nf4lora.model import llama as llama_module  # noqa: E402
-from nf4lora.nf4.linear import NF4Linear  # noqa: E402
+from nf4lora.nf4.linear import quantize_linears  # noqa: E402
 
 COLUMNS = ["setting", "eager_decode_ms_tok", "graph_decode_ms_tok", "prefill_tok_s", "eager_reps", "graph_reps"]
 
@@ -38,11 +38,7 @@ def build_model(layers: int) -> Llama:
                          num_attention_heads=32, num_key_value_heads=32)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Llama(config).to(torch.bfloat16).eval()
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                setattr(parent, name, NF4Linear.from_linear(child))
+        model = quantize_linears(Llama(config).to(torch.bfloat16).eval())
     torch.cuda.empty_cache()
     return model
 

@@ -97,3 +97,17 @@ class NF4Linear(nn.Module):
             f"{state.quant_type}{'+dq' if state.double_quant else ''}, blocksize={state.blocksize}, "
             f"compute_dtype={self.compute_dtype}"
         )
+
+
+def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ("lm_head",), **options) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` inside ``module`` whose attribute name is not in ``skip`` by
+    ``NF4Linear.from_linear(linear, **options)`` (quantized on its current device); return ``module``.
+
+    For a model built in memory; ``nf4lora.model.load_model(..., quantization="nf4")`` quantizes a checkpoint as it
+    reads it instead.
+    """
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(parent, name, NF4Linear.from_linear(child, **options))
+    return module

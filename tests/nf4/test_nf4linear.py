@@ -75,3 +75,17 @@ def test_forward_group_equals_calling_each_layer(monkeypatch, with_bias):
     assert launches == ([] if with_bias else [1])  # biased layers take one launch each
     for a, b in zip(grouped, separate):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_linears_replaces_every_linear_but_the_skipped():
+    from nf4lora.nf4.linear import quantize_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 64, bias=False)))
+    model.lm_head = nn.Linear(64, 10)
+    x = torch.randn(3, 64)
+    first = model[0]
+    assert quantize_linears(model) is model
+    assert isinstance(model[0], NF4Linear) and isinstance(model[2][0], NF4Linear) and type(model.lm_head) is nn.Linear
+    expected = torch.nn.functional.linear(x, dequantize(model[0].weight), first.bias)
+    torch.testing.assert_close(model[0](x), expected)
