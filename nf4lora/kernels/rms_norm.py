@@ -9,7 +9,7 @@
 x.dtype first, as the eager ``x = x + delta`` rounds it: a decoder layer's residual add and the next norm.
 
 Why: eagerly that is five kernels (the add, the cast to float32, ``rms_norm``, the cast back, the weight
-product), each a few microseconds of launch-to-launch time in a replayed decode step of about 135 us per
+product), each a few microseconds of launch-to-launch time in a replayed decode step of 100-135 us per
 Llama-2-7B layer on an H200. One program per row keeps the whole row (the hidden size, up to
 ``MAX_FEATURES``) in registers, statistics in float32. No autograd: the model calls these only when nothing
 needs a gradient. The sum of squares runs in another order than torch's, so outputs may differ from the
@@ -70,8 +70,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None =
 
 
 def rows_2d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """t (..., D) as a tensor whose rows of D unit-stride values are ``row_stride`` apart: t itself when
-    contiguous, else a (rows, D) view or copy."""
+    """(rows, row_stride) for t (..., D): a tensor whose rows of D unit-stride values lie row_stride elements
+    apart, t itself when contiguous, else a (rows, D) view or copy."""
     if t.is_contiguous():
         return t, t.shape[-1]
     t2d = t.reshape(-1, t.shape[-1])
