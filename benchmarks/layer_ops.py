@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.model import decode_ms_per_token  # noqa: E402
 from nf4lora.model import Llama, LlamaConfig, generate  # noqa: E402
 from nf4lora.model import llama as llama_module  # noqa: E402
 from nf4lora.nf4.linear import quantize_linears  # noqa: E402
@@ -44,15 +45,7 @@ def build_model(layers: int) -> Llama:
 
 
 def decode_ms(model: Llama, prompt: torch.Tensor, graph: bool, new_tokens: int) -> float:
-    generate(model, prompt, max_new_tokens=4, cuda_graph=graph)  # warm-up: autotuning, compilation, capture
-    times = []
-    for n in (1, 1 + new_tokens):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, prompt, max_new_tokens=n, cuda_graph=graph)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return (times[1] - times[0]) / new_tokens * 1e3
+    return decode_ms_per_token(lambda k: generate(model, prompt, max_new_tokens=k, cuda_graph=graph), new_tokens, 1)
 
 
 def prefill_tok_s(model: Llama, tokens: int) -> float:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import cdiv, dot_precision, multiprocessors, next_power_of_2
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, dot_precision, multiprocessors, next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
 # keys per inner step, and the fewest keys a chunk (program) takes before the keys are split further
@@ -37,7 +37,6 @@ PROGRAMS_PER_SM = 2
 COMBINE_BLOCK = 16
 # the most sequences x kv heads that ``preferred`` sends here: measured ahead of SDPA up to 64, behind at 256
 MAX_BATCH_HEADS = 64
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -128,7 +127,7 @@ _launch_combine = CachedLaunch(_combine_kernel)
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``decode_attention`` takes these: one query row, a power-of-two head_dim of 16..256, one
     dtype, H a multiple of H_kv, a bool mask broadcastable to (B, 1, 1, L) or none, contiguous last dims."""
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[2] != 1 or q.dtype not in _DTYPES:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[2] != 1 or q.dtype not in FLOAT_DTYPES:
         return False
     B, H, _, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[1] or D & (D - 1) or not 16 <= D <= 256:

@@ -22,11 +22,9 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
-from nf4lora.kernels.dispatch import cdiv, interpreting, tuning_space
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
-
-OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _configs() -> list[triton.Config]:
@@ -107,7 +105,7 @@ def check_quantized(q: QuantizedTensor) -> None:
 def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     """Dequantize ``q`` into ``out`` (contiguous, ``q.numel()`` elements, fp32/fp16/bf16) and return it."""
     check_quantized(q)
-    if out.dtype not in OUT_DTYPES:
+    if out.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cannot dequantize to {out.dtype}; valid: float32, float16, bfloat16")
     if not out.is_contiguous() or out.numel() != q.numel():
         raise ValueError(f"out must be contiguous with {q.numel()} elements, got {out.numel()}")

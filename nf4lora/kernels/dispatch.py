@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 
 MODES = ("auto", "triton", "reference")
+# the floating dtypes the kernels read and write
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "NF4LORA_KERNELS"
 
 _override = threading.local()

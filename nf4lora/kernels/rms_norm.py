@@ -22,11 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import next_power_of_2
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
 MAX_FEATURES = 32768
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None =
     device, and a delta of x's shape and dtype."""
     d = x.shape[-1] if x.dim() else 0
     return (
-        x.dtype in _DTYPES and weight.dtype in _DTYPES and 0 < d <= MAX_FEATURES and x.numel() > 0
+        x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES and 0 < d <= MAX_FEATURES and x.numel() > 0
         and tuple(weight.shape) == (d,) and weight.device == x.device
         and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype and delta.device == x.device))
     )

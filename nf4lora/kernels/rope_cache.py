@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import next_power_of_2
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, next_power_of_2
 from nf4lora.kernels.launch import CachedLaunch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -93,7 +92,7 @@ def supports(q, k, v, cos, k_cache, v_cache) -> bool:
     (b, t, _, d), h_kv = q.shape, k.shape[2]
     tensors = (q, k, v, cos, k_cache, v_cache)
     return (
-        q.dtype in _DTYPES and all(x.dtype == q.dtype and x.device == q.device for x in tensors)
+        q.dtype in FLOAT_DTYPES and all(x.dtype == q.dtype and x.device == q.device for x in tensors)
         and k.shape[:2] == (b, t) and k.shape[3] == d and tuple(cos.shape) == (b, t, d)
         and k_cache.shape[0] == b and k_cache.shape[1] == h_kv and k_cache.shape[3] == d
         and all(x.stride(-1) == 1 for x in tensors) and k_cache.stride() == v_cache.stride()

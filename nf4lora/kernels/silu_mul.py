@@ -13,12 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.dispatch import cdiv
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.kernels.rms_norm import rows_2d
 
 BLOCK = 1024
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -44,7 +43,7 @@ def supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether the kernel takes these: gate and up of one shape (..., I), one fp32/fp16/bf16 dtype and device."""
     return (
         gate.shape == up.shape and gate.dim() > 0 and gate.numel() > 0 and gate.dtype == up.dtype
-        and gate.dtype in _DTYPES and gate.device == up.device
+        and gate.dtype in FLOAT_DTYPES and gate.device == up.device
     )
 
 

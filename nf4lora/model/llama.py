@@ -156,8 +156,7 @@ def _sdpa(q, k, v, mask, is_causal):
     step (one query row, nothing to differentiate) takes `decode_attention` on the Triton path where it is preferred,
     except under torch.compile: there the step keeps SDPA, as the kernel measured no gain in a compiled step (H200,
     Llama-2-7B shapes: compiled minus graphed eager step +0.29 ms/token with either attention)."""
-    if (q.shape[2] == 1 and not is_causal and not (torch.is_grad_enabled() and q.requires_grad)
-            and not torch.compiler.is_compiling() and use_triton(q.device)):
+    if q.shape[2] == 1 and not is_causal and _inference_kernels(q):
         from nf4lora.kernels import decode_attention
 
         if decode_attention.preferred(q, k, v, mask):
