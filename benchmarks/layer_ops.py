@@ -1,12 +1,14 @@
-"""The fused decoder-layer inference kernels (RMSNorm with the residual add, RoPE + KV-cache write, SiLU * up)
-against the eager PyTorch ops they replace, in one process on one model.
+"""The fused decoder-layer inference kernels (RMSNorm with the residual add, RoPE + KV-cache write, SiLU * up),
+with and without programmatic dependent launch (``nf4lora.kernels.pdl``), against the eager PyTorch ops they
+replace, in one process on one model.
 
     python benchmarks/layer_ops.py [--layers 8] [--repeats 3] [--out-dir DIR]
 
 A Llama-2-7B-shaped model with random weights (``--layers`` decoder layers, NF4 double-quantized projections,
-bf16) is built on the GPU, and the model runs with the fused kernels on (the default inference path) and off
-(``nf4lora.model.llama``'s switch forced to the PyTorch ops), alternating ``--repeats`` times so that drift in
-the host's speed hits both alike. Per setting, medians over the repeats:
+bf16) is built on the GPU and runs in three settings, alternating ``--repeats`` times so that drift in the
+host's speed hits all alike: the default inference path (fused kernels, launched as programmatic dependents on
+Hopper), the fused kernels launched plainly (``pdl.enabled`` forced off), and the PyTorch ops
+(``nf4lora.model.llama``'s switch forced off as well). Per setting, medians over the repeats:
 
 - batch-1 greedy decode ms/token, eager and with each step replayed from a CUDA graph
   ((t(1 + n) - t(1)) / n, so prefill and setup cancel);
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, write_results  # noqa: E402
 from benchmarks.model import decode_ms_per_token  # noqa: E402
+from nf4lora.kernels import pdl  # noqa: E402
 from nf4lora.model import Llama, LlamaConfig, generate  # noqa: E402
 from nf4lora.model import llama as llama_module  # noqa: E402
 from nf4lora.nf4.linear import quantize_linears  # noqa: E402
@@ -74,20 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("benchmarks/layer_ops.py needs a CUDA GPU")
     model = build_model(args.layers)
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
-    fused = llama_module._inference_kernels
-    settings = {"fused kernels": fused, "PyTorch ops": lambda *tensors: False}
+    fused, dependent = llama_module._inference_kernels, pdl.enabled
+    off = lambda *args: False  # noqa: E731
+    # setting -> (the model's fused-kernel switch, the kernels' programmatic-dependent-launch switch)
+    settings = {"fused kernels + PDL": (fused, dependent), "fused kernels": (fused, off), "PyTorch ops": (off, off)}
     reps = {name: {"eager": [], "graph": [], "prefill": []} for name in settings}
     tokens = {}
     try:
         for _ in range(args.repeats):
-            for name, switch in settings.items():
-                llama_module._inference_kernels = switch
+            for name, (kernels_switch, pdl_switch) in settings.items():
+                llama_module._inference_kernels, pdl.enabled = kernels_switch, pdl_switch
                 reps[name]["eager"].append(decode_ms(model, prompt, False, args.new_tokens // 2))
                 reps[name]["graph"].append(decode_ms(model, prompt, True, args.new_tokens))
                 reps[name]["prefill"].append(prefill_tok_s(model, args.prefill_tokens))
                 tokens[name] = generate(model, prompt, max_new_tokens=32, cuda_graph=True)
     finally:
-        llama_module._inference_kernels = fused
+        llama_module._inference_kernels, pdl.enabled = fused, dependent
     rows = [
         {"setting": name, "eager_decode_ms_tok": statistics.median(r["eager"]),
          "graph_decode_ms_tok": statistics.median(r["graph"]), "prefill_tok_s": statistics.median(r["prefill"]),
@@ -95,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in reps.items()
     ]
     same = (tokens["fused kernels"] == tokens["PyTorch ops"]).float().mean().item()
+    same_pdl = torch.equal(tokens["fused kernels + PDL"], tokens["fused kernels"])
     summary = (
         f"Llama-2-7B-shaped model, {args.layers} layers, NF4 projections, bf16, batch 1; medians of {args.repeats} "
-        f"alternating repeats. Greedy tokens equal between the two settings: {same:.3f} of 48 (16 prompt + 32 new; "
-        "the fused norm sums in another order, so a near-tie can flip)."
+        f"alternating repeats. Greedy tokens equal between fused kernels and PyTorch ops: {same:.3f} of 48 (16 "
+        f"prompt + 32 new; the fused norm sums in another order, so a near-tie can flip); with and without "
+        f"programmatic dependent launch: {'identical' if same_pdl else 'DIFFERENT'}."
     )
     write_results("layer-ops", rows, vars(args), environment(), {}, COLUMNS, summary, args.out_dir, announce=True)
     return 0

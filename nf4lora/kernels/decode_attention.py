@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, dot_precision, multiprocessors, next_power_of_2
+from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 
 # keys per inner step, and the fewest keys a chunk (program) takes before the keys are split further
 BLOCK_L = 64
@@ -45,13 +47,15 @@ def _chunk_kernel(
     L, CHUNK, H_KV, sm_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_mb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b * H_kv + kv head, chunk): the GROUP query heads of that kv head over keys
     [chunk * CHUNK, min(L, (chunk + 1) * CHUNK)). Without SPLIT it writes the normalized output
     (B, H, D); with SPLIT the chunk's unnormalized sum (B, H, chunks, D), max and sum (B, H, chunks)."""
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
+    wait_for_producer(PDL)
+    release_dependents(PDL)
     b = pid_bh // H_KV
     kv_head = pid_bh % H_KV
     rows = tl.arange(0, GROUP_PAD)
@@ -97,12 +101,16 @@ def _chunk_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, m_ptr, l_ptr, out_ptr, N_CHUNKS, D: tl.constexpr, CHUNK_BLOCK: tl.constexpr):
+def _combine_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr, N_CHUNKS, D: tl.constexpr, CHUNK_BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
     """Program (b * H + head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c, reading
     the chunks CHUNK_BLOCK at a time (so no constexpr depends on how many there are)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNK_BLOCK)
     d = tl.arange(0, D)
+    wait_for_producer(PDL)
+    release_dependents(PDL)
     top = tl.max(tl.load(m_ptr + row * N_CHUNKS + c, mask=c < N_CHUNKS, other=float("-inf")), axis=0)
     for first in range(CHUNK_BLOCK, N_CHUNKS, CHUNK_BLOCK):
         m = tl.load(m_ptr + row * N_CHUNKS + first + c, mask=first + c < N_CHUNKS, other=float("-inf"))
@@ -177,7 +185,7 @@ def decode_attention(
                stride_mb)
     meta = dict(GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), D=D, BLOCK_L=BLOCK_L,
                 HAS_MASK=mask is not None, SPLIT=chunks > 1,
-                DOT_PRECISION=dot_precision(q.dtype))
+                DOT_PRECISION=dot_precision(q.dtype), **pdl.launch_meta(q.device))
     _launch_chunks(
         # L and chunk vary from step to step on the prefix-cache path: the key holds what Triton specializes them
         # on (divisibility by 16; chunk is a multiple of BLOCK_L) and the grid, not their values
@@ -186,6 +194,7 @@ def decode_attention(
         q, k, v, mask_arg, part, row_max, row_sum, L, chunk, H_kv, 1.0 / math.sqrt(D), *strides, **meta, num_warps=4,
     )
     if chunks > 1:
-        _launch_combine(lambda _: (B * H,), (B * H, chunks, D, q.dtype, q.device), part, row_max, row_sum, out,
-                        chunks, D=D, CHUNK_BLOCK=COMBINE_BLOCK, num_warps=4)
+        launch = pdl.launch_meta(q.device)
+        _launch_combine(lambda _: (B * H,), (B * H, chunks, D, q.dtype, q.device, launch["PDL"]), part, row_max,
+                        row_sum, out, chunks, D=D, CHUNK_BLOCK=COMBINE_BLOCK, num_warps=4, **launch)
     return out

@@ -54,7 +54,9 @@ import triton.language as tl
 from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
 from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, multiprocessors, tuning_space
+from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 from nf4lora.nf4.tensor import QuantizedTensor
 
 # Split-K cuts K into chunks of a multiple of these many columns (whole steps), by kernel and weight size:
@@ -271,7 +273,7 @@ def _gemv_program(
     out_ptr, partial_ptr, arrivals_ptr,
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om, rn, col, n_mask,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr,
+    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, PDL: tl.constexpr,
     SUB_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One GEMV program: weight rows ``rn`` (BLOCK_N,) where ``n_mask``, into output columns ``col`` of out (M, N)."""
@@ -291,6 +293,7 @@ def _gemv_program(
         rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
+    wait_for_producer(PDL)  # x and the split-K buffers come from earlier kernels; the weights never change
     x0, x1, x2, x3 = _load_x(x_row, w_begin, word, w_end, X_DTYPE)
     y0, y1, y2, y3 = x0, x1, x2, x3  # the second row's pairs (unused with one row)
     if TWO_ROWS:
@@ -322,6 +325,7 @@ def _gemv_program(
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x0, x1, x2, x3 = next_x0, next_x1, next_x2, next_x3
         y0, y1, y2, y3 = next_y0, next_y1, next_y2, next_y3
+    release_dependents(PDL)
     if TWO_ROWS:
         result = tl.permute(tl.join(tl.sum(acc, axis=1), tl.sum(acc_2, axis=1)), (1, 0))
     else:
@@ -343,14 +347,15 @@ def _gemv_kernel(
     out_ptr, partial_ptr, arrivals_ptr,
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr,
+    X_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, PDL: tl.constexpr,
     SUB_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     _gemv_program(
         x_ptr, words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bias_ptr,
         out_ptr, partial_ptr, arrivals_ptr, M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om, rn, rn, rn < N,
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX, X_DTYPE, HAS_BIAS, SPLIT, SPLIT_READS, SUB_W, ROWS, BLOCK_N,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX, X_DTYPE, HAS_BIAS, SPLIT, SPLIT_READS, PDL, SUB_W, ROWS,
+        BLOCK_N,
     )
 
 
@@ -372,7 +377,7 @@ def _gemv_parts_kernel(
     offset_0, offset_1, offset_2, out_ptr, partial_ptr, arrivals_ptr,
     M, N_0, N_1, N_2, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    X_DTYPE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr,
+    X_DTYPE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, PDL: tl.constexpr,
     SUB_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The GEMV on three weights (N_p, K) at once, out (M, N_0 + N_1 + N_2) = x @ [W_0; W_1; W_2].T: weight p
@@ -390,7 +395,7 @@ def _gemv_parts_kernel(
         _pick(offset_0, offset_1, offset_2, in_1, in_2), out_ptr, out_ptr, partial_ptr, arrivals_ptr,
         M, N_0 + N_1 + N_2, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
         rn, _pick(0, N_0, N_0 + N_1, in_1, in_2) + rn, rn < _pick(N_0, N_1, N_2, in_1, in_2),
-        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX, X_DTYPE, False, SPLIT, SPLIT_READS, SUB_W, ROWS, BLOCK_N,
+        BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX, X_DTYPE, False, SPLIT, SPLIT_READS, PDL, SUB_W, ROWS, BLOCK_N,
     )
 
 
@@ -405,8 +410,8 @@ def _tile_kernel(
     out_ptr, partial_ptr, arrivals_ptr,
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -425,6 +430,7 @@ def _tile_kernel(
         rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, SUB_W,
     )
+    wait_for_producer(PDL)
     x_tile = _load_x_tile(x_rows, col, m_mask, w_begin, w_end)
     for w in range(w_begin, w_end, SUB_W):
         words_2, stored_2, nested_2 = _load_step(
@@ -438,6 +444,7 @@ def _tile_kernel(
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x_tile = next_x
+    release_dependents(PDL)
     _store_result(
         tl.trans(acc), rm, rn, m_mask, n_mask, pid_s, M, N, stride_om, bias_ptr, out_ptr, partial_ptr,
         arrivals_ptr, HAS_BIAS, SPLIT, SPLIT_READS,
@@ -519,11 +526,12 @@ def _split_k_buffers(out: torch.Tensor, K: int, block_m: int, part_rows: list[in
     return k_chunk, n_splits, partial, arrival_counters(tiles, out.device)
 
 
-def _format_meta(state, n_splits: int) -> dict:
-    """The constexprs every fused kernel takes from the weight's format and the split count."""
+def _format_meta(state, n_splits: int, device: torch.device) -> dict:
+    """The constexprs (and the launch option) every fused kernel takes from the weight's format, the split count
+    and the device."""
     return dict(
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256, DOUBLE_QUANT=state.double_quant,
-        PTX=not interpreting(), SPLIT=n_splits > 1,
+        PTX=not interpreting(), SPLIT=n_splits > 1, **pdl.launch_meta(device),
     )
 
 
@@ -560,11 +568,11 @@ def fused_matmul(
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     k_chunk, n_splits, partial, arrivals = _split_k_buffers(out, K, block_m, [N])
     words = packed_words(qweight)
-    common = dict(_format_meta(state, n_splits), HAS_BIAS=bias is not None)
+    common = dict(_format_meta(state, n_splits, x2d.device), HAS_BIAS=bias is not None)
     args = (words, *format_args(qweight), out if bias is None else bias, out, partial, arrivals)
     key = (
         M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
-        x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device,
+        x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device, common["PDL"],
     )
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), n_splits, cdiv(M, block_m))  # noqa: E731
     if block_m in GEMV_ROWS:
@@ -622,14 +630,14 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
     k_chunk, n_splits, partial, arrivals = _split_k_buffers(out, K, M, part_rows)
     formats = [format_args(q) for q in parts]
     pointers = [packed_words(q) for q in parts] + [f[i] for i in range(5) for f in formats]
+    common = _format_meta(state, n_splits, x2d.device)
     key = (*part_rows, K, k_chunk, M, state.blocksize, state.nested_blocksize, state.double_quant, x2d.dtype,
-           x2d.device)
+           x2d.device, common["PDL"])
     grid = lambda meta: (sum(cdiv(rows, meta["BLOCK_N"]) for rows in part_rows), n_splits, 1)  # noqa: E731
     _launch_gemv_parts(
         grid, key, x_words, *pointers, out, partial, arrivals,
         M, *part_rows, K // 8, k_chunk // 8, x_words.stride(0), out.stride(0),
-        X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=M, SPLIT_READS=GEMV_SPLIT_READS,
-        **_format_meta(state, n_splits),
+        X_DTYPE=_X_DTYPES[x2d.dtype], SUB_W=GEMV_WORDS_PER_STEP, ROWS=M, SPLIT_READS=GEMV_SPLIT_READS, **common,
     )
     return out
 

@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, next_power_of_2
+from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 
 MAX_FEATURES = 32768
 
@@ -31,12 +33,14 @@ MAX_FEATURES = 32768
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, delta_ptr, weight_ptr, out_ptr, sum_ptr, D, stride_x, stride_delta, stride_out, stride_sum, eps,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Row program: out[row] = weight * normed(x[row] (+ delta[row])); with HAS_DELTA also sum[row] = x + delta."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     live = cols < D
+    wait_for_producer(PDL)
+    release_dependents(PDL)  # the next kernel (a GEMV) may start streaming its weights
     x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0)
     if HAS_DELTA:
         delta = tl.load(delta_ptr + row * stride_delta + cols, mask=live, other=0.0)
@@ -94,10 +98,12 @@ def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps:
     total = out if delta is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = next_power_of_2(d)
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None, x.device)
+    launch = pdl.launch_meta(x.device)
+    key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None, x.device, launch["PDL"])
     _launch(
         lambda meta: (rows,), key, x_rows, delta_rows, weight, out, total, d, x_stride, delta_stride, d, d,
         float(eps), HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        **launch,
     )
     return total, out
 

@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, next_power_of_2
+from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 
 
 
@@ -46,7 +48,7 @@ def _rope_cache_kernel(
     T, H, H_KV,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_cacheb, stride_cacheh, stride_cachel,
-    D: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b * T + t, head): query head ``head`` < H into q_out, else kv head ``head - H`` into the caches."""
     bt = tl.program_id(0)
@@ -55,6 +57,8 @@ def _rope_cache_kernel(
     t = bt % T
     cols = tl.arange(0, BLOCK)
     live = cols < D
+    wait_for_producer(PDL)
+    release_dependents(PDL)
     cos = tl.load(cos_ptr + b * stride_cb + t * stride_ct + cols, mask=live, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + b * stride_cb + t * stride_ct + cols, mask=live, other=0.0).to(tl.float32)
     if head < H:
@@ -113,9 +117,11 @@ def rope_into_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache_position) 
     pos = cache_position.to(device=q.device, dtype=torch.int64)
     q_out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *k_cache.stride()[:3])
-    key = (b, t, h, h_kv, d, strides, q.dtype, q.device)
+    launch = pdl.launch_meta(q.device)
+    key = (b, t, h, h_kv, d, strides, q.dtype, q.device, launch["PDL"])
     _launch(
         lambda meta: (b * t, h + h_kv), key, q, k, v, cos, signed_sin, q_out, k_cache, v_cache, pos,
         t, h, h_kv, *strides, D=d, BLOCK=next_power_of_2(d), num_warps=1, enable_fp_fusion=False,
+        **launch,
     )
     return q_out

@@ -14,18 +14,22 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv
+from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 from nf4lora.kernels.rms_norm import rows_2d
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate, stride_up, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate, stride_up, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, column block): out[row, cols] = silu(gate[row, cols]) * up[row, cols]."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < I
+    wait_for_producer(PDL)
+    release_dependents(PDL)
     gate = tl.load(gate_ptr + row * stride_gate + cols, mask=live, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + row * stride_up + cols, mask=live, other=0.0)
     silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
@@ -58,9 +62,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     width = gate.shape[-1]
     rows = gate.numel() // width
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    key = (rows, width, gate_stride, up_stride, gate.dtype, gate.device)
+    launch = pdl.launch_meta(gate.device)
+    key = (rows, width, gate_stride, up_stride, gate.dtype, gate.device, launch["PDL"])
     _launch(
         lambda meta: (rows, cdiv(width, BLOCK)), key, gate_rows, up_rows, out, width, gate_stride, up_stride,
-        BLOCK=BLOCK, num_warps=4,
+        BLOCK=BLOCK, num_warps=4, **launch,
     )
     return out
