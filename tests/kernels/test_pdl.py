@@ -13,7 +13,7 @@ def test_off_without_a_hopper_gpu_or_under_the_interpreter():
 def test_decode_with_dependent_launches_equals_decode_without(monkeypatch):
     from nf4lora.kernels import gemv_nf4
     from nf4lora.model import Llama, LlamaConfig, generate
-    from nf4lora.nf4.linear import NF4Linear
+    from nf4lora.nf4.linear import quantize_linears
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
@@ -21,11 +21,7 @@ def test_decode_with_dependent_launches_equals_decode_without(monkeypatch):
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2)
     with torch.device("cuda"):
-        model = Llama(config).to(torch.bfloat16).eval()
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                setattr(parent, name, NF4Linear.from_linear(child))
+        model = quantize_linears(Llama(config).to(torch.bfloat16).eval())
     prompt = torch.randint(0, 256, (2, 7), device="cuda")
 
     def run():
