@@ -202,10 +202,16 @@ class DecoderLayer(nn.Module):
     def device(self) -> torch.device:
         return self.input_layernorm.weight.device
 
-    def forward(self, x, cos, sin, mask, is_causal, kv=None, cache_position=None, n_keys=None):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, cache_position, n_keys)
+    def forward(self, x, pending, cos, sin, mask, is_causal, kv=None, cache_position=None, n_keys=None):
+        """The hidden state (B, T, hidden) arrives as x + pending (pending None for the first layer) and leaves as
+        the pair (x', mlp output): each residual add is left to the next norm, which does it in the same kernel."""
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm(pending, residual=x)
+        attn = self.self_attn(normed, cos, sin, mask, is_causal, kv, cache_position, n_keys)
         x, normed = self.post_attention_layernorm(attn, residual=x)
-        return x + self.mlp(normed)
+        return x, self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -294,24 +300,27 @@ class Llama(nn.Module):
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(h.dtype)  # SDPA wants an additive mask in the query's dtype
         per_device = {}
+        pending = None  # a layer's MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
             dev = layer.device
             if dev not in per_device:
                 cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(dev), h.dtype)
                 per_device[dev] = (cos, sin, None if mask is None else mask.to(dev), cache_position.to(dev))
             cos, sin, layer_mask, slots = per_device[dev]
-            h = h.to(dev)
+            h, pending = h.to(dev), None if pending is None else pending.to(dev)
             kv = None if kv_slots is None else kv_slots[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, layer_mask, is_causal, kv, slots, n_keys, use_reentrant=False)
+                h, pending = checkpoint(
+                    layer, h, pending, cos, sin, layer_mask, is_causal, kv, slots, n_keys, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, layer_mask, is_causal, kv, slots, n_keys)
+                h, pending = layer(h, pending, cos, sin, layer_mask, is_causal, kv, slots, n_keys)
         if auto_slots:
             cache.seen += t
-        h = h.to(self.model.norm.weight.device)
+        h, pending = h.to(self.model.norm.weight.device), pending.to(self.model.norm.weight.device)
         if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(h).to(self.lm_head.weight.device))
+            h, pending = h[:, -logits_to_keep:], pending[:, -logits_to_keep:]
+        _, normed = self.model.norm(pending, residual=h)
+        return self.lm_head(normed.to(self.lm_head.weight.device))
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
