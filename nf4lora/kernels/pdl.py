@@ -8,6 +8,9 @@ every other read, and every write, comes after. ``release_dependents`` lets the 
 programs then run up to their own wait. The wait returns when the previous kernel has completed and its
 writes are visible, so memory that the caching allocator hands from one op to the next is never written
 early. Without the launch attribute both calls do nothing, and under the interpreter they are not emitted.
+
+Measured on an H200 (benchmarks/layer_ops.py, 8 Llama-2-7B-shaped NF4 layers, CUDA-graph decode step, on and off
+in one process): 0.79 against 0.97 ms/token, and 0.94 against 0.99 on another machine; tokens identical.
 """
 
 from __future__ import annotations
