@@ -310,6 +310,8 @@ class Llama(nn.Module):
             h, pending = h.to(dev), None if pending is None else pending.to(dev)
             kv = None if kv_slots is None else kv_slots[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                if pending is not None:  # a checkpoint keeps its inputs: one tensor per layer, not two
+                    h, pending = h + pending, None
                 h, pending = checkpoint(
                     layer, h, pending, cos, sin, layer_mask, is_causal, kv, slots, n_keys, use_reentrant=False)
             else:

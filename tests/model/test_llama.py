@@ -184,9 +184,17 @@ def test_nf4_decode_step_groups_qkv_and_gate_up_into_one_launch_each(checkpoints
     torch.testing.assert_close(grouped, separate, rtol=1e-5, atol=1e-5)  # fp32: split-K order differs
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
+def test_gradient_checkpointing_gives_identical_gradients(monkeypatch):
+    from nf4lora.model import llama
+
     model = _tiny().train()
     x = _ids(2, 8, 50)
+    # a checkpoint keeps its inputs for the recomputation: each layer's must be one tensor, with the residual the
+    # layer before left pending already added (as many saved activations as a layer that adds it itself)
+    pending_inputs = []
+    real_checkpoint = llama.checkpoint
+    monkeypatch.setattr(llama, "checkpoint", lambda fn, h, pending, *a, **k: pending_inputs.append(pending) or
+                        real_checkpoint(fn, h, pending, *a, **k))
 
     def grads(checkpointing: bool):
         model.zero_grad()
@@ -195,6 +203,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, recomputed = grads(False), grads(True)
+    assert pending_inputs == [None] * model.config.num_hidden_layers
     assert plain.keys() == recomputed.keys()
     for name in plain:  # recomputation replays the exact same kernels on the same inputs
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0, msg=name)
