@@ -10,8 +10,8 @@ host's speed hits all alike: the default inference path (fused kernels, launched
 Hopper), the fused kernels launched plainly (``pdl.enabled`` forced off), and the PyTorch ops
 (``nf4lora.model.llama``'s switch forced off as well). Per setting, medians over the repeats:
 
-- batch-1 greedy decode ms/token, eager and with each step replayed from a CUDA graph
-  ((t(1 + n) - t(1)) / n, so prefill and setup cancel);
+- batch-1 greedy decode ms/token, eager and with each step replayed from a CUDA graph, timed through
+  ``generate_stream`` from the first new token to the last (prefill and the graph's capture stay out);
 - prefill tokens/s for one 2048-token prompt into a KV cache.
 """
 
@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, write_results  # noqa: E402
-from benchmarks.model import decode_ms_per_token  # noqa: E402
+from benchmarks.model import stream_ms_per_token  # noqa: E402
 from nf4lora.kernels import pdl  # noqa: E402
-from nf4lora.model import Llama, LlamaConfig, generate  # noqa: E402
+from nf4lora.model import Llama, LlamaConfig, generate, generate_stream  # noqa: E402
 from nf4lora.model import llama as llama_module  # noqa: E402
 from nf4lora.nf4.linear import quantize_linears  # noqa: E402
 
@@ -48,7 +48,8 @@ def build_model(layers: int) -> Llama:
 
 
 def decode_ms(model: Llama, prompt: torch.Tensor, graph: bool, new_tokens: int) -> float:
-    return decode_ms_per_token(lambda k: generate(model, prompt, max_new_tokens=k, cuda_graph=graph), new_tokens, 1)
+    return stream_ms_per_token(
+        lambda k: generate_stream(model, prompt, max_new_tokens=k, eos_ids=(), cuda_graph=graph), new_tokens, 1)
 
 
 def prefill_tok_s(model: Llama, tokens: int) -> float:
