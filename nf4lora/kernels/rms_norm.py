@@ -93,8 +93,7 @@ def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps:
     rows = x.numel() // d
     x_rows, x_stride = rows_2d(x)
     delta_rows, delta_stride = (x_rows, x_stride) if delta is None else rows_2d(delta)
-    out_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     total = out if delta is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = next_power_of_2(d)
     weight = weight if weight.stride(0) == 1 else weight.contiguous()

@@ -30,7 +30,6 @@ from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 
 
-
 @triton.jit
 def _rotate(x_row, cos, sin, cols, live, D: tl.constexpr):
     """x * cos + roll(x, D / 2) * sin for one head (BLOCK,), each product and the sum rounded to x's dtype."""
@@ -106,7 +105,8 @@ def supports(q, k, v, cos, k_cache, v_cache) -> bool:
 def rope_into_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache_position) -> torch.Tensor:
     """Rotate q and k by cos/signed_sin, write k and v into the caches at ``cache_position`` (T,); return q rotated
     as (B, H, T, D) contiguous. Shapes and dtypes as in the module docstring (``supports``)."""
-    if not supports(q, k, v, cos, k_cache, v_cache) or signed_sin.shape != cos.shape or signed_sin.stride() != cos.stride():
+    sin_like_cos = signed_sin.shape == cos.shape and signed_sin.stride() == cos.stride()
+    if not sin_like_cos or not supports(q, k, v, cos, k_cache, v_cache):
         raise ValueError(
             f"rope_into_cache takes q (B, T, H, D), k and v (B, T, H_kv, D), cos and sin (B, T, D) and caches "
             f"(B, H_kv, L, D) of one dtype; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, cos "
