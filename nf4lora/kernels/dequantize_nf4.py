@@ -40,7 +40,7 @@ def _configs() -> list[triton.Config]:
     )
 
 
-@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "DOUBLE_QUANT"])
+@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "DOUBLE_QUANT"], cache_results=True)
 @triton.jit
 def _dequantize_kernel(
     # inputs

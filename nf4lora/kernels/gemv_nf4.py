@@ -340,6 +340,7 @@ def _gemv_program(
     configs=_configs(GEMV_CONFIGS),
     key=["M", "N", "K_WORDS", "CHUNK_WORDS", "ROWS", "DOUBLE_QUANT"],
     prune_configs_by={"early_config_prune": _prune_gemv},
+    cache_results=True,
 )
 @triton.jit
 def _gemv_kernel(
@@ -369,6 +370,7 @@ def _pick(p0, p1, p2, in_1, in_2):
     configs=_configs(GEMV_CONFIGS),
     key=["M", "N_0", "N_1", "N_2", "K_WORDS", "CHUNK_WORDS", "ROWS", "DOUBLE_QUANT"],
     prune_configs_by={"early_config_prune": _prune_gemv},
+    cache_results=True,
 )
 @triton.jit
 def _gemv_parts_kernel(
@@ -403,6 +405,7 @@ def _gemv_parts_kernel(
     configs=_configs(sorted({c for table in TILE_CONFIGS.values() for c in table})),
     key=["M", "N", "K_WORDS", "CHUNK_WORDS", "BLOCK_M", "DOUBLE_QUANT"],
     prune_configs_by={"early_config_prune": _prune_tile},
+    cache_results=True,
 )
 @triton.jit
 def _tile_kernel(

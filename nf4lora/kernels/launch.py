@@ -11,6 +11,10 @@ it returns with the grid and the tuned meta-parameters, and later calls go strai
 The key decides which binary runs, so it must cover what Triton specializes on: the caller's key
 (sizes, dtypes, constexpr values) plus, added here, each tensor argument's 16-byte alignment.
 Under the interpreter every call takes the normal path.
+
+The autotuned kernels also keep their timings on disk (``triton.autotune(..., cache_results=True)``, in Triton's
+cache directory, keyed by Triton version, GPU target, kernel source and tuning key), so only the first process on
+a machine benchmarks the tilings for a given weight size; later ones read the choice (and the compiled binary) back.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def _quantize_tile(
             tl.store(out_ptr + byte_offs, ((hi << 4) | lo).to(tl.uint8), mask=byte_offs < (n_elements + 1) // 2)
 
 
-@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "EIGHT_BIT"])
+@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "EIGHT_BIT"], cache_results=True)
 @triton.jit
 def _quantize_blockwise_kernel(
     # inputs
