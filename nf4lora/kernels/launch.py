@@ -15,6 +15,8 @@ Under the interpreter every call takes the normal path.
 The autotuned kernels also keep their timings on disk (``triton.autotune(..., cache_results=True)``, in Triton's
 cache directory, keyed by Triton version, GPU target, kernel source and tuning key), so only the first process on
 a machine benchmarks the tilings for a given weight size; later ones read the choice (and the compiled binary) back.
+On an H200, quantize + dequantize + GEMV at M = 1, 2, 8 over the three Llama-2-7B projection shapes took 8.8 s in a
+process that had the binaries but no timings on disk, and 1.0 s in the next one.
 """
 
 from __future__ import annotations
