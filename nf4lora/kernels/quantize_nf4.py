@@ -119,7 +119,7 @@ def _quantize_tile(
             WORDS: tl.constexpr = BLOCKSIZE // 8
             words = tl.sum(tl.reshape(idx, [BLOCKS, WORDS, 8]) << word_shifts(), axis=2)
             word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
-            tl.store(out_ptr + word_offs, words, mask=word_offs < n_elements // 8)
+            tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + word_offs, words, mask=word_offs < n_elements // 8)
         else:
             HALF: tl.constexpr = BLOCKSIZE // 2
             hi, lo = tl.split(tl.reshape(idx, [BLOCKS, HALF, 2]))
@@ -133,7 +133,7 @@ def _quantize_tile(
 def _quantize_blockwise_kernel(
     # inputs
     x_ptr, offset_ptr, table_ptr, order_ptr,
-    # outputs: packed bytes, or int32 words with WORD_STORE
+    # outputs: packed bytes (stored as int32 words with WORD_STORE), or 8-bit indices; float32 absmax
     out_ptr, absmax_ptr,
     # sizes
     n_elements, n_blocks,
@@ -193,8 +193,15 @@ def _nested_tables(device: torch.device) -> _Tables:
     return _lookup_tables(tuple(codebook.dynamic_map(signed=True).tolist()), device)
 
 
+@functools.lru_cache(maxsize=16)
+def _named_tables(quant_type: str, device: torch.device) -> _Tables:
+    """The tables of a named codebook ("nf4", "fp4"), without building and hashing its values on every call."""
+    return _lookup_tables(tuple(codebook.get_code(quant_type).tolist()), device)
+
+
 def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None):
-    """One blockwise pass with the codebook of ``tables``. 4-bit (offset None): packed (ceil(n/2),)
+    """One blockwise pass over contiguous ``x`` (any shape, read flat) with the codebook of ``tables``.
+    4-bit (offset None): packed (ceil(n/2),)
     uint8 and absmax (nblocks,) float32. 8-bit (nested, over ``x - offset``): indices (n,) uint8 and
     absmax (nblocks,) float32."""
     n = x.numel()
@@ -206,7 +213,7 @@ def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tens
     grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
     _launch_quantize(
         grid, (n, blocksize, eight_bit, tables.ascending, x.dtype, x.device),
-        x, offset if eight_bit else absmax, tables.table, tables.order, out.view(torch.int32) if word_store else out,
+        x, offset if eight_bit else absmax, tables.table, tables.order, out,
         absmax, n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,
         WORD_STORE=word_store, PTX=not interpreting(), enable_fp_fusion=False,
@@ -228,21 +235,24 @@ def quantize_triton(
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.numel() == 0:
         blockwise.check_float_input(w, "weight")
     check_blocksize(blocksize)
-    code, quant_type = codebook.resolve_code(quant_type, code)
-    tables = _lookup_tables(tuple(code.tolist()), w.device)
-    packed, absmax = _launch(w.contiguous().reshape(-1), tables, blocksize, offset=None)
-    # The state's codebooks are cloned from the cached tables: they must not share storage across
-    # weights (safetensors refuses that).
+    if code is None:
+        tables = _named_tables(quant_type, w.device)
+    else:
+        code, quant_type = codebook.resolve_code(quant_type, code)
+        tables = _lookup_tables(tuple(code.tolist()), w.device)
+    # the kernel reads w flat through its data pointer, so a contiguous w needs no reshaped view
+    packed, absmax = _launch(w if w.is_contiguous() else w.contiguous(), tables, blocksize, offset=None)
+    # The state's codebooks are the cached device tensors, shared by every weight quantized with them:
+    # a copy per weight cost two launches, about a third of the host time of a 4096x4096 call.
     state = dict(
-        absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
-        code=tables.code.clone(),
+        absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=tables.code,
     )
     if double_quant:
         offset = absmax.mean()
         nested = _nested_tables(w.device)
         quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, offset=offset)
         state.update(
-            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested.code.clone(),
+            absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested.code,
             nested_blocksize=codebook.NESTED_BLOCKSIZE,
         )
     # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in

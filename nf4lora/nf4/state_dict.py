@@ -40,7 +40,10 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
         "dtype": _dtype_name(state.dtype),
         "shape": list(state.shape),
     }
-    entries = {prefix: q.packed.view(-1, 1), f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code}
+    # codebooks are copied: quantized weights may share one (the Triton quantizer's), and safetensors refuses
+    # a state dict whose tensors share storage
+    entries = {prefix: q.packed.view(-1, 1), f"{prefix}.absmax": state.absmax}
+    entries[f"{prefix}.quant_map"] = state.code.clone()
     if state.double_quant:
         meta.update(
             nested_blocksize=state.nested_blocksize,
@@ -48,7 +51,7 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
             nested_offset=state.offset.item(),
         )
         entries[f"{prefix}.nested_absmax"] = state.nested_absmax
-        entries[f"{prefix}.nested_quant_map"] = state.nested_code.clone()  # unshared, so safetensors can save it
+        entries[f"{prefix}.nested_quant_map"] = state.nested_code.clone()
     packed_meta = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8, device=q.device)
     entries[f"{prefix}.{_STATE_KEY}{state.quant_type}"] = packed_meta
     return entries

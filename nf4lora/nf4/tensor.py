@@ -33,6 +33,8 @@ class QuantState:
     blocksize: elements per absmax block; quant_type: "nf4", "fp4" or "custom"; code: (16,) float32 codebook.
     offset: 0-d float32; nested_absmax: (ceil(nblocks/256),) float32; nested_code: (256,) float32;
     nested_blocksize: 256. These four are set only when double-quantized.
+    The Triton quantizer gives every weight the same cached codebook tensors: treat `code` and `nested_code` as
+    read-only (`to_bnb_state_dict` exports copies).
     """
 
     absmax: torch.Tensor

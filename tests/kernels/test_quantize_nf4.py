@@ -42,6 +42,28 @@ def test_quantize_matches_reference_bytes(
     assert_same_bytes(q, ref)
 
 
+def test_quantize_reads_non_contiguous_and_3d_weights(triton_mode, poisoned, device):
+    w = torch.randn(96, 64)
+    for t in (w.T, w.reshape(4, 24, 64)):  # a transposed view is copied; a contiguous 3-d tensor is read flat
+        q = quantize(t.to(device))
+        assert q.shape == t.shape
+        assert_same_bytes(q, quantize_ref(t.contiguous()))
+
+
+def test_weights_sharing_a_codebook_save_to_one_safetensors_file(triton_mode, device, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nf4lora.nf4.state_dict import from_bnb_state_dict, to_bnb_state_dict
+
+    qs = [quantize(torch.randn(8, 64).to(device)) for _ in range(2)]
+    assert qs[0].state.code.data_ptr() == qs[1].state.code.data_ptr()  # the cached codebook, not a copy each
+    entries = {k: v.cpu() for i, q in enumerate(qs) for k, v in to_bnb_state_dict(q, f"w{i}").items()}
+    save_file(entries, tmp_path / "two.safetensors")  # refuses tensors that share storage
+    loaded = load_file(tmp_path / "two.safetensors")
+    for i, q in enumerate(qs):
+        assert_same_bytes(from_bnb_state_dict({k: v for k, v in loaded.items() if k.startswith(f"w{i}")}, f"w{i}"), q)
+
+
 def test_quantize_all_zero_blocks_match_reference(triton_mode, poisoned, device):
     w = torch.randn(10, 64)
     w[2] = 0  # a full zero block: stored absmax 0
