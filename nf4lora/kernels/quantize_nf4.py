@@ -18,11 +18,12 @@
 
 Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
 infinity makes its block's absmax, and so the offset, non-finite.
-Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass). Measured on
-an H200 (benchmarks/results/2026-11-28_kernels-quantize_h200.md, bf16, blocksize 64 with double
-quantization): 0.33-0.43 ms at the 70B projections (6.2-7.5x bitsandbytes' quantize_4bit), of which
-the two launches take 0.27 ms (profiled); 0.106 ms (5.4x) at 11008x4096; at 4096x4096 the launches
-take 26 us of the call's 88 us (3.2x), the rest being host work.
+The state's codebooks are the cached tables' tensors, shared by every weight (copying them cost two
+launches a call). Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
+Measured on an H200 (benchmarks/results/2026-11-28_kernels_h200.md, bf16, blocksize 64 with double
+quantization): 0.34 ms at the 70B projections (7.5x bitsandbytes' quantize_4bit); 0.11-0.12 ms (5.6-6.5x)
+at the 7B MLP shapes; at 4096x4096 0.066-0.116 ms (3.1-5.0x), bound by host work: the kernels are busy
+0.031-0.035 ms of the call.
 """
 
 from __future__ import annotations
