@@ -9,7 +9,9 @@ it returns with the grid and the tuned meta-parameters, and later calls go strai
 ``compiled[grid](*args)``.
 
 The key decides which binary runs, so it must cover what Triton specializes on: the caller's key
-(sizes, dtypes, constexpr values) plus, added here, each tensor argument's 16-byte alignment.
+(sizes, dtypes, constexpr values) plus, added here, each tensor argument's 16-byte alignment and the GPU
+(a binary is loaded into one device's context). Triton launches on the current device, so a call whose
+tensors sit on another GPU (a model split over GPUs) switches to it first.
 Under the interpreter every call takes the normal path.
 
 The autotuned kernels also keep their timings on disk (``triton.autotune(..., cache_results=True)``, in Triton's
@@ -37,12 +39,24 @@ class CachedLaunch:
         self.compiled: dict[Hashable, tuple] = {}
 
     def __call__(self, grid: Callable[[dict], tuple], key: Hashable, *args, **meta) -> None:
-        """Launch ``kernel[grid](*args, **meta)``. ``key`` must change whenever a size, dtype or
-        constexpr in ``args``/``meta`` that the kernel specializes on changes."""
+        """Launch ``kernel[grid](*args, **meta)`` on the GPU that holds the tensor arguments (all on one).
+        ``key`` must change whenever a size, dtype or constexpr in ``args``/``meta`` that the kernel
+        specializes on changes."""
         if interpreting():
             self.kernel[grid](*args, **meta)
             return
-        key = (key, tuple([a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)]))
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = tensors[0].device
+        # Triton launches on the current device; a model split over GPUs calls with another one's tensors
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                self._launch(grid, key, device, tensors, args, meta)
+        else:
+            self._launch(grid, key, device, tensors, args, meta)
+
+    def _launch(self, grid, key: Hashable, device: torch.device, tensors: list, args: tuple, meta: dict) -> None:
+        # a compiled kernel is loaded into one device's context, so the device is part of the key
+        key = (key, device, tuple([t.data_ptr() % 16 == 0 for t in tensors]))
         hit = self.compiled.get(key)
         if hit is not None:
             compiled, grid_dims, tail = hit

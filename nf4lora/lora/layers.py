@@ -258,8 +258,17 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(True)
         self.modules_to_save[name] = copy_
 
-    def forward(self, *args, **kwargs):
+    def active_module(self) -> nn.Module:
+        """The module that runs: the first active adapter's copy, or the original when none is active."""
         active = [n for n in self.active_adapters if n in self.modules_to_save]
         if self.disable_adapters or not active:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[active[0]](*args, **kwargs)
+            return self.original_module
+        return self.modules_to_save[active[0]]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The running module's weight, as peft's wrapper gives it (callers read its device and dtype)."""
+        return self.active_module().weight
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)

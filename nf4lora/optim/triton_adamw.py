@@ -239,6 +239,13 @@ class Launch:
         """Update every segment in place with its row of `scalar_table`'s table."""
         if self.programs == 0:
             return
+        if self.device.type != "cuda":  # the interpreter, on CPU tensors
+            self._launch(scalars_table)
+            return
+        with torch.cuda.device(self.device):  # Triton launches on the current GPU; the segments may sit on another
+            self._launch(scalars_table)
+
+    def _launch(self, scalars_table: torch.Tensor) -> None:
         _adamw_kernel[(self.programs,)](
             self.block_starts, self.count,
             self.table, self.grad_table, self.numel, self.rows_table, scalars_table,

@@ -59,5 +59,43 @@ def test_cached_launch_always_takes_the_normal_path_under_the_interpreter(monkey
     assert len(kernel.jit_calls) == 2 and not kernel.fast_calls
 
 
+class OnSecondGpu(torch.Tensor):
+    """A CPU tensor that reports cuda:1, standing in for a weight on a model's second GPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_cached_launch_runs_on_the_gpu_of_its_tensors_and_keys_binaries_by_gpu(monkeypatch):
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    current = [0]  # the process's current CUDA device, as the fakes below keep it
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    kernel = FakeKernel()
+    seen = []  # the current device at each launch
+    jit, fast = FakeKernel.__getitem__, FakeCompiled.__getitem__
+    monkeypatch.setattr(FakeKernel, "__getitem__", lambda self, grid: (seen.append(current[0]), jit(self, grid))[1])
+    monkeypatch.setattr(FakeCompiled, "__getitem__", lambda self, dims: (seen.append(current[0]), fast(self, dims))[1])
+    cached = CachedLaunch(kernel)
+    on_second = torch.zeros(64).as_subclass(OnSecondGpu)
+    for _ in range(2):
+        cached(lambda meta: (1,), "key", on_second, 64, SCALE=1.0)
+    cached(lambda meta: (1,), "key", torch.zeros(64), 64, SCALE=1.0)  # same key, other device: its own binary
+    assert seen == [1, 1, 0] and current[0] == 0
+    assert len(kernel.jit_calls) == 2 and len(kernel.fast_calls) == 1
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)

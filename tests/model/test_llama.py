@@ -231,3 +231,24 @@ def test_forward_rejects_bad_inputs():
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="KV cache holds 4 tokens"):
         model(torch.zeros(1, 5, dtype=torch.long), cache=model.new_cache(1, 4))
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_modules_to_save_copies_of_the_head_or_embeddings_train_and_generate(checkpoints, saved):
+    from nf4lora.lora import LoraConfig, ModulesToSave, inject_lora
+    from nf4lora.model import generate
+
+    model = load_model(checkpoints("gqa"), dtype=torch.float32)
+    x = _ids()
+    with torch.no_grad():
+        before = model(x)
+    tokens_before = generate(model, x, max_new_tokens=4)
+    inject_lora(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=[saved]))  # B = 0: same outputs
+    wrapper = model.lm_head if saved == "lm_head" else model.model.embed_tokens
+    assert isinstance(wrapper, ModulesToSave) and wrapper.weight is wrapper.modules_to_save["default"].weight
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert torch.equal(generate(model, x, max_new_tokens=4), tokens_before)
+    model(x).logsumexp(-1).mean().backward()
+    assert wrapper.modules_to_save["default"].weight.grad is not None
+    assert wrapper.original_module.weight.grad is None

@@ -319,3 +319,47 @@ def test_auto_device_map_splits_layers_and_matches_one_gpu(checkpoints):
     with torch.no_grad():
         # Same kernels on the same GPU model; only the device of each layer differs.
         torch.testing.assert_close(split(x).to("cuda:0"), single(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_auto_device_map_nf4_generates_and_trains_like_one_gpu(checkpoints):
+    from nf4lora.lora import LoraConfig, inject_lora
+    from nf4lora.model import generate
+    from nf4lora.optim import AdamW
+
+    options = dict(quantization="nf4", dtype=torch.bfloat16)
+    split = load_model(checkpoints("sharded"), device="auto", **options)
+    single = load_model(checkpoints("sharded"), device="cuda:0", **options)
+    # a quantized tiny model is mostly its bf16 embeddings and head, charged to GPU 0; the layers then balance
+    # onto GPU 1, so activations cross from GPU 0 to GPU 1 and back
+    layer_devices = {layer.device for layer in split.model.layers}
+    assert {split.model.embed_tokens.weight.device, split.lm_head.weight.device} == {torch.device("cuda", 0)}
+    assert torch.device("cuda", 1) in layer_devices
+    for layer in split.model.layers:  # each layer's packed weights live where the layer runs
+        packed = [m.weight.packed.device for m in layer.modules() if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+        assert packed and set(packed) == {layer.device}
+    x = _ids().cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(split(x).to("cuda:0"), single(x), rtol=2e-2, atol=2e-2)
+    # greedy decoding across the two GPUs (eager steps: a split model takes no CUDA graph) gives the same tokens
+    assert torch.equal(generate(split, x, max_new_tokens=12).cpu(), generate(single, x, max_new_tokens=12).cpu())
+    # a LoRA training step: adapters are created on their layer's GPU, the trained head copy stays on GPU 0,
+    # gradients flow back across both, and one optimizer step updates the parameters of both GPUs
+    stepped = []
+    for model in (split, single):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                            modules_to_save=["lm_head"])
+        inject_lora(model, config)
+        model.gradient_checkpointing = True
+        model.train()
+        model(x).float().logsumexp(-1).mean().backward()
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert named and all(p.grad is not None and p.grad.device == p.device for p in named.values())
+        AdamW(named.values(), lr=1e-2).step()
+        stepped.append({n: p.detach().to("cuda:0") for n, p in named.items()})
+    assert {p.device for p in split.parameters() if p.requires_grad} == layer_devices | {torch.device("cuda", 0)}
+    assert stepped[0].keys() == stepped[1].keys()
+    for name, value in stepped[1].items():
+        torch.testing.assert_close(stepped[0][name], value, rtol=2e-2, atol=2e-3, msg=name)
