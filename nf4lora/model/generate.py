@@ -121,7 +121,8 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     """
     ids, steps = _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed,
                         attention_mask, static_cache, cuda_graph, compile)
-    return torch.cat([ids, *(tokens[:, None] for tokens in steps)], dim=1)
+    # new tokens come from the head's device, which differs from the embeddings' on a model split over GPUs
+    return torch.cat([ids, *(tokens[:, None].to(ids.device) for tokens in steps)], dim=1)
 
 
 def generate_stream(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -167,7 +168,9 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
         model = torch.compile(model, dynamic=False)
     step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None
     static = static_cache or compile
-    sampling = (temperature, top_k, top_p, None if seed is None else torch.Generator(device=device).manual_seed(seed))
+    # sampled where the logits are: the head's device
+    generator = None if seed is None else torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    sampling = (temperature, top_k, top_p, generator)
     return ids, _steps(model, cache, step, static, logits, positions[:, -1:], t, max_new_tokens, sampling, eos, pad_id)
 
 

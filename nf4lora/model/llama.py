@@ -277,6 +277,8 @@ class Llama(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        # decoding feeds back tokens sampled on the head's device; the embeddings may sit on another GPU
+        input_ids = input_ids.to(self.model.embed_tokens.weight.device)
         device = input_ids.device
         auto_slots = cache is not None and cache_position is None
         if cache is None:

@@ -94,7 +94,9 @@ def plan_device_map(layer_bytes: list[int], head_bytes: int, free_bytes: list[in
     shares = [total * f / sum(free_bytes) for f in free_bytes]
     plan, device, used = [], 0, head_bytes
     for nbytes in layer_bytes:
-        over_share = used > 0 and used + nbytes > shares[device]
+        # a GPU past its share passes the next layer on, but only once it holds one: the embeddings are placed
+        # with the first layer, so the first layer stays on the GPU they were charged to while it fits
+        over_share = bool(plan) and plan[-1] == device and used + nbytes > shares[device]
         while device < len(free_bytes) - 1 and (over_share or used + nbytes > capacity[device]):
             device, used, over_share = device + 1, 0, False
         if used + nbytes > capacity[device]:

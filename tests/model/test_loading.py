@@ -138,6 +138,11 @@ def test_plan_device_map_spreads_layers_by_free_memory():
     assert plan_device_map([gib] * 3, head_bytes=0, free_bytes=[80 * gib]) == [0, 0, 0]
     with pytest.raises(ValueError, match=r"model needs 10.00 GiB but the GPUs have 7.20 GiB usable"):
         plan_device_map([gib] * 10, head_bytes=0, free_bytes=[4 * gib, 4 * gib])
+    # embeddings past GPU 0's share (a small quantized model): the first layer still joins them there, where
+    # the loader puts the embeddings, and the rest balance onto GPU 1
+    assert plan_device_map([gib] * 3, head_bytes=4 * gib, free_bytes=[80 * gib, 80 * gib]) == [0, 1, 1]
+    # a first layer that does not fit beside them moves on
+    assert plan_device_map([6 * gib] * 2, head_bytes=4 * gib, free_bytes=[10 * gib, 80 * gib]) == [1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,25 +337,28 @@ def test_auto_device_map_nf4_generates_and_trains_like_one_gpu(checkpoints):
     split = load_model(checkpoints("sharded"), device="auto", **options)
     single = load_model(checkpoints("sharded"), device="cuda:0", **options)
     # a quantized tiny model is mostly its bf16 embeddings and head, charged to GPU 0; the layers then balance
-    # onto GPU 1, so activations cross from GPU 0 to GPU 1 and back
+    # onto GPU 1, so activations cross from the embeddings on GPU 0 to the layers on GPU 1
     layer_devices = {layer.device for layer in split.model.layers}
-    assert {split.model.embed_tokens.weight.device, split.lm_head.weight.device} == {torch.device("cuda", 0)}
+    assert split.model.embed_tokens.weight.device == torch.device("cuda", 0)
     assert torch.device("cuda", 1) in layer_devices
     for layer in split.model.layers:  # each layer's packed weights live where the layer runs
-        packed = [m.weight.packed.device for m in layer.modules() if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+        packed = [m.weight.packed.device for m in layer.modules()
+                  if isinstance(getattr(m, "weight", None), QuantizedTensor)]
         assert packed and set(packed) == {layer.device}
     x = _ids().cuda()
     with torch.no_grad():
         torch.testing.assert_close(split(x).to("cuda:0"), single(x), rtol=2e-2, atol=2e-2)
     # greedy decoding across the two GPUs (eager steps: a split model takes no CUDA graph) gives the same tokens
     assert torch.equal(generate(split, x, max_new_tokens=12).cpu(), generate(single, x, max_new_tokens=12).cpu())
-    # a LoRA training step: adapters are created on their layer's GPU, the trained head copy stays on GPU 0,
-    # gradients flow back across both, and one optimizer step updates the parameters of both GPUs
+    sampled = [generate(m, x, max_new_tokens=8, temperature=0.8, seed=3).cpu() for m in (split, single)]
+    assert torch.equal(*sampled)  # the generator sits with the logits, on the head's GPU
+    # a LoRA training step: adapters are created on their layer's GPU, the trained embeddings copy stays on
+    # GPU 0, gradients flow back across both, and one optimizer step updates the parameters of both GPUs
     stepped = []
     for model in (split, single):
         torch.manual_seed(0)
         config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
-                            modules_to_save=["lm_head"])
+                            modules_to_save=["embed_tokens"])
         inject_lora(model, config)
         model.gradient_checkpointing = True
         model.train()
