@@ -202,9 +202,8 @@ def _named_tables(quant_type: str, device: torch.device) -> _Tables:
 
 def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None):
     """One blockwise pass over contiguous ``x`` (any shape, read flat) with the codebook of ``tables``.
-    4-bit (offset None): packed (ceil(n/2),)
-    uint8 and absmax (nblocks,) float32. 8-bit (nested, over ``x - offset``): indices (n,) uint8 and
-    absmax (nblocks,) float32."""
+    4-bit (offset None): packed (ceil(n/2),) uint8 and absmax (nblocks,) float32. 8-bit (nested, over
+    ``x - offset``): indices (n,) uint8 and absmax (nblocks,) float32."""
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
     eight_bit = offset is not None
