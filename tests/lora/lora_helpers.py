@@ -93,17 +93,6 @@ def bnb_dequantized(q) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
 
 
-def quantize_linears(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Replace every ``nn.Linear`` except ``lm_head`` by ``NF4Linear`` in place (as a QLoRA model loads)."""
-    from nf4lora.nf4.linear import NF4Linear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, compute_dtype=compute_dtype))
-    return model
-
-
 def lora_module_names(model: torch.nn.Module) -> set[str]:
     """Names of the LoRA-wrapped modules in our model or in a peft model (peft's prefix removed)."""
     from peft.tuners.lora import LoraLayer

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import bnb_quantize_linears, peft_model, quantize_linears, rel_err, tiny_llama
+from lora_helpers import bnb_quantize_linears, peft_model, rel_err, tiny_llama
 from nf4lora.lora import (
     LoraConfig, LoraLinear, adapter_state_dict, inject_lora, load_adapter, save_adapter, set_adapter,
 )
+from nf4lora.nf4.linear import quantize_linears
 
 CONFIGS = {
     "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
@@ -95,7 +96,8 @@ def test_adapter_keys_are_the_same_on_an_nf4_base_and_a_dense_one():
     base = tiny_llama()
     cfg = LoraConfig(r=2, target_modules="all-linear", use_dora=True)
     dense_keys = adapter_state_dict(inject_lora(copy.deepcopy(base), cfg)).keys()
-    nf4_keys = adapter_state_dict(inject_lora(quantize_linears(copy.deepcopy(base)), cfg)).keys()
+    nf4_model = quantize_linears(copy.deepcopy(base), compute_dtype=torch.bfloat16)
+    nf4_keys = adapter_state_dict(inject_lora(nf4_model, cfg)).keys()
     assert dense_keys == nf4_keys
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in nf4_keys
 

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from lora_helpers import (
-    peft_model, quantize_linears, rel_err, tiny_llama, trainable_names, lora_module_names,
+    peft_model, rel_err, tiny_llama, trainable_names, lora_module_names,
 )
 from nf4lora.lora import (
     LoraConfig, LoraLinear, ModulesToSave, active_adapters, delete_adapter, disable_adapters, inject_lora,
     merge_adapters, merge_and_unload, print_trainable_parameters, set_adapter, unmerge_adapters,
 )
-from nf4lora.nf4.linear import NF4Linear
+from nf4lora.nf4.linear import NF4Linear, quantize_linears
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_trainable_parameters_and_the_printed_counts_equal_peft(bias, capsys):
 def test_nf4_weights_count_as_their_logical_parameters_and_their_real_bytes(capsys):
     dense = tiny_llama()
     n_dense = sum(p.numel() for p in dense.parameters())
-    model = quantize_linears(copy.deepcopy(dense))
+    model = quantize_linears(copy.deepcopy(dense), compute_dtype=torch.bfloat16)
     inject_lora(model, LoraConfig(r=4, target_modules="all-linear"))
     trainable, total = print_trainable_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
