@@ -183,18 +183,17 @@ def decode_attention(
     stride_mb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                stride_mb)
+    launch = pdl.launch_meta(q.device)
     meta = dict(GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), D=D, BLOCK_L=BLOCK_L,
-                HAS_MASK=mask is not None, SPLIT=chunks > 1,
-                DOT_PRECISION=dot_precision(q.dtype), **pdl.launch_meta(q.device))
+                HAS_MASK=mask is not None, SPLIT=chunks > 1, DOT_PRECISION=dot_precision(q.dtype), **launch)
     _launch_chunks(
         # L and chunk vary from step to step on the prefix-cache path: the key holds what Triton specializes them
         # on (divisibility by 16; chunk is a multiple of BLOCK_L) and the grid, not their values
         lambda _: (programs, chunks),
-        (B, H, H_kv, D, chunks, L % 16 == 0, L == 1, q.dtype, q.device, *meta.values(), *strides),
+        (B, H, H_kv, D, chunks, L % 16 == 0, L == 1, q.dtype, *meta.values(), *strides),
         q, k, v, mask_arg, part, row_max, row_sum, L, chunk, H_kv, 1.0 / math.sqrt(D), *strides, **meta, num_warps=4,
     )
     if chunks > 1:
-        launch = pdl.launch_meta(q.device)
-        _launch_combine(lambda _: (B * H,), (B * H, chunks, D, q.dtype, q.device, launch["PDL"]), part, row_max,
-                        row_sum, out, chunks, D=D, CHUNK_BLOCK=COMBINE_BLOCK, num_warps=4, **launch)
+        _launch_combine(lambda _: (B * H,), (B * H, chunks, D, q.dtype), part, row_max, row_sum, out, chunks,
+                        D=D, CHUNK_BLOCK=COMBINE_BLOCK, num_warps=4, **launch)
     return out

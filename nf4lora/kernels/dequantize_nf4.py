@@ -113,7 +113,7 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     state = q.state
     n_blocks = state.absmax.numel()
     grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
-    key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype, out.device)
+    key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype)
     _launch_dequantize(
         grid, key, packed_words(q), *format_args(q), out, n, n_blocks,
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,

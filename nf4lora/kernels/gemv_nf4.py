@@ -575,7 +575,7 @@ def fused_matmul(
     args = (words, *format_args(qweight), out if bias is None else bias, out, partial, arrivals)
     key = (
         M, N, K, k_chunk, block_m, state.blocksize, state.nested_blocksize, state.double_quant,
-        x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0), x2d.device, common["PDL"],
+        x2d.dtype, None if bias is None else bias.dtype, x2d.stride(0),
     )
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), n_splits, cdiv(M, block_m))  # noqa: E731
     if block_m in GEMV_ROWS:
@@ -634,8 +634,7 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
     formats = [format_args(q) for q in parts]
     pointers = [packed_words(q) for q in parts] + [f[i] for i in range(5) for f in formats]
     common = _format_meta(state, n_splits, x2d.device)
-    key = (*part_rows, K, k_chunk, M, state.blocksize, state.nested_blocksize, state.double_quant, x2d.dtype,
-           x2d.device, common["PDL"])
+    key = (*part_rows, K, k_chunk, M, state.blocksize, state.nested_blocksize, state.double_quant, x2d.dtype)
     grid = lambda meta: (sum(cdiv(rows, meta["BLOCK_N"]) for rows in part_rows), n_splits, 1)  # noqa: E731
     _launch_gemv_parts(
         grid, key, x_words, *pointers, out, partial, arrivals,

@@ -41,7 +41,7 @@ class CachedLaunch:
     def __call__(self, grid: Callable[[dict], tuple], key: Hashable, *args, **meta) -> None:
         """Launch ``kernel[grid](*args, **meta)`` on the GPU that holds the tensor arguments (all on one).
         ``key`` must change whenever a size, dtype or constexpr in ``args``/``meta`` that the kernel
-        specializes on changes."""
+        specializes on changes; the GPU, and what depends on it alone (the PDL constexpr), is keyed here."""
         if interpreting():
             self.kernel[grid](*args, **meta)
             return

@@ -212,7 +212,7 @@ def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tens
     word_store = not eight_bit and n % 8 == 0
     grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
     _launch_quantize(
-        grid, (n, blocksize, eight_bit, tables.ascending, x.dtype, x.device),
+        grid, (n, blocksize, eight_bit, tables.ascending, x.dtype),
         x, offset if eight_bit else absmax, tables.table, tables.order, out,
         absmax, n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,

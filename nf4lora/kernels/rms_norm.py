@@ -98,7 +98,7 @@ def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps:
     block = next_power_of_2(d)
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
     launch = pdl.launch_meta(x.device)
-    key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None, x.device, launch["PDL"])
+    key = (rows, d, x_stride, delta_stride, x.dtype, weight.dtype, delta is None)
     _launch(
         lambda meta: (rows,), key, x_rows, delta_rows, weight, out, total, d, x_stride, delta_stride, d, d,
         float(eps), HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),

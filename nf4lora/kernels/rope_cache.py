@@ -118,7 +118,7 @@ def rope_into_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache_position) 
     q_out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *k_cache.stride()[:3])
     launch = pdl.launch_meta(q.device)
-    key = (b, t, h, h_kv, d, strides, q.dtype, q.device, launch["PDL"])
+    key = (b, t, h, h_kv, d, strides, q.dtype)
     _launch(
         lambda meta: (b * t, h + h_kv), key, q, k, v, cos, signed_sin, q_out, k_cache, v_cache, pos,
         t, h, h_kv, *strides, D=d, BLOCK=next_power_of_2(d), num_warps=1, enable_fp_fusion=False,

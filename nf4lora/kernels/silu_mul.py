@@ -63,7 +63,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     rows = gate.numel() // width
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     launch = pdl.launch_meta(gate.device)
-    key = (rows, width, gate_stride, up_stride, gate.dtype, gate.device, launch["PDL"])
+    key = (rows, width, gate_stride, up_stride, gate.dtype)
     _launch(
         lambda meta: (rows, cdiv(width, BLOCK)), key, gate_rows, up_rows, out, width, gate_stride, up_stride,
         BLOCK=BLOCK, num_warps=4, **launch,
