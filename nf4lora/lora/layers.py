@@ -92,8 +92,9 @@ class LoraLinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; existing: {sorted(self.lora_A)}")
         kw = {"bias": False, "dtype": config.lora_dtype, "device": self._weight_device()}
-        self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)
-        self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
+        # uninitialised here: reset_adapter draws the values
+        self.lora_A[name] = nn.utils.skip_init(nn.Linear, self.in_features, config.r, **kw)
+        self.lora_B[name] = nn.utils.skip_init(nn.Linear, config.r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r[name] = config.r
         self.scaling[name] = config.scaling
@@ -105,18 +106,24 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str) -> None:
         """peft's initialisations: True (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
-        False (A and B both Kaiming-uniform a=sqrt(5), so the adapter changes outputs from the start)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.r[name])
-        elif isinstance(init, bool):
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        else:
+        False (A and B both Kaiming-uniform a=sqrt(5), so the adapter changes outputs from the start).
+
+        The values are drawn on the CPU from torch's default generator and then copied to the adapter's device, as
+        peft does (it initialises before moving to the base's device): one seed gives the same adapters whether
+        the model sits on the CPU, one GPU or several, where each GPU's own generator would give different ones."""
+        if init != "gaussian" and not isinstance(init, bool):
             raise ValueError(f"init_lora_weights={init!r} is not supported; expected True, False or 'gaussian'")
-        if init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a_init = torch.empty(a.shape, dtype=a.dtype)
+        if init == "gaussian":
+            nn.init.normal_(a_init, std=1 / self.r[name])
         else:
-            nn.init.zeros_(b)
+            nn.init.kaiming_uniform_(a_init, a=math.sqrt(5))
+        a.copy_(a_init)
+        if init is False:
+            b.copy_(nn.init.kaiming_uniform_(torch.empty(b.shape, dtype=b.dtype), a=math.sqrt(5)))
+        else:
+            b.zero_()
 
     def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(out,) fp32 row norms of ``W + scaling * B @ A`` for adapter ``name``, detached; W defaults to the base."""

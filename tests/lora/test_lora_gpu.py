@@ -58,3 +58,17 @@ def test_gpu_inference_lora_on_nf4_uses_the_small_m_paths_and_matches_fp64(m):
     with torch.no_grad():
         y = layer(x)
     assert rel_err(y, _reference(layer, x)) < 1e-2  # bf16 output rounding, fp32 accumulation
+
+
+@pytest.mark.parametrize("init", [False, "gaussian"])
+def test_gpu_adapter_initialisation_is_the_same_on_every_device(init):
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["p"], init_lora_weights=init)
+    layers = []
+    for device in ("cpu", "cuda"):
+        base = nn.Linear(64, 96, device=device)
+        torch.manual_seed(0)
+        layers.append(LoraLinear(base, "a", cfg))
+    for name in ("lora_A", "lora_B"):
+        on_cpu, on_gpu = (getattr(layer, name)["a"].weight for layer in layers)
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=0)
