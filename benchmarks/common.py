@@ -33,6 +33,24 @@ ROTATION_BYTES = 256 * 2**20
 MAX_COPIES = 64
 
 
+BACKWARD_THREADS = ("autograd", "calling")
+
+
+def add_backward_thread_option(parser) -> None:
+    """``--backward-thread autograd|calling`` for the benchmarks that time a backward pass."""
+    parser.add_argument(
+        "--backward-thread", choices=BACKWARD_THREADS, default="autograd",
+        help="where backward runs: autograd's per-GPU worker thread (torch's default) or the calling thread "
+             "(torch.autograd.set_multithreading_enabled(False), as nf4lora's trainer runs it); applies to every peer",
+    )
+
+
+def set_backward_thread(choice: str) -> str:
+    """Apply ``--backward-thread`` for the rest of the process; returns the family-name suffix for the results."""
+    torch.autograd.set_multithreading_enabled(choice == "autograd")
+    return "" if choice == "autograd" else "-calling-thread"
+
+
 def git_sha() -> str:
     """HEAD's sha with ``-dirty`` when the tree has changes, or ``unknown`` outside a git checkout."""
     root = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Benchmark the NF4 Triton kernels against bitsandbytes and bf16 cuBLAS on one GPU.
 
     PYTHONPATH=.bnb:. python benchmarks/kernels.py [--shapes 4096x4096,...] [--ops linear,...] [--ms 1,2]
-        [--out-dir DIR]
+        [--out-dir DIR] [--backward-thread autograd|calling]
 
 For each weight shape (N, K) -- Llama-2-7B and Llama-3-70B projections by default -- one random
 bf16 weight is quantized (NF4, blocksize 64, double quantization) and every peer uses it:
@@ -11,7 +11,9 @@ ours (``nf4lora.kernels``), bitsandbytes (``bnb.functional`` / ``bnb.matmul_4bit
 - quantize (bf16 -> packed + double-quantized state), dequantize (-> bf16),
 - M = 1 GEMV and M = 2, 4, 8, 16 (inference, no grad),
 - M = 4096 forward + backward (grad to x only; the frozen weight gets none), plus the forward of
-  the two large-M candidates: dequantize + cuBLAS vs the fused Triton dequant-matmul.
+  the two large-M candidates: dequantize + cuBLAS vs the fused Triton dequant-matmul. Backward runs on
+  autograd's worker thread (torch's default) or, with ``--backward-thread calling``, on the calling thread for
+  every peer, as nf4lora's trainer runs it; results then go to ``<date>_kernels-calling-thread_<gpu>``.
 
 ``alt_ms`` is the path not taken: dequantize + cuBLAS for M <= 16, the fused kernel for M = 4096.
 Reported per row: median ms, effective GB/s (packed + absmax + input + output bytes), % of the
@@ -33,12 +35,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    add_backward_thread_option,
     bench,
     bench_rotating,
     copies_for,
     device_ceilings,
     environment,
     markdown_table,
+    set_backward_thread,
     streaming_rate,
     write_results,
 )
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--ms", default=",".join(map(str, SMALL_MS)), help="small M values for the linear op")
     parser.add_argument("--name", default=None, help="result family (default: kernels, or kernels-subset for a subset)")
+    add_backward_thread_option(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
@@ -190,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--ops {args.ops!r}: valid ops are {', '.join(OPS)}")
     small_ms = tuple(int(m) for m in args.ms.split(","))
     # a subset run must not overwrite the full table of the same day
-    family = args.name or ("kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset")
+    suffix = set_backward_thread(args.backward_thread)
+    family = args.name or ("kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset") + suffix
     env = environment(extra_packages=("bitsandbytes",))
     ceilings = device_ceilings()
     print(f"ceilings: {ceilings}", flush=True)
     rows: list[dict] = []
     config = {"shapes": shapes, "ops": sorted(ops), "small_m": small_ms, "large_m": LARGE_M, "blocksize": 64,
-              "quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}
+              "quant_type": "nf4", "double_quant": True, "dtype": "bfloat16", "backward_thread": args.backward_thread}
     for N, K in shapes:
         try:
             shape_rows = bench_shape(N, K, bnb, ceilings, ops, small_ms)

@@ -1,6 +1,7 @@
 """Benchmark a LoRA-on-NF4 layer (forward + backward) against peft on bitsandbytes and bf16 nn.Linear.
 
     PYTHONPATH=.bnb:. python benchmarks/lora.py [--out DIR] [--shapes 4096x4096,...] [--ranks 16,64] [--m 4096]
+        [--backward-thread autograd|calling]
 
 Case (the LoRA issue's): M = 4096 tokens through one Llama-2-7B projection (N, K) -- q/k/v/o
 (4096, 4096), gate/up (11008, 4096), down (4096, 11008) -- with a rank-r adapter, r in (16, 64),
@@ -16,7 +17,9 @@ quantized once by bitsandbytes (NF4, blocksize 64, double quantization) and ever
   and trainable (grad to x and W: the usual cost of a bf16 layer's forward + backward).
 
 One step is ``y = layer(x)`` then ``torch.autograd.grad(y, [x, A, B], dy)`` (``[x]`` or ``[x, W]``
-for bf16), so no gradient accumulates between repetitions. Before timing, our output and all three
+for bf16), so no gradient accumulates between repetitions. Backward runs on autograd's worker thread (torch's
+default) or, with ``--backward-thread calling``, on the calling thread for every peer, as nf4lora's trainer runs it
+(results then go to ``<date>_lora-calling-thread_<gpu>``). Before timing, our output and all three
 gradients are checked against peft's (relative max error, bf16). Reported per row: median ms per
 step, peak extra memory of one step, and ratios: ours / bf16 frozen and ours / bf16 trainable
 (target <= 1.15), peft / ours (> 1: ours is faster). Where a step is bound by host time (4096 x 4096
@@ -41,7 +44,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench, device_busy_ms, device_ceilings, environment, markdown_table, write_results,
+    add_backward_thread_option, bench, device_busy_ms, device_ceilings, environment, markdown_table,
+    set_backward_thread, write_results,
 )
 from nf4lora.lora import LoraConfig, LoraLinear  # noqa: E402
 from nf4lora.lora.functional import lora_add  # noqa: E402
@@ -200,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="r,r,...")
     parser.add_argument("--m", type=int, default=M, help="tokens per step")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only (runs on CPU too)")
+    add_backward_thread_option(parser)
     args = parser.parse_args(argv)
+    family = "lora" + set_backward_thread(args.backward_thread)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ranks = [int(v) for v in args.ranks.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if time_it and device != "cuda":
         raise SystemExit("timing needs a CUDA GPU; use --check-only on the CPU")
     config = {"shapes": shapes, "ranks": ranks, "M": args.m, "lora_alpha": ALPHA, "dtype": "bfloat16",
-              "lora_dtype": "float32", "blocksize": 64, "double_quant": True, "dropout": 0.0}
+              "lora_dtype": "float32", "blocksize": 64, "double_quant": True, "dropout": 0.0,
+              "backward_thread": args.backward_thread}
     env = environment(extra_packages=("bitsandbytes", "peft"))
     ceilings = device_ceilings() if time_it else {}
     rows = [run_case(n, k, r, args.m, device, time_it) for n, k in shapes for r in ranks]
@@ -223,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             "max_gpu_ours/bf16_frozen": max(row["gpu ours/bf16_frozen"] for row in rows),
         })
         text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-        paths = write_results("lora", rows, config, env, ceilings, COLUMNS, summary=text, out_dir=args.out)
+        paths = write_results(family, rows, config, env, ceilings, COLUMNS, summary=text, out_dir=args.out)
         summary["results"] = [str(p) for p in paths]
-    print(json.dumps({"family": "lora", **summary, "ceilings": ceilings}))
+    print(json.dumps({"family": family, **summary, "ceilings": ceilings}))
     return 0 if summary["checks_ok"] else 1
 
 

@@ -15,6 +15,12 @@ Ctrl-C: the first SIGINT asks the loop to stop after the current step, which the
 returns; a second SIGINT interrupts at once. On CUDA out-of-memory in forward/backward, the paged optimizer's state
 is evicted to the host, the cache emptied, and the step retried once from the same RNG state; a second failure
 raises :class:`TrainingOOM` with what to change.
+
+Backward runs on the calling thread (``torch.autograd.set_multithreading_enabled(False)``) instead of autograd's
+per-GPU worker thread. The GPU work is the same, but handing each backward to that thread and back made the host
+side of every op slower on the H200 machine here, so that a Llama-2-7B QLoRA step waited on the host: 1.36x (r=16,
+q/k/v/o) and 1.48x (r=64, all linear) more tokens/s on the calling thread
+(benchmarks/results/2026-11-28_train-backward-thread_h200.md).
 """
 
 from __future__ import annotations
@@ -119,7 +125,9 @@ class Trainer:
             logits = self.model(**model_inputs(batch))
             loss_sum = causal_lm_loss_sum(logits, batch.labels)
             loss = loss_sum / targets
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # backward on this thread: see the module docstring
+            with torch.autograd.set_multithreading_enabled(False):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.item()
         return total / targets
 

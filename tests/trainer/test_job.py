@@ -152,3 +152,25 @@ def test_every_option_family_trains_together(tiny_config, tmp_path):
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["use_dora"] and saved["use_rslora"] and summary["sample"] is not None
     assert all(math.isfinite(x) for x in losses(tmp_path / "run"))
+
+
+def test_backward_runs_on_the_calling_thread_and_the_setting_is_restored(tiny_config, monkeypatch):
+    import nf4lora.trainer.loop as loop
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(torch.autograd.is_multithreading_enabled())
+            return grad
+
+    real = loop.causal_lm_loss_sum
+    monkeypatch.setattr(loop, "causal_lm_loss_sum", lambda logits, labels: real(Probe.apply(logits), labels))
+    run_train(dataclasses.replace(tiny_config, max_steps=2, max_new_tokens=0), log=lambda _: None)
+    assert seen and not any(seen)
+    assert torch.autograd.is_multithreading_enabled()
