@@ -121,34 +121,49 @@ def build_ours(arch: dict, device: torch.device) -> nn.Module:
     return model.eval()
 
 
+def ours_trainer(model: nn.Module, spec: dict, steps: int, rows: list, device: torch.device):
+    """Inject case ``spec``'s LoRA into ``model`` and return the ``Trainer`` for ``steps`` optimizer steps on ``rows``."""
+    from nf4lora.lora import inject_lora
+    from nf4lora.trainer.config import TrainConfig
+    from nf4lora.trainer.data import BatchPlan
+    from nf4lora.trainer.job import lora_config, make_optimizer
+    from nf4lora.trainer.loop import LoopState, Trainer
+
+    targets = spec["targets"] if isinstance(spec["targets"], str) else ",".join(spec["targets"])
+    config = TrainConfig(model="random", lora_r=spec["r"], lora_alpha=spec["alpha"], target_modules=targets,
+                         lora_dropout=DROPOUT, micro_batch=MICRO_BATCH, max_len=SEQ_LEN, lr=LR,
+                         max_grad_norm=MAX_GRAD_NORM, dtype="bf16", progress=False, max_steps=steps)
+    inject_lora(model, lora_config(config))
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    plan = BatchPlan(rows, MICRO_BATCH, seed=0, pad_id=0, packed=False)
+    return Trainer(config, model, optimizer, scheduler, plan, steps, Path("unused"), device,
+                   save_adapter=lambda d: None, state=LoopState())
+
+
+def training_rows(arch: dict, steps: int) -> list:
+    """Enough random full-length examples for ``steps`` optimizer steps of ``MICRO_BATCH`` sequences."""
+    from nf4lora.trainer.data import Example
+
+    return [Example(ids.tolist(), [-100] + ids[1:].tolist()) for b in batches(arch["vocab_size"], steps, "cpu")
+            for ids in b]
+
+
 def run_ours(arch: dict, steps: int, device: torch.device,
              reference_ids: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
-    from nf4lora.lora import delete_adapter, inject_lora
-    from nf4lora.trainer.config import TrainConfig
-    from nf4lora.trainer.data import BatchPlan, Example
-    from nf4lora.trainer.job import lora_config, make_optimizer, prepare_for_kbit_training
-    from nf4lora.trainer.loop import LoopState, Trainer
+    from nf4lora.lora import delete_adapter
+    from nf4lora.trainer.job import prepare_for_kbit_training
 
     reset_memory(device)
     model = build_ours(arch, device)
     with torch.no_grad():
         logits = model(reference_ids).float().cpu()
     prepare_for_kbit_training(model, gradient_checkpointing=True)
-    rows = [Example(ids.tolist(), [-100] + ids[1:].tolist()) for b in batches(arch["vocab_size"], steps + 2, "cpu")
-            for ids in b]
+    rows = training_rows(arch, steps + 2)
     results = []
     for case, spec in CASES.items():
-        targets = spec["targets"] if isinstance(spec["targets"], str) else ",".join(spec["targets"])
-        config = TrainConfig(model="random", lora_r=spec["r"], lora_alpha=spec["alpha"], target_modules=targets,
-                             lora_dropout=DROPOUT, micro_batch=MICRO_BATCH, max_len=SEQ_LEN, lr=LR,
-                             max_grad_norm=MAX_GRAD_NORM, dtype="bf16", progress=False, max_steps=steps + 2)
         reset_memory(device)
-        inject_lora(model, lora_config(config))
-        optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        plan = BatchPlan(rows, MICRO_BATCH, seed=0, pad_id=0, packed=False)
-        trainer = Trainer(config, model, optimizer, scheduler, plan, steps + 2, Path("unused"), device,
-                          save_adapter=lambda d: None, state=LoopState())
+        trainer = ours_trainer(model, spec, steps + 2, rows, device)
         records = [trainer.train_step() for _ in range(2)]
         sync(device)
         start = time.perf_counter()
@@ -156,7 +171,7 @@ def run_ours(arch: dict, steps: int, device: torch.device,
         sync(device)
         seconds = time.perf_counter() - start
         results.append(row(case, "nf4lora", steps, seconds, device, records[0]["loss"], records[-1]["loss"]))
-        del trainer, optimizer, scheduler
+        del trainer
         delete_adapter(model, "default")
     del model
     reset_memory(device)

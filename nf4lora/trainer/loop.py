@@ -42,6 +42,10 @@ from .data import IGNORE_INDEX, Batch, BatchPlan
 from .metrics import MetricsLog, Progress, gpu_memory_gib, perplexity
 
 
+# Where backward runs (module docstring); benchmarks/train_backward_thread.py flips it to time both.
+BACKWARD_ON_CALLING_THREAD = True
+
+
 class TrainingOOM(RuntimeError):
     """Out of memory even after evicting optimizer state; the message says which flags to change."""
 
@@ -125,8 +129,7 @@ class Trainer:
             logits = self.model(**model_inputs(batch))
             loss_sum = causal_lm_loss_sum(logits, batch.labels)
             loss = loss_sum / targets
-            # backward on this thread: see the module docstring
-            with torch.autograd.set_multithreading_enabled(False):
+            with torch.autograd.set_multithreading_enabled(not BACKWARD_ON_CALLING_THREAD):
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.item()
         return total / targets
