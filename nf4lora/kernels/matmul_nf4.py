@@ -6,9 +6,10 @@ the fastest path is the vendor GEMM on a dequantized weight; the dequantize laun
 alternative, a fused dequant-matmul (``gemv_nf4.fused_matmul`` with ``block_m=128``), is timed
 side by side in ``benchmarks/kernels.py``: at M = 4096 it ran 2.2-2.9x slower than dequantize +
 cuBLAS on an H200 (0.59 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-28_kernels_h200.md),
-so ``nf4_linear`` uses dequantize + cuBLAS. The forward then runs at 0.93-0.97x of bf16 F.linear
-and forward + backward at 0.92-1.05x on the 7B/70B projections (0.49x at 4096x4096, where the
-GEMM is short enough for host overhead to show).
+so ``nf4_linear`` uses dequantize + cuBLAS. The forward then runs at 0.93-0.97x of bf16 F.linear and
+forward + backward at 0.99-1.07x on the five 7B/70B projections with backward on the calling thread
+(``..._kernels-subset-calling-thread_h200.md``; 0.905-0.998x at the 70B shapes over eight runs). With backward
+on autograd's worker thread, 4096x4096 is bound by host time (0.58-0.83x).
 
 Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
 layer, so a model's forward holds one dense weight at a time, never one per layer. Reuse is safe
