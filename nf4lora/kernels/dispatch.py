@@ -104,6 +104,14 @@ def interpreting() -> bool:
     return _PROCESS["interpret"]
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` when ``device`` is a GPU other than the current one, else a no-op: Triton
+    launches on the current GPU, and a model split over GPUs calls the kernels with another GPU's tensors."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code. ``triton.cdiv`` is a constexpr function whose wrapper costs about 3 us a call
     from Python, and a decode step makes a hundred such calls."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from nf4lora.kernels.dispatch import interpreting
+from nf4lora.kernels.dispatch import interpreting, on_device
 
 
 class CachedLaunch:
@@ -47,22 +47,15 @@ class CachedLaunch:
             return
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         device = tensors[0].device
-        # Triton launches on the current device; a model split over GPUs calls with another one's tensors
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                self._launch(grid, key, device, tensors, args, meta)
-        else:
-            self._launch(grid, key, device, tensors, args, meta)
-
-    def _launch(self, grid, key: Hashable, device: torch.device, tensors: list, args: tuple, meta: dict) -> None:
         # a compiled kernel is loaded into one device's context, so the device is part of the key
         key = (key, device, tuple([t.data_ptr() % 16 == 0 for t in tensors]))
-        hit = self.compiled.get(key)
-        if hit is not None:
-            compiled, grid_dims, tail = hit
-            compiled[grid_dims](*args, *tail)
-            return
-        compiled = self.kernel[grid](*args, **meta)
+        with on_device(device):
+            hit = self.compiled.get(key)
+            if hit is not None:
+                compiled, grid_dims, tail = hit
+                compiled[grid_dims](*args, *tail)
+                return
+            compiled = self.kernel[grid](*args, **meta)
         config = getattr(self.kernel, "best_config", None)
         meta = {**meta, **(config.all_kwargs() if config is not None else {})}
         tail = tuple(meta[name] for name in self.arg_names[len(args):])

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from nf4lora.kernels.codes import lane_code, lookup, word_shifts
-from nf4lora.kernels.dispatch import cdiv, interpreting, tuning_space
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
 from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize
@@ -232,7 +232,7 @@ def quantize_triton(
 
     Arguments as ``nf4lora.nf4.quantize``; a custom (16,) float32 ``code`` records quant_type "custom".
     """
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.numel() == 0:
+    if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
         blockwise.check_float_input(w, "weight")
     check_blocksize(blocksize)
     if code is None:

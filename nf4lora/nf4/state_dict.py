@@ -42,8 +42,9 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
     }
     # codebooks are copied: quantized weights may share one (the Triton quantizer's), and safetensors refuses
     # a state dict whose tensors share storage
-    entries = {prefix: q.packed.view(-1, 1), f"{prefix}.absmax": state.absmax}
-    entries[f"{prefix}.quant_map"] = state.code.clone()
+    entries = {
+        prefix: q.packed.view(-1, 1), f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code.clone(),
+    }
     if state.double_quant:
         meta.update(
             nested_blocksize=state.nested_blocksize,

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nf4lora.kernels.dispatch import on_device
 from nf4lora.nf4 import blockwise as _blockwise
 from nf4lora.nf4.codebook import dynamic_map
 from nf4lora.optim.fused_adamw import QBLOCK, SCALARS, STATE_FIELDS_8, Segment
@@ -239,22 +240,16 @@ class Launch:
         """Update every segment in place with its row of `scalar_table`'s table."""
         if self.programs == 0:
             return
-        if self.device.type != "cuda":  # the interpreter, on CPU tensors
-            self._launch(scalars_table)
-            return
-        with torch.cuda.device(self.device):  # Triton launches on the current GPU; the segments may sit on another
-            self._launch(scalars_table)
-
-    def _launch(self, scalars_table: torch.Tensor) -> None:
-        _adamw_kernel[(self.programs,)](
-            self.block_starts, self.count,
-            self.table, self.grad_table, self.numel, self.rows_table, scalars_table,
-            *self.quant_tables,
-            P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, EIGHT_BIT=self.eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK,
-            LUT_BINS=_blockwise.LUT_BINS, ALIGN=self.align, SEARCH_STEPS=max(self.count - 1, 1).bit_length(),
-            ADDRESSES=_ADDRESSES, SCALARS=SCALARS, num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,  # no FMA contraction: every op rounds once, as in the reference
-        )
+        with on_device(self.device):  # the segments may sit on another GPU than the current one
+            _adamw_kernel[(self.programs,)](
+                self.block_starts, self.count,
+                self.table, self.grad_table, self.numel, self.rows_table, scalars_table,
+                *self.quant_tables,
+                P_DTYPE=self.p_dtype, G_DTYPE=self.g_dtype, EIGHT_BIT=self.eight_bit, ROWS=_ROWS, QBLOCK=QBLOCK,
+                LUT_BINS=_blockwise.LUT_BINS, ALIGN=self.align, SEARCH_STEPS=max(self.count - 1, 1).bit_length(),
+                ADDRESSES=_ADDRESSES, SCALARS=SCALARS, num_warps=_NUM_WARPS,
+                enable_fp_fusion=False,  # no FMA contraction: every op rounds once, as in the reference
+            )
 
 
 def build_launches(segments: list[Segment], grads: list[torch.Tensor],
