@@ -4,12 +4,20 @@ Packed weights are read as 32-bit words of 8 codes. Byte p of a little-endian wo
 2p (high nibble) and 2p + 1 (low nibble), so element j of a word sits at bit ``word_shifts()[j]``,
 8 (j // 2) + 4 (1 - j % 2).
 
-The 16-entry lookup is the hot instruction of every kernel here. Compiled (``PTX``), each thread
-keeps ``code[lane % 16]`` in one register (``lane_code``) and a lookup is one warp shuffle whose
-source lane is the word shifted right: ``shfl`` reads only the low 5 bits of the lane, and lanes
-16-31 hold copies of lanes 0-15, so the nibble needs no mask. That replaces a 64-bit address
-computation and an L1 gather per element. The interpreter, which has no inline PTX, gathers from
-``state.code`` instead. Both read any 16-value codebook.
+The 16-entry lookup is the hot instruction of every kernel here. Two ways, both for any 16-value codebook:
+
+- float32 codes (``lookup``, ``dequantize_words``): compiled (``PTX``), each thread keeps
+  ``code[lane % 16]`` in one register (``lane_code``) and a lookup is one warp shuffle whose source
+  lane is the word shifted right: ``shfl`` reads only the low 5 bits of the lane, and lanes 16-31
+  hold copies of lanes 0-15, so the nibble needs no mask. That replaces a 64-bit address computation
+  and an L1 gather per element.
+- 16-bit codes (``code_tables``, ``word_codes``): the codes rounded to fp16 or bf16 are split into a
+  table of their low bytes and one of their high bytes, four codes per 32-bit register, and byte
+  permutes (``prmt``) pick four codes' bytes at once: 21 integer instructions for a word's 8 codes and
+  no shuffle. Shuffles go through the same load/store pipe as the tensor-core kernel's shared memory
+  traffic, which they crowded; byte permutes run on the integer units.
+
+The interpreter, which has no inline PTX, gathers from ``state.code`` instead.
 """
 
 from __future__ import annotations
@@ -117,8 +125,97 @@ def dequantize_words(words, scale, lane_codes, code_ptr, dtype: tl.constexpr, PT
     v5 = (lookup(lane_codes, code_ptr, words >> 16, PTX) * scale).to(dtype)
     v6 = (lookup(lane_codes, code_ptr, words >> 28, PTX) * scale).to(dtype)
     v7 = (lookup(lane_codes, code_ptr, words >> 24, PTX) * scale).to(dtype)
+    return _interleave(v0, v1, v2, v3, v4, v5, v6, v7)
+
+
+@triton.jit
+def _interleave(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight (R, W) tensors, element j of every word in ``vj`` -> (R, 8 W), element 8c + j from ``vj[:, c]``."""
     # each join adds an innermost axis: the inner joins split on j >> 2, the outer one on j & 1, so
     # the reshape lists j in order
     even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
     odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
-    return tl.reshape(tl.join(even, odd), [words.shape[0], words.shape[1] * 8])
+    return tl.reshape(tl.join(even, odd), [v0.shape[0], v0.shape[1] * 8])
+
+
+@triton.jit
+def _byte_tables(code_ptr, first: tl.constexpr, dtype: tl.constexpr):
+    """Codes first..first+3 rounded to 16-bit ``dtype``: their low bytes packed into one int32, and their high bytes."""
+    c0 = tl.load(code_ptr + first).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    c1 = tl.load(code_ptr + first + 1).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    c2 = tl.load(code_ptr + first + 2).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    c3 = tl.load(code_ptr + first + 3).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    low = (c0 & 255) | ((c1 & 255) << 8) | ((c2 & 255) << 16) | ((c3 & 255) << 24)
+    high = (c0 >> 8) | ((c1 >> 8) << 8) | ((c2 >> 8) << 16) | ((c3 >> 8) << 24)
+    return low, high
+
+
+@triton.jit
+def code_tables(code_ptr, dtype: tl.constexpr):
+    """The 16 codes rounded to 16-bit ``dtype`` as ``word_codes``' 8 int32 scalar tables: the low bytes of codes
+    0-3, 4-7, 8-11 and 12-15 (code 4t + i in byte i of table t), then their high bytes in the same order."""
+    l0, h0 = _byte_tables(code_ptr, 0, dtype)
+    l1, h1 = _byte_tables(code_ptr, 4, dtype)
+    l2, h2 = _byte_tables(code_ptr, 8, dtype)
+    l3, h3 = _byte_tables(code_ptr, 12, dtype)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+# $8: the word; $9-$12 / $13-$16: low / high byte tables. For four codes at a time (the low, then the high
+# half of the word) each 4-bit index picks its byte from tables 0-1 and from tables 2-3 with its low 3 bits
+# (masked: prmt's 4th selector bit would replicate the byte's sign instead), and a third prmt keeps one of
+# the two by the index's 4th bit (moved to the selector's bit 2). A last prmt pairs each code's low and
+# high byte: element 2p + 1 sits in the low nibble of byte p, element 2p in the high one.
+_WORD_CODES_PTX = tl.constexpr("""
+{
+.reg .b32 s, m, a, b, lo, hi, p;
+and.b32 s, $8, 0x77777777;
+shr.u32 m, $8, 1;
+and.b32 m, m, 0x44444444;
+or.b32 m, m, 0x32103210;
+prmt.b32 a, $9, $10, s;
+prmt.b32 b, $11, $12, s;
+prmt.b32 lo, a, b, m;
+prmt.b32 a, $13, $14, s;
+prmt.b32 b, $15, $16, s;
+prmt.b32 hi, a, b, m;
+prmt.b32 p, lo, hi, 0x4051;
+mov.b32 {$0, $1}, p;
+prmt.b32 p, lo, hi, 0x6273;
+mov.b32 {$2, $3}, p;
+shr.u32 s, s, 16;
+shr.u32 m, m, 16;
+prmt.b32 a, $9, $10, s;
+prmt.b32 b, $11, $12, s;
+prmt.b32 lo, a, b, m;
+prmt.b32 a, $13, $14, s;
+prmt.b32 b, $15, $16, s;
+prmt.b32 hi, a, b, m;
+prmt.b32 p, lo, hi, 0x4051;
+mov.b32 {$4, $5}, p;
+prmt.b32 p, lo, hi, 0x6273;
+mov.b32 {$6, $7}, p;
+}
+""")
+
+
+@triton.jit
+def word_codes(words, l0, l1, l2, l3, h0, h1, h2, h3, code_ptr, dtype: tl.constexpr, PTX: tl.constexpr):
+    """(R, W) int32 words -> (R, 8 W) unscaled codes rounded to 16-bit ``dtype``, element 8c + j = code j of word c.
+
+    ``l0``..``h3`` are ``code_tables(code_ptr, dtype)``, built once per program.
+    """
+    if PTX:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _WORD_CODES_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+            [words, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.int16,) * 8, is_pure=True, pack=1,
+        )
+        codes = _interleave(v0, v1, v2, v3, v4, v5, v6, v7).to(dtype, bitcast=True)
+    else:
+        codes = _interleave(
+            tl.load(code_ptr + ((words >> 4) & 15)).to(dtype), tl.load(code_ptr + (words & 15)).to(dtype),
+            tl.load(code_ptr + ((words >> 12) & 15)).to(dtype), tl.load(code_ptr + ((words >> 8) & 15)).to(dtype),
+            tl.load(code_ptr + ((words >> 20) & 15)).to(dtype), tl.load(code_ptr + ((words >> 16) & 15)).to(dtype),
+            tl.load(code_ptr + ((words >> 28) & 15)).to(dtype), tl.load(code_ptr + ((words >> 24) & 15)).to(dtype),
+        )
+    return codes

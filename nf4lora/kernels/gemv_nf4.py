@@ -14,13 +14,20 @@ Two kernels stream the packed weight once, as 32-bit words of 8 codes:
   step's q/k/v or gate/up), each weight owning a run of the grid's programs and its own pointers, so one
   launch streams them all (``fused_matmul_parts``).
 - ``_tile_kernel`` (M = 3..16 with ``BLOCK_M = 16``; 64/128 for the large-M variant timed in
-  ``benchmarks/kernels.py``): tensor cores. A step's (BLOCK_N, 8)-word tile is dequantized in
-  registers (code * absmax in fp32, rounded once to x.dtype, as the reference rounds it) and fed to
-  ``tl.dot`` as the A operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows
-  of W, not the few rows of x.
+  ``benchmarks/kernels.py``): tensor cores. A step's (BLOCK_N, 8)-word tile of codes is fed to
+  ``tl.dot`` as the A operand of ``W_tile @ x_tile.T``, so the MMA's M dimension is BLOCK_N rows of W,
+  not the few rows of x. A step spans one quantization block (or part of one) of every row. For
+  16-bit x the codes are looked up by byte permutes (``codes.word_codes``), rounded to x.dtype and
+  left unscaled, and each row's absmax scales the step's fp32 product: one multiply per output
+  instead of one per weight. For fp32 x each code is multiplied by its absmax in fp32 first, so the
+  dot sees exactly the reference's dequantized weight.
 
-Both look codes up with a warp shuffle (``codes.py``); in the GEMV a weight's lookup and product
-take 3 instructions (shift, shuffle, fma).
+The GEMV looks codes up with a warp shuffle (``codes.py``): a weight's lookup and product take 3
+instructions (shift, shuffle, fma). The tile kernel used to as well, and there the shuffles, which
+share the load/store pipe with the dot's shared-memory staging, held it to 0.89-1.05x bf16 at
+M = 3..16; byte permutes run on the integer units and made it 1.2x faster
+(benchmarks/results/2026-11-28_tile-prmt-variant_h200.md). The same permutes in the GEMV were 12-24%
+slower than its shuffles (..._gemv-lut-variants_h200.md): there every code must also become fp32.
 
 Why the GEMV is shaped this way (Nsight Compute on an H200, 28672x8192, before the 32-word steps):
 the L1 data pipe was 87% busy while DRAM ran at 25%. Every shuffle is one L1 wavefront, and so was
@@ -38,10 +45,12 @@ launch, which in a CUDA-graphed decode step cost about 1.7 us per projection on 
 Needs K % 8 == 0 and K % blocksize == 0 (``supports``), true of every Llama projection;
 ``nf4_linear`` sends other shapes to ``matmul_nf4.dequant_matmul``.
 Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled for sm_90 the
-GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the tile kernel's
-5.7-5.8. Measured on an H200 in bf16 (benchmarks/results/2026-11-28_kernels-small-m_h200.md): M = 1
-streams the 70B projections at about 1.65 TB/s (1.72x bf16 F.linear) and 4096x4096 at 1.48x bf16;
-M = 2 runs at 1.03-1.25x bf16; M = 4..16 at 0.90-1.01x bf16 and 1.8-2.8x bitsandbytes. One launch for
+GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the bf16 tile kernel's
+5.3 with (128, 4), 2.2 of them byte permutes and none on the load/store pipe (the shuffle version's was
+5.7-6.1, one of them a shuffle). Measured on an H200 in bf16
+(benchmarks/results/2026-11-28_kernels-small-m_h200.md): M = 1 streams the 70B projections at about
+1.65 TB/s (1.72x bf16 F.linear) and 4096x4096 at 1.48x bf16; M = 2 runs at 1.03-1.25x bf16; M = 3..16
+at 1.05-1.25x bf16 (..._tile-split-k_h200.md, ..._tile-prmt-variant_h200.md). One launch for
 3 x 4096x4096 (q/k/v) took 0.018 against 0.028 ms for three (..._grouped_h200.md).
 """
 
@@ -51,7 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nf4lora.kernels.codes import decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup
+from nf4lora.kernels.codes import (
+    code_tables, decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup, word_codes,
+)
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
 from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, multiprocessors, tuning_space
 from nf4lora.kernels import pdl
@@ -59,14 +70,15 @@ from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 from nf4lora.nf4.tensor import QuantizedTensor
 
-# Split-K cuts K into chunks of a multiple of these many columns (whole steps), by kernel and weight size:
-# (smallest weight in elements, chunk multiple), largest first. Swept on an H200 in bf16 with
+# Split-K cuts K into chunks of a multiple of these many columns (whole steps), by kernel and weight:
+# (smallest weight in elements, smallest K, chunk multiple), first match. Swept on an H200 in bf16 with
 # benchmarks/split_k.py (2026-11-28_split-k*_h200.md): the GEMV (M = 1, 2) ran 8-18% faster with 2048 from
-# 11008x4096 up, and 11-27% slower at 4096x4096 (too few programs). The tile kernel (M = 4..16) ran 13-15%
-# faster with 512 than 1024 at 4096x4096, within 2% of 1024 at the 7B MLP shapes, and 1-3% faster with
-# 2048 at the 70B shapes.
-GEMV_CHUNK_ALIGNS = ((1 << 25, 2048), (0, 1024))
-TILE_CHUNK_ALIGNS = ((1 << 27, 2048), (1 << 25, 1024), (0, 512))
+# 11008x4096 up, and 11-27% slower at 4096x4096 (too few programs). The tile kernel with byte-permute
+# lookups, M = 3, 8, 16, three interleaved repeats (2026-11-28_tile-split-k_h200.md): 256 at 4096x4096
+# (1.05-1.10x bf16; 512 gave 1.00-1.05x), 512 at 11008x4096 (1.08-1.12x; 1024 gave 1.03x at M = 16), 1024 at
+# 4096x11008 (1.14-1.16x; 512 gave 1.07-1.11x), and 2048 at the 70B shapes (1-2% ahead of 1024).
+GEMV_CHUNK_ALIGNS = ((1 << 25, 0, 2048), (0, 0, 1024))
+TILE_CHUNK_ALIGNS = ((1 << 27, 0, 2048), (1 << 25, 4097, 1024), (1 << 25, 0, 512), (0, 0, 256))
 # aim for this many programs per multiprocessor before splitting K further
 PROGRAMS_PER_SM = 16
 # Words per row in one step. The GEMV reads 32 (a whole 128-byte line per row, so a warp's load
@@ -79,7 +91,7 @@ TILE_WORDS_PER_STEP = 8
 # pipeliner would stage the tiles through shared memory, while the kernels keep two steps of loads
 # in flight in registers themselves. The GEMV favours small tiles (many programs, 16 words per
 # thread); with two rows of x it keeps the configs whose accumulators fit GEMV_MAX_ACC per thread.
-# Tile kernel register counts (triton 3.6, sm_90): (64, 4) 72, (128, 8) 80, (128, 4) and (256, 8) 128.
+# Tile kernel register counts with byte-permute lookups (triton 3.9, sm_90): (64, 4) 96, (128, 4) 127.
 GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
 GEMV_MAX_ACC = 32
 TILE_CONFIGS = {
@@ -93,7 +105,7 @@ TILE_CONFIGS = {
 # (benchmarks/results/2026-11-28_small-m-variants_h200.md).
 GEMV_ROWS = (1, 2)
 # Reads of a tile's split-K partials in flight in its last program. The tile kernel keeps 2: 8 would raise its
-# registers from 72 to 123 ((64, 4), sm_90, triton 3.6) and cut it from 7 to 4 programs per multiprocessor.
+# registers from 72 to 123 ((64, 4), sm_90, triton 3.6, shuffle lookups) and cut it from 7 to 4 programs per multiprocessor.
 # The GEMV's 168 registers do not change with 8.
 GEMV_SPLIT_READS = 8
 TILE_SPLIT_READS = 2
@@ -414,7 +426,8 @@ def _tile_kernel(
     M, N, K_WORDS, CHUNK_WORDS, stride_xm, stride_om,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SPLIT_READS: tl.constexpr, PDL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SUB_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_CODES: tl.constexpr, SUB_W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -427,7 +440,10 @@ def _tile_kernel(
     col = tl.arange(0, SUB_W * 8)
     x_rows = x_ptr + (rm.to(tl.int64) * stride_xm)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    x_dtype: tl.constexpr = x_ptr.dtype.element_ty
+    # one set is used (SCALE_CODES: shuffle lookups, else byte tables); the other is compiled away
     lane_codes = lane_code(code_ptr, PTX)
+    l0, l1, l2, l3, h0, h1, h2, h3 = code_tables(code_ptr, tl.bfloat16 if SCALE_CODES else x_dtype)
     # two steps in flight, as in the GEMV
     words, stored, nested, words_1, stored_1, nested_1 = _load_first_steps(
         rows, first_block, n_mask, word, w_begin, w_end, absmax_ptr, nested_absmax_ptr,
@@ -442,8 +458,13 @@ def _tile_kernel(
         )
         next_x = _load_x_tile(x_rows, col, m_mask, w + SUB_W, w_end)
         scale = decode_loaded_absmax(stored, nested, nested_code_ptr, offset_ptr, DOUBLE_QUANT, PTX)
-        tile = dequantize_words(words, scale, lane_codes, code_ptr, x_ptr.dtype.element_ty, PTX)  # one block a step
-        acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
+        # a step spans one quantization block (or part of one) of each row
+        if SCALE_CODES:  # fp32 x: code * absmax in fp32 into the dot, as the reference rounds it
+            tile = dequantize_words(words, scale, lane_codes, code_ptr, x_dtype, PTX)
+            acc = tl.dot(tile, x_tile, acc, input_precision=DOT_PRECISION)
+        else:  # 16-bit x: the codes alone into the dot, and the block's absmax scales the product
+            codes = word_codes(words, l0, l1, l2, l3, h0, h1, h2, h3, code_ptr, x_dtype, PTX)
+            acc += tl.dot(codes, x_tile, input_precision=DOT_PRECISION) * scale
         words, stored, nested = words_1, stored_1, nested_1
         words_1, stored_1, nested_1 = words_2, stored_2, nested_2
         x_tile = next_x
@@ -463,7 +484,7 @@ def split_k_chunk(M: int, N: int, K: int, block_m: int, device: torch.device) ->
     """Columns of K per program: all of K unless N/128 x M/BLOCK_M tiles underfill the GPU (then a multiple of
     the kernel's ``*_CHUNK_ALIGNS`` entry for an N x K weight)."""
     aligns = GEMV_CHUNK_ALIGNS if block_m in GEMV_ROWS else TILE_CHUNK_ALIGNS
-    align = next(multiple for smallest, multiple in aligns if N * K >= smallest)
+    align = next(multiple for smallest, smallest_k, multiple in aligns if N * K >= smallest and K >= smallest_k)
     sms = multiprocessors(device)
     tiles = cdiv(N, 128) * cdiv(M, block_m)
     splits = min(cdiv(PROGRAMS_PER_SM * sms, tiles), cdiv(K, align))
@@ -588,7 +609,7 @@ def fused_matmul(
     else:
         _launch_tile(
             grid, key, x2d, *args, M, N, K // 8, k_chunk // 8, x2d.stride(0), out.stride(0),
-            DOT_PRECISION=dot_precision(x2d.dtype), BLOCK_M=block_m,
+            DOT_PRECISION=dot_precision(x2d.dtype), SCALE_CODES=x2d.dtype == torch.float32, BLOCK_M=block_m,
             SUB_W=min(state.blocksize // 8, TILE_WORDS_PER_STEP), SPLIT_READS=TILE_SPLIT_READS, **common,
         )
     return out

@@ -52,6 +52,24 @@ def test_gpu_fused_kernels_take_fp32_and_fp16_inputs(M, dtype, tolerance):
     assert y.dtype == dtype and float((y.double() - ref).norm() / ref.norm()) < tolerance
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "random"])
+def test_gpu_tile_kernel_byte_permute_lookup_reads_any_codebook(dtype, tolerance, quant_type):
+    # the tensor-core kernel looks 16-bit codes up with byte permutes over tables built from state.code:
+    # every code index, signs and both halves of each word must come out right, for any 16 values
+    from nf4lora.kernels.gemv_nf4 import fused_matmul
+    from nf4lora.nf4.tensor import quantize as quantize_ref
+
+    w = torch.randn(520, 1024)
+    code = torch.rand(16) * 2 - 1 if quant_type == "random" else None
+    q = quantize_ref(w, 64, "nf4" if code is not None else quant_type, True, code=code).to("cuda")
+    x = torch.randn(16, 1024, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), dequantize_reference(q, dtype).double())
+    for block_m in (16, 64):
+        y = fused_matmul(x, q, None, block_m)
+        assert float((y.double() - ref).norm() / ref.norm()) < tolerance, block_m
+
+
 @pytest.mark.parametrize("M", [1, 2, 8])
 def test_gpu_split_k_last_arrival_sum_is_right_and_deterministic(M):
     # hundreds of tiles, each summed by whichever of its splits the GPU finishes last, relaunched many
