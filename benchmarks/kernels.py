@@ -52,7 +52,7 @@ from nf4lora.kernels.matmul_nf4 import dequant_matmul  # noqa: E402
 from nf4lora.kernels.reference import dequantize_reference, quantize_reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672))
-SMALL_MS = (1, 2, 4, 8, 16)
+SMALL_MS = (1, 2, 3, 4, 8, 16)
 OPS = ("quantize", "dequantize", "linear", "large")
 LARGE_M = 4096
 COLUMNS = (
