@@ -78,7 +78,10 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
 
     q = quantize(w)
     bq, bstate = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    n_copies = copies_for(q_bytes(q) + w.numel() * 2)
+    # each peer rotates over about ROTATION_BYTES of its own inputs, as the bf16 weight copies below do: counting
+    # the bf16 weight's bytes here too left the packed copies at 27-70 MB, where the tile kernel ran 5-12% slower
+    # than over 107-279 MB (results/2026-11-28_tile-configs_h200.md)
+    n_copies = copies_for(q_bytes(q))
     qs = [q] + [quantize(w) for _ in range(n_copies - 1)]
     bqs = [(bq, bstate)] + [
         bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

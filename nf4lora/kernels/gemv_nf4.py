@@ -95,7 +95,9 @@ TILE_WORDS_PER_STEP = 8
 GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
 GEMV_MAX_ACC = 32
 TILE_CONFIGS = {
-    16: [(64, 4), (128, 8), (128, 4), (256, 8)],
+    # (128, 8) and (256, 8) ran 15-50% slower with byte-permute lookups and the autotuner, timing one weight
+    # that sits in L2, sometimes picked them (benchmarks/results/2026-11-28_tile-configs_h200.md)
+    16: [(64, 4), (128, 4)],
     64: [(64, 4), (128, 8)],
     128: [(64, 4), (128, 8)],
 }
