@@ -38,6 +38,7 @@ def rel_err(out, ref):
         (3, 40, 96, 32, False, None),  # tensor-core tile with 13 padded rows
         (17, 33, 192, 64, True, None),  # two M tiles, N not a multiple of the tile
         (3, 24, 2112, 64, True, None),  # tile kernel with split-K
+        (4, 24, 1024, 256, False, None),  # tile kernel, a block over four steps (each scaled on its own)
         (5, 64, 256, 128, True, 64),  # the large-M fused tiling
     ],
 )
