@@ -166,37 +166,37 @@ def code_tables(code_ptr, dtype: tl.constexpr):
 # (masked: prmt's 4th selector bit would replicate the byte's sign instead), and a third prmt keeps one of
 # the two by the index's 4th bit (moved to the selector's bit 2). A last prmt pairs each code's low and
 # high byte: element 2p + 1 sits in the low nibble of byte p, element 2p in the high one.
-_WORD_CODES_PTX = tl.constexpr("""
+def _four_codes_ptx(first_output: int) -> str:
+    """PTX for four codes from selectors s / m: outputs $first_output..$first_output+3 (16-bit)."""
+    return f"""prmt.b32 a, $9, $10, s;
+prmt.b32 b, $11, $12, s;
+prmt.b32 lo, a, b, m;
+prmt.b32 a, $13, $14, s;
+prmt.b32 b, $15, $16, s;
+prmt.b32 hi, a, b, m;
+prmt.b32 p, lo, hi, 0x4051;
+mov.b32 {{${first_output}, ${first_output + 1}}}, p;
+prmt.b32 p, lo, hi, 0x6273;
+mov.b32 {{${first_output + 2}, ${first_output + 3}}}, p;
+"""
+
+
+_WORD_CODES_PTX = tl.constexpr(
+    """
 {
 .reg .b32 s, m, a, b, lo, hi, p;
 and.b32 s, $8, 0x77777777;
 shr.u32 m, $8, 1;
 and.b32 m, m, 0x44444444;
 or.b32 m, m, 0x32103210;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
-prmt.b32 lo, a, b, m;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
-prmt.b32 hi, a, b, m;
-prmt.b32 p, lo, hi, 0x4051;
-mov.b32 {$0, $1}, p;
-prmt.b32 p, lo, hi, 0x6273;
-mov.b32 {$2, $3}, p;
-shr.u32 s, s, 16;
+"""
+    + _four_codes_ptx(0)
+    + """shr.u32 s, s, 16;
 shr.u32 m, m, 16;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
-prmt.b32 lo, a, b, m;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
-prmt.b32 hi, a, b, m;
-prmt.b32 p, lo, hi, 0x4051;
-mov.b32 {$4, $5}, p;
-prmt.b32 p, lo, hi, 0x6273;
-mov.b32 {$6, $7}, p;
-}
-""")
+"""
+    + _four_codes_ptx(4)
+    + "}\n"
+)
 
 
 @triton.jit
