@@ -6,13 +6,24 @@ dtype (fp32, fp16 or bf16), where with double quantization
 Equal bit for bit to ``nf4lora.nf4.dequantize`` (``reference.dequantize_reference``).
 
 Layout: each program owns ``BLOCKS`` whole quantization blocks as a (BLOCKS, blocksize / 8) tile of
-32-bit words, so each absmax is loaded and decoded once per block, the loads are 16-byte vectors,
-and a thread's 32 outputs are contiguous (16-byte vector stores). Codes are looked up with a warp
-shuffle (``codes.py``). A tensor whose element count is not a multiple of 8 has its packed bytes
-copied to a word-aligned buffer first (small odd shapes only; weight matrices never need it).
+32-bit words, so each absmax is loaded and decoded once per block. Codes are looked up with a warp
+shuffle (``codes.py``). Two kernels share that body and differ in how the values leave:
+
+- ``_dequantize_tma_kernel`` (default where ``tma_store_fits``: Hopper or later, whole blocks of at most 256
+  elements, 16-byte aligned out): the (BLOCKS, blocksize) tile goes to shared memory and the tensor memory
+  accelerator writes it out, one fixed tiling of 4096 elements.
+- ``_dequantize_kernel`` (everything else, and ``bulk_store=False``): plain 16-byte stores, autotuned tiling.
+
+On an H200 the TMA stores lifted bf16 dequantization from 81.9-82.3% to 85.2-85.5% of the copy bandwidth at
+11008x4096 and from 70% to 77% at 4096x4096, and left 28672x8192 at 92.5%
+(benchmarks/results/2026-11-28_dequantize-tma_h200.md). They cost host time, though: Triton encodes the
+descriptor at every launch, 31 us a call against 20 us with plain stores on that machine's host. So callers
+that a host-bound training step makes hundreds of times (``matmul_nf4``, the LoRA Function) pass
+``bulk_store=False``.
+
+A tensor whose element count is not a multiple of 8 has its packed bytes copied to a word-aligned buffer
+first (small odd shapes only; weight matrices never need it).
 Bytes moved: n/2 packed + 4 n/blocksize absmax (1 + 4/256 with double quant) + n * itemsize out.
-Measured on an H200 to bf16 (benchmarks/results/2026-11-28_kernels_h200.md): 3.93 TB/s, 92% of the
-copy bandwidth, at 28672x8192; 82% at 11008x4096; 1.8-2.0x bitsandbytes.
 """
 
 from __future__ import annotations
@@ -20,11 +31,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
-from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, interpreting, tuning_space
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, has_tma, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4.tensor import QuantizedTensor
+
+
+# The TMA-store kernel's one tiling: elements per program and warps. In a sweep on an H200 (bf16 out, blocksize 64)
+# 4096 elements with 4 warps led at every shape; 8 warps, or two tiles per program, ran 2-9% slower.
+TMA_STORE_ELEMS = 4096
+TMA_STORE_WARPS = 4
 
 
 def _configs() -> list[triton.Config]:
@@ -38,6 +56,24 @@ def _configs() -> list[triton.Config]:
             triton.Config({"ELEMS": 16384}, num_warps=8),
         ]
     )
+
+
+@triton.jit
+def _dequantize_blocks(
+    words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, n_elements, n_blocks,
+    dtype: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    """The (BLOCKS, BLOCKSIZE) dequantized values of quantization blocks ``blocks`` (BLOCKS,), in ``dtype``."""
+    WORDS: tl.constexpr = BLOCKSIZE // 8
+    scale = decode_absmax(
+        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, blocks < n_blocks,
+        NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
+    )
+    word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+    words = tl.load(words_ptr + word_offs, mask=word_offs < (n_elements + 7) // 8, other=0)
+    lane_codes = lane_code(code_ptr, PTX)
+    return dequantize_words(words, scale[:, None], lane_codes, code_ptr, dtype, PTX)
 
 
 @triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "DOUBLE_QUANT"], cache_results=True)
@@ -55,21 +91,34 @@ def _dequantize_kernel(
     ELEMS: tl.constexpr,
 ):
     BLOCKS: tl.constexpr = max(ELEMS // BLOCKSIZE, 1)
-    WORDS: tl.constexpr = BLOCKSIZE // 8
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    scale = decode_absmax(
-        absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, blocks < n_blocks,
-        NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
+    values = _dequantize_blocks(
+        words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, n_elements,
+        n_blocks, out_ptr.dtype.element_ty, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
     )
-    word_offs = blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
-    words = tl.load(words_ptr + word_offs, mask=word_offs < (n_elements + 7) // 8, other=0)
-    lane_codes = lane_code(code_ptr, PTX)
-    values = dequantize_words(words, scale[:, None], lane_codes, code_ptr, out_ptr.dtype.element_ty, PTX)
     out_offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + out_offs, values, mask=out_offs < n_elements)
 
 
+@triton.jit
+def _dequantize_tma_kernel(
+    words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, out_desc, n_elements, n_blocks,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, PTX: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    """``_dequantize_kernel`` with one fixed tiling whose values leave through the tensor memory accelerator:
+    ``out_desc`` describes out as (n_blocks, BLOCKSIZE) in (BLOCKS, BLOCKSIZE) boxes; rows past the end are clipped."""
+    first = tl.program_id(0) * BLOCKS
+    blocks = first.to(tl.int64) + tl.arange(0, BLOCKS)
+    values = _dequantize_blocks(
+        words_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, blocks, n_elements,
+        n_blocks, out_desc.dtype, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, PTX,
+    )
+    out_desc.store([first, 0], values)
+
+
 _launch_dequantize = CachedLaunch(_dequantize_kernel)
+_launch_dequantize_tma = CachedLaunch(_dequantize_tma_kernel)
 
 
 def packed_words(q: QuantizedTensor) -> torch.Tensor:
@@ -102,8 +151,25 @@ def check_quantized(q: QuantizedTensor) -> None:
             raise ValueError(f"state.{name} is on {t.device} but packed is on {q.packed.device}; move with q.to()")
 
 
-def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
-    """Dequantize ``q`` into ``out`` (contiguous, ``q.numel()`` elements, fp32/fp16/bf16) and return it."""
+def tma_store_fits(blocksize: int, n_elements: int, out: torch.Tensor) -> bool:
+    """Whether ``_dequantize_tma_kernel`` can write ``out``: a GPU with TMA, whole blocks, boxes within TMA's 256
+    elements a side (BLOCKS = TMA_STORE_ELEMS / blocksize rows of blocksize), and out's base and block rows on
+    16-byte boundaries."""
+    return (
+        n_elements % blocksize == 0
+        and blocksize <= 256
+        and blocksize * out.element_size() % 16 == 0
+        and out.data_ptr() % 16 == 0
+        and has_tma(out.device)
+    )
+
+
+def dequantize_into(q: QuantizedTensor, out: torch.Tensor, bulk_store: bool = True) -> torch.Tensor:
+    """Dequantize ``q`` into ``out`` (contiguous, ``q.numel()`` elements, fp32/fp16/bf16) and return it.
+
+    ``bulk_store``: write through TMA where ``tma_store_fits`` (less GPU time, about 10 us more host time per call
+    on the H200 host here: Triton builds the descriptor at every launch); False always takes plain stores.
+    """
     check_quantized(q)
     if out.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cannot dequantize to {out.dtype}; valid: float32, float16, bfloat16")
@@ -112,19 +178,31 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> torch.Tensor:
     n = q.numel()
     state = q.state
     n_blocks = state.absmax.numel()
-    grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
     key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype)
-    _launch_dequantize(
-        grid, key, packed_words(q), *format_args(q), out, n, n_blocks,
+    args = (packed_words(q), *format_args(q))
+    fmt = dict(
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize or 256,
-        DOUBLE_QUANT=state.double_quant, PTX=not interpreting(),
-        enable_fp_fusion=False,
+        DOUBLE_QUANT=state.double_quant, PTX=not interpreting(), enable_fp_fusion=False,
     )
+    if bulk_store and tma_store_fits(state.blocksize, n, out):
+        blocks = TMA_STORE_ELEMS // state.blocksize
+        # the descriptor reads only out's address and dtype, so out needs no (n_blocks, blocksize) view
+        out_desc = TensorDescriptor(out, [n_blocks, state.blocksize], [state.blocksize, 1], [blocks, state.blocksize])
+        _launch_dequantize_tma(
+            lambda meta: (cdiv(n_blocks, blocks),), key, *args, out_desc, n, n_blocks, BLOCKS=blocks,
+            num_warps=TMA_STORE_WARPS, **fmt,
+        )
+    else:
+        grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
+        _launch_dequantize(grid, key, *args, out, n, n_blocks, **fmt)
     return out
 
 
-def dequantize_triton(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize ``q`` to a new tensor of shape ``q.shape`` and ``dtype`` (default ``q.dtype``)."""
+def dequantize_triton(
+    q: QuantizedTensor, dtype: torch.dtype | None = None, bulk_store: bool = True
+) -> torch.Tensor:
+    """Dequantize ``q`` to a new tensor of shape ``q.shape`` and ``dtype`` (default ``q.dtype``); ``bulk_store`` as
+    in ``dequantize_into``."""
     dtype = q.dtype if dtype is None else dtype
     out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    return dequantize_into(q, out)
+    return dequantize_into(q, out, bulk_store)

@@ -39,6 +39,7 @@ def _check_mode(mode: str, source: str) -> str:
 _ENV_MODES: dict[str, str] = {}  # $NF4LORA_KERNELS value -> parsed mode
 _PROCESS: dict[str, object] = {}  # triton_available, interpreting
 _MULTIPROCESSORS: dict[int, int] = {}
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
 
 
 def kernel_mode() -> str:
@@ -136,6 +137,19 @@ def multiprocessors(device: torch.device) -> int:
     if index not in _MULTIPROCESSORS:
         _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _MULTIPROCESSORS[index]
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use the tensor memory accelerator (Hopper, sm_90, and later); True under
+    the interpreter, which emulates it, so that CI runs the same kernels as such a GPU."""
+    if interpreting():
+        return True
+    if device.type != "cuda":
+        return False
+    index = device.index or 0
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index] >= (9, 0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

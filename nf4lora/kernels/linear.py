@@ -48,12 +48,16 @@ def quantize(
     return quantize_reference(w, **options)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize ``q`` to ``dtype`` (default ``q.dtype``), shape ``q.shape``; exactly equal to the reference."""
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, bulk_store: bool = True) -> torch.Tensor:
+    """Dequantize ``q`` to ``dtype`` (default ``q.dtype``), shape ``q.shape``; exactly equal to the reference.
+
+    ``bulk_store=False`` makes the Triton kernel write with plain stores instead of TMA: more GPU time, less host
+    time (``dequantize_nf4.dequantize_into``); for callers bound by host time. The reference ignores it.
+    """
     if use_triton(q.device):
         from nf4lora.kernels.dequantize_nf4 import dequantize_triton
 
-        return dequantize_triton(q, dtype)
+        return dequantize_triton(q, dtype, bulk_store)
     return dequantize_reference(q, dtype)
 
 

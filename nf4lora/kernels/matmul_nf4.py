@@ -64,7 +64,9 @@ def dequant_matmul(
     x2d: (M, K) for the forward or (M, N) for grad_input, fp32/fp16/bf16; W = dequant(qweight) (N, K)
     in x2d.dtype. Returns (M, N) or (M, K) in x2d.dtype.
     """
-    weight = dequantize_into(qweight, workspace(qweight.shape, x2d.dtype, qweight.device))
+    # plain stores: a training step makes a few hundred of these calls and is bound by host time, where TMA's
+    # per-launch descriptor (about 10 us) costs more than its 1-2 us of GPU time saves
+    weight = dequantize_into(qweight, workspace(qweight.shape, x2d.dtype, qweight.device), bulk_store=False)
     if transpose:
         return F.linear(x2d, weight, None if bias is None else bias.to(x2d.dtype))
     return x2d @ weight

@@ -38,7 +38,7 @@ from nf4lora.nf4.tensor import QuantizedTensor
 def dense_weight(weight: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, K) dense weight in ``dtype``, outside autograd: a cast for tensors, a dequantization for NF4."""
     if isinstance(weight, QuantizedTensor):
-        return dequantize(weight, dtype)
+        return dequantize(weight, dtype, bulk_store=False)  # plain stores: a LoRA step is bound by host time
     return weight.detach().to(dtype)
 
 

@@ -3,7 +3,7 @@ import torch
 from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
 
 from nf4lora.kernels import dequantize
-from nf4lora.kernels.dequantize_nf4 import dequantize_into
+from nf4lora.kernels.dequantize_nf4 import dequantize_into, tma_store_fits
 from nf4lora.nf4.tensor import dequantize as dequantize_ref
 from nf4lora.nf4.tensor import quantize as quantize_ref
 
@@ -17,6 +17,8 @@ from nf4lora.nf4.tensor import quantize as quantize_ref
         ((5, 1001), 64, "nf4", False),  # partial last block
         ((300, 700), 256, "fp4", True),
         ((3, 4096), 4096, "nf4", True),
+        ((48, 200), 32, "nf4", True),  # TMA stores: 300 blocks in boxes of 128, the last one clipped
+        ((40, 384), 128, "fp4", False),  # TMA stores: 120 blocks in boxes of 32
     ],
 )
 @pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
@@ -46,6 +48,26 @@ def test_dequantize_into_writes_the_given_buffer(triton_mode, device):
     out = torch.full((16, 64), float("nan"), device=device)
     assert dequantize_into(q, out) is out
     assert torch.equal(out.cpu(), dequantize_ref(q.to("cpu"), torch.float32))
+
+
+def test_dequantize_tma_and_plain_stores_write_the_same_values(triton_mode, device):
+    q = quantize_ref(torch.randn(96, 160), 64).to(device)
+    ref = dequantize_ref(q.to("cpu"), torch.float16)
+    out = torch.full((96, 160), float("nan"), dtype=torch.float16, device=device)
+    assert tma_store_fits(64, q.numel(), out) == (device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0))
+    assert torch.equal(dequantize_into(q, out).cpu(), ref)
+    out.fill_(float("nan"))
+    assert torch.equal(dequantize_into(q, out, bulk_store=False).cpu(), ref)
+
+
+def test_dequantize_takes_plain_stores_where_tma_cannot_write(triton_mode, device):
+    q = quantize_ref(torch.randn(8, 512), 64).to(device)
+    buffer = torch.full((q.numel() + 1,), float("nan"), device=device)
+    misaligned = buffer[1:]  # 4 bytes past a 16-byte boundary
+    assert not tma_store_fits(64, q.numel(), misaligned)
+    assert not tma_store_fits(64, q.numel() - 32, buffer)  # a partial last block
+    assert not tma_store_fits(512, q.numel(), buffer)  # blocks wider than a TMA box
+    assert torch.equal(dequantize_into(q, misaligned).cpu().view(8, 512), dequantize_ref(q.to("cpu"), torch.float32))
 
 
 def test_dequantize_refuses_bad_outputs(triton_mode, device):

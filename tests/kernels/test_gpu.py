@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nf4lora.kernels import dequantize, nf4_linear, quantize
+from nf4lora.kernels import dequantize, dequantize_nf4, nf4_linear, quantize
 from nf4lora.kernels.reference import dequantize_reference, quantize_reference
 
 pytestmark = pytest.mark.gpu
@@ -22,6 +22,19 @@ def test_gpu_quantize_bytes_and_dequantize_values_equal_reference(shape, quant_t
         assert torch.equal(getattr(q.state, name), t), name
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert torch.equal(dequantize(q, dtype), dequantize_reference(q, dtype))
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dequantize_tma_and_plain_stores_equal_reference(blocksize, dtype):
+    # 1000 x 4160 fills 1015.6 of the TMA kernel's 4096-element boxes at every blocksize: the last one is clipped
+    q = quantize(torch.randn(1000, 4160, device="cuda", dtype=torch.bfloat16), blocksize)
+    ref = dequantize_reference(q, dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+    assert dequantize_nf4.tma_store_fits(blocksize, q.numel(), out) == (blocksize <= 256)
+    assert torch.equal(dequantize_nf4.dequantize_into(q, out), ref)
+    out.fill_(float("nan"))
+    assert torch.equal(dequantize_nf4.dequantize_into(q, out, bulk_store=False), ref)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 16, 17, 300])
