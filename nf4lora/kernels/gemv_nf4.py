@@ -48,7 +48,7 @@ Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled
 GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the bf16 tile kernel's
 5.3 with (128, 4), 2.2 of them byte permutes and none on the load/store pipe (the shuffle version's was
 5.7-6.1, one of them a shuffle). Measured on an H200 in bf16
-(benchmarks/results/2026-11-28_kernels-calling-thread_h200.md): M = 1 streams the 70B projections at
+(benchmarks/results/2026-11-28_kernels-calling-thread-run2_h200.md): M = 1 streams the 70B projections at
 1.72-1.76 TB/s (1.82x bf16 F.linear) and 4096x4096 at 1.58x bf16; M = 2 runs at 1.29-1.52x bf16; M = 3..16
 at 1.08-1.24x bf16 and 1.6-3.6x bitsandbytes. One launch for
 3 x 4096x4096 (q/k/v) took 0.018 against 0.028 ms for three (..._grouped_h200.md).

@@ -27,7 +27,7 @@ from nf4lora.kernels.reference import dequantize_reference, linear_reference, qu
 from nf4lora.nf4.tensor import QuantizedTensor
 
 # Rows of x up to which the fused kernels beat dequantize + cuBLAS. Measured on an H200
-# (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, Llama projections): the fused kernels
+# (benchmarks/results/2026-11-28_kernels-calling-thread-run2_h200.md, bf16, Llama projections): the fused kernels
 # take 0.009-0.105 ms at M = 1..16 against 0.022-0.27 ms for dequantize + cuBLAS, at every M and shape.
 SMALL_M_MAX = 16
 
