@@ -14,12 +14,13 @@ shuffle (``codes.py``). Two kernels share that body and differ in how the values
   accelerator writes it out, one fixed tiling of 4096 elements.
 - ``_dequantize_kernel`` (everything else, and ``bulk_store=False``): plain 16-byte stores, autotuned tiling.
 
-On an H200 the TMA stores lifted bf16 dequantization from 81.9-82.3% to 85.2-85.5% of the copy bandwidth at
-11008x4096 and from 70% to 77% at 4096x4096, and left 28672x8192 at 92.5%
-(benchmarks/results/2026-11-28_dequantize-tma_h200.md). They cost host time, though: Triton encodes the
-descriptor at every launch, 31 us a call against 20 us with plain stores on that machine's host. So callers
-that a host-bound training step makes hundreds of times (``matmul_nf4``, the LoRA Function) pass
-``bulk_store=False``.
+On an H200 the TMA stores lifted bf16 dequantization from 81.9-82.3% to 85.0-85.5% of the copy bandwidth at the
+7B MLP shapes and from 70% to 77-78% at 4096x4096, and tied at 28672x8192 (92.5-92.7%), in one sweep
+(benchmarks/results/2026-11-28_dequantize-tma-sweep_h200.md); in the full kernels run 87.6-88.1% at the 7B shapes
+and 92.9% at 70B, 1.78-2.19x bitsandbytes (..._kernels-calling-thread_h200.md). They cost host time, though:
+Triton encodes the descriptor at every launch, 30-34 us a call against 19-25 us with plain stores on that
+machine's host (..._dequantize-tma_h200.md). So callers that a host-bound training step makes hundreds of times
+(``matmul_nf4``, the LoRA Function) pass ``bulk_store=False``.
 
 A tensor whose element count is not a multiple of 8 has its packed bytes copied to a word-aligned buffer
 first (small odd shapes only; weight matrices never need it).
@@ -40,7 +41,7 @@ from nf4lora.nf4.tensor import QuantizedTensor
 
 
 # The TMA-store kernel's one tiling: elements per program and warps. In a sweep on an H200 (bf16 out, blocksize 64)
-# 4096 elements with 4 warps led at every shape; 8 warps, or two tiles per program, ran 2-9% slower.
+# 4096 elements with 4 warps led the TMA variants at every shape; 8 warps, or two tiles per program, ran 1-9% slower.
 TMA_STORE_ELEMS = 4096
 TMA_STORE_WARPS = 4
 
