@@ -64,3 +64,13 @@ def test_host_cdiv_and_next_power_of_2_equal_triton_s():
             assert dispatch.cdiv(a, b) == triton.cdiv(a, b)
     for n in list(range(1, 300)) + [4095, 4096, 4097, 11008, 32768, 32769]:
         assert dispatch.next_power_of_2(n) == triton.next_power_of_2(n)
+
+
+def test_tma_only_on_hopper_or_later_and_under_the_interpreter(monkeypatch):
+    monkeypatch.setitem(dispatch._PROCESS, "interpret", True)
+    assert dispatch.has_tma(torch.device("cpu"))
+    monkeypatch.setitem(dispatch._PROCESS, "interpret", False)
+    assert not dispatch.has_tma(torch.device("cpu"))
+    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setitem(dispatch._CAPABILITIES, 7, capability)
+        assert dispatch.has_tma(torch.device("cuda:7")) is expected
