@@ -186,6 +186,7 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor, bulk_store: bool = Tr
     n = q.numel()
     state = q.state
     n_blocks = state.absmax.numel()
+    n_words = cdiv(n, 8)
     key = (n, state.blocksize, state.nested_blocksize, state.double_quant, out.dtype)
     args = (packed_words(q), *format_args(q))
     fmt = dict(
@@ -197,12 +198,12 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor, bulk_store: bool = Tr
         # the descriptor reads only out's address and dtype, so out needs no (n_blocks, blocksize) view
         out_desc = TensorDescriptor(out, [n_blocks, state.blocksize], [state.blocksize, 1], [blocks, state.blocksize])
         _launch_dequantize_tma(
-            lambda meta: (cdiv(n_blocks, blocks),), key, *args, out_desc, cdiv(n, 8), n_blocks, BLOCKS=blocks,
+            lambda meta: (cdiv(n_blocks, blocks),), key, *args, out_desc, n_words, n_blocks, BLOCKS=blocks,
             num_warps=TMA_STORE_WARPS, **fmt,
         )
     else:
         grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // state.blocksize, 1)),)  # noqa: E731
-        _launch_dequantize(grid, key, *args, out, n, cdiv(n, 8), n_blocks, **fmt)
+        _launch_dequantize(grid, key, *args, out, n, n_words, n_blocks, **fmt)
     return out
 
 

@@ -38,8 +38,7 @@ def _check_mode(mode: str, source: str) -> str:
 # about every functools cache it meets.
 _ENV_MODES: dict[str, str] = {}  # $NF4LORA_KERNELS value -> parsed mode
 _PROCESS: dict[str, object] = {}  # triton_available, interpreting
-_MULTIPROCESSORS: dict[int, int] = {}
-_CAPABILITIES: dict[int, tuple[int, int]] = {}
+_PROPERTIES: dict[int, object] = {}  # GPU index -> torch.cuda.get_device_properties
 
 
 def kernel_mode() -> str:
@@ -129,27 +128,34 @@ def tuning_space(configs: list) -> list:
     return configs[:1] if interpreting() else configs
 
 
+def _properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of CUDA ``device`` (the current GPU when it has no index), cached."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROPERTIES:
+        _PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return _PROPERTIES[index]
+
+
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` for sizing grids; 4 under the interpreter or off CUDA."""
     if interpreting() or device.type != "cuda":
         return 4
-    index = device.index or 0
-    if index not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _MULTIPROCESSORS[index]
+    return _properties(device).multi_processor_count
+
+
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU of compute capability 9.0 or later, which has TMA and programmatic dependent
+    launch; False off CUDA."""
+    if device.type != "cuda":
+        return False
+    props = _properties(device)
+    return (props.major, props.minor) >= (9, 0)
 
 
 def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use the tensor memory accelerator (Hopper, sm_90, and later); True under
     the interpreter, which emulates it, so that CI runs the same kernels as such a GPU."""
-    if interpreting():
-        return True
-    if device.type != "cuda":
-        return False
-    index = device.index or 0
-    if index not in _CAPABILITIES:
-        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITIES[index] >= (9, 0)
+    return interpreting() or hopper_or_later(device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

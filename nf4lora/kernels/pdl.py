@@ -25,20 +25,13 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from nf4lora.kernels.dispatch import interpreting
-
-_CAPABLE: dict[int, bool] = {}
+from nf4lora.kernels.dispatch import hopper_or_later, interpreting
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with programmatic dependent launch: a CUDA device of compute
     capability 9.0 or later, outside the interpreter."""
-    if interpreting() or device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _CAPABLE[index]
+    return not interpreting() and hopper_or_later(device)
 
 
 def launch_meta(device: torch.device) -> dict:

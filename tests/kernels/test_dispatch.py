@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -71,6 +73,6 @@ def test_tma_only_on_hopper_or_later_and_under_the_interpreter(monkeypatch):
     assert dispatch.has_tma(torch.device("cpu"))
     monkeypatch.setitem(dispatch._PROCESS, "interpret", False)
     assert not dispatch.has_tma(torch.device("cpu"))
-    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setitem(dispatch._CAPABILITIES, 7, capability)
+    for (major, minor), expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setitem(dispatch._PROPERTIES, 7, SimpleNamespace(major=major, minor=minor))
         assert dispatch.has_tma(torch.device("cuda:7")) is expected
