@@ -74,6 +74,12 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"target_modules={config.target_modules!r} selects non-linear modules {not_linear[:8]}; "
                 f"LoRA wraps only linear layers: {linear}"
             )
+        # a misspelt entry next to a good one would otherwise leave its layers without adapters, silently
+        unmatched = [] if isinstance(config.target_modules, str) or not candidates else [
+            p for p in config.target_modules if not any(_name_matches(n, [p]) for n in candidates)
+        ]
+        if unmatched:
+            raise ValueError(f"target_modules entries {unmatched} match no module; linear modules: {linear}")
     if config.exclude_modules:
         candidates = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
     if config.modules_to_save:

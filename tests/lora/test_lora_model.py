@@ -45,6 +45,15 @@ def test_a_target_that_matches_nothing_lists_the_linear_modules():
         inject_lora(tiny_llama(), LoraConfig(target_modules=["qproj"]))
 
 
+def test_a_misspelt_entry_beside_a_good_one_is_an_error_and_injects_nothing():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=re.escape(
+        "target_modules entries ['qproj'] match no module; linear modules: ['model.layers.0.self_attn.q_proj', "
+    )):
+        inject_lora(model, LoraConfig(target_modules=["q_proj", "qproj"]))
+    assert lora_module_names(model) == set()
+
+
 def test_a_non_linear_target_is_rejected():
     with pytest.raises(ValueError, match=r"selects non-linear modules \['model.layers.0.input_layernorm'"):
         inject_lora(tiny_llama(), LoraConfig(target_modules=["input_layernorm", "q_proj"]))
