@@ -121,8 +121,9 @@ def dora_update(
     """``y + (m / n - 1) * base_nobias + (m / n) * scaling * x_lora @ A.T @ B.T`` (out of place).
 
     y, base_nobias: (..., N); x_lora: (..., K); magnitude: (N,) trainable; weight_norm: (N,) detached.
-    All operands are cast to y.dtype except the norm ratio, formed in the magnitude's dtype first.
+    All operands are cast to y.dtype except the norm ratio and ``m / n - 1``, formed in the magnitude's dtype first:
+    m / n is close to 1, and subtracting 1 after rounding it to bf16 would keep only its last few bits.
     """
-    mag_scale = (magnitude / weight_norm.to(magnitude.dtype)).to(y.dtype)
+    ratio = magnitude / weight_norm.to(magnitude.dtype)
     lora = x_lora @ lora_a.t() @ lora_b.t()
-    return y + (mag_scale - 1) * base_nobias + mag_scale * lora * scaling
+    return y + (ratio - 1).to(y.dtype) * base_nobias + ratio.to(y.dtype) * lora * scaling
