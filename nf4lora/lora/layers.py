@@ -153,12 +153,16 @@ class LoraLinear(nn.Module):
         return self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The base layer and adapter ``name`` in one node, in the base's compute dtype; out in x's dtype as the
+        base layer's own output is."""
+        dtype = x.dtype
         x = self._compute_input(x)
         dropout = self.lora_dropout[name]
         x_lora = x if isinstance(dropout, nn.Identity) else dropout(x)
         base = self.base_layer
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        return lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
+        y = lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
+        return y if y.dtype == dtype else y.to(dtype)
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base output plus earlier adapters) plus adapter ``name``'s LoRA or DoRA term."""

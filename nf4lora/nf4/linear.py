@@ -15,8 +15,8 @@ class NF4Linear(nn.Module):
     """y = x @ dequantize(W).T + b, with W (out_features, in_features) stored in 4 bits.
 
     The weight is frozen and is not a Parameter; the bias, if any, is a Parameter (frozen by LoRA injection unless
-    its bias mode trains it). Inputs are cast to `compute_dtype` (default: the weight's original dtype), and the
-    output comes back in that dtype. The state dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints
+    its bias mode trains it). Inputs are cast to `compute_dtype` (default: the weight's original dtype) and the
+    output is cast back to the input's dtype, as `Linear4bit` does (an fp32 model may compute in bf16). The state dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints
     move both ways between nf4lora and transformers + bitsandbytes.
     """
 
@@ -46,7 +46,7 @@ class NF4Linear(nn.Module):
         return cls(weight, bias, compute_dtype or linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return _in_dtype(nf4_linear(x.to(self.compute_dtype), self.weight, self.bias), x.dtype)
 
     @staticmethod
     def forward_group(layers: list[NF4Linear], x: torch.Tensor) -> list[torch.Tensor]:
@@ -57,7 +57,7 @@ class NF4Linear(nn.Module):
         if any(layer.bias is not None or layer.compute_dtype != dtype or layer._forward_hooks
                or layer._forward_pre_hooks for layer in layers):
             return [layer(x) for layer in layers]
-        return nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])
+        return [_in_dtype(y, x.dtype) for y in nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])]
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out_features, in_features) dense weight in `dtype` (default `compute_dtype`)."""
@@ -111,3 +111,8 @@ def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ("lm_head",), **
             if isinstance(child, nn.Linear) and name not in skip:
                 setattr(parent, name, NF4Linear.from_linear(child, **options))
     return module
+
+
+def _in_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y cast to ``dtype``; the common case (compute dtype = input dtype) skips even a no-op ``to`` call."""
+    return y if y.dtype == dtype else y.to(dtype)

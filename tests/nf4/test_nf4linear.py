@@ -52,10 +52,13 @@ def test_loading_a_weight_of_another_shape_is_refused(layer):
         other.load_state_dict(quantized.state_dict())
 
 
-def test_compute_dtype_governs_input_and_output(layer):
+def test_compute_dtype_governs_the_matmul_and_the_output_keeps_the_input_dtype(layer):
     dense, _ = layer
     quantized = NF4Linear.from_linear(dense.to(torch.bfloat16))
-    assert quantized(torch.randn(4, 96)).dtype == torch.bfloat16
+    x = torch.randn(4, 96)
+    y = quantized(x)
+    assert y.dtype == torch.float32  # as bitsandbytes' Linear4bit gives back its input's dtype
+    assert torch.equal(y, quantized(x.bfloat16()).float())  # computed in bf16
     assert "nf4+dq, blocksize=64" in repr(quantized)
 
 
