@@ -67,7 +67,12 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
 
 
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
-    """Parse and validate the header of one safetensors file; returns {name: TensorEntry}."""
+    """Parse and validate the header of one safetensors file; returns {name: TensorEntry}.
+
+    The checks are those safetensors makes when it opens the file (each tensor's span holds exactly its shape x
+    dtype, the spans sorted by offset tile the data from byte 0 without overlap or gap, and the file ends where the
+    data does), so a bad file is refused here with its name instead of by the reader later.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -84,23 +89,34 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
     header.pop("__metadata__", None)
-    entries, data_end = {}, 0
+    entries, spans = {}, []
     for name, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = map(int, info["data_offsets"])
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e!r}") from None
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; valid: {list(DTYPE_BYTES)}")
         nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
         if end - begin != nbytes or begin < 0:
             raise ValueError(f"{path}: corrupt safetensors header: {name!r} spans bytes [{begin}, {end}) but "
                              f"shape {list(shape)} {dtype} needs {nbytes}")
         entries[name] = TensorEntry(path, dtype, shape, nbytes)
-        data_end = max(data_end, end)
+        spans.append((begin, end, name))
+    data_end = 0
+    for begin, end, name in sorted(spans):
+        if begin != data_end:
+            problem = "overlaps the tensor before it" if begin < data_end else f"{begin - data_end}-byte gap"
+            raise ValueError(f"{path}: corrupt safetensors header: {name!r} starts at byte {begin}, expected "
+                             f"{data_end} ({problem}); valid: tensors stored back to back from byte 0")
+        data_end = end
     if 8 + n + data_end > size:
         raise ValueError(f"{path}: truncated safetensors file: the header needs {8 + n + data_end} bytes, "
                          f"the file has {size}")
+    if 8 + n + data_end < size:
+        raise ValueError(f"{path}: corrupt safetensors file: {size - 8 - n - data_end} trailing bytes after the "
+                         f"tensor data (the header accounts for {8 + n + data_end} bytes, the file has {size})")
     return entries
 
 

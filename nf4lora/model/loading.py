@@ -208,11 +208,15 @@ class _CheckpointReader:
                              f"({self.model_dir}/config.json) needs {list(expected)}")
 
     def load_all(self, stored_type: str | None) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         with contextlib.ExitStack() as stack:
             for file in sorted({e.file for e in self.index.values()}):
-                self.handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                try:  # read_safetensors_header mirrors safetensors' checks; this names the file should they differ
+                    handle = safe_open(file, framework="pt", device="cpu")
+                except SafetensorError as e:
+                    raise ValueError(f"{file}: not a readable safetensors file: {e}") from None
+                self.handles[file] = stack.enter_context(handle)
             linears = {name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)}
             for name, param in list(self.model.named_parameters(remove_duplicate=True)):
                 key = name
@@ -261,7 +265,9 @@ class _CheckpointReader:
         linear = self.model.get_submodule(module_name)
         key = f"{module_name}.weight"
         self.check_shape(key, linear.weight.shape)
-        w = self.read(key).to(self.device_of(key), self.compute_dtype)
+        # quantized from the load dtype, as transformers quantizes the weights it loaded in torch_dtype: rounding to
+        # a narrower compute dtype first would change the codes
+        w = self.read(key).to(self.device_of(key), self.dtype)
         qweight = quantize(w, blocksize=self.opts.blocksize, quant_type=self.quantization,
                            double_quant=self.opts.double_quant)
         del w

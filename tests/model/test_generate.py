@@ -1,11 +1,12 @@
-"""generate(): greedy tokens equal transformers' generate, batching, stopping, seeded sampling, CUDA graphs."""
+"""generate(): greedy tokens equal transformers' generate, batching, stopping, seeded sampling and the distribution it
+draws from, CUDA graphs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nf4lora.model import Llama, LlamaConfig, filter_logits, generate, generate_stream, load_model
+from nf4lora.model import Llama, LlamaConfig, filter_logits, generate, generate_stream, load_model, sample_next
 
 from .conftest import VARIANTS, hf_model
 
@@ -110,6 +111,54 @@ def test_filters_keep_the_same_tokens_as_transformers_warpers(top_k, top_p):
     got = filter_logits(scores, top_k, top_p)
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])
+
+
+def _hf_sampling_probs(logits, temperature, top_k, top_p):
+    """The distribution transformers samples from: its warpers in generate's order (temperature, top-k, top-p),
+    then softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.float())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
+
+
+def _capture_sampled_probs(monkeypatch) -> list[torch.Tensor]:
+    """The probabilities each later `torch.multinomial` call receives (the draws themselves still happen)."""
+    probs = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: probs.append(p.clone()) or real(p, *a, **k))
+    return probs
+
+
+def _assert_same_distribution(got, expected):
+    assert torch.equal(got == 0, expected == 0)  # the same tokens filtered out
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # fp32: same ops, observed bitwise equal
+
+
+# each of temperature, top-k and top-p alone, then together: a low temperature also narrows the top-p nucleus
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"),
+                         [(0.6, None, None), (1.0, 8, None), (1.0, None, 0.7), (1.7, 12, 0.9), (0.5, None, 0.9)])
+def test_sampling_draws_from_the_distribution_of_transformers_warpers(monkeypatch, temperature, top_k, top_p):
+    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(11)) * 3
+    drawn = _capture_sampled_probs(monkeypatch)
+    sample_next(logits, temperature, top_k, top_p, generator=torch.Generator().manual_seed(0))
+    assert len(drawn) == 1
+    _assert_same_distribution(drawn[0], _hf_sampling_probs(logits, temperature, top_k, top_p))
+
+
+def test_generate_passes_its_sampling_arguments_to_the_draw(checkpoints, monkeypatch):
+    model = load_model(checkpoints("gqa"), dtype=torch.float32)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = model(ids)[:, -1]
+    drawn = _capture_sampled_probs(monkeypatch)
+    generate(model, ids, max_new_tokens=1, temperature=0.7, top_k=20, top_p=0.9, seed=0, eos_ids=())
+    assert len(drawn) == 1
+    _assert_same_distribution(drawn[0], _hf_sampling_probs(logits, 0.7, 20, 0.9))
 
 
 def test_bad_generation_arguments_are_named(checkpoints):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,6 +19,13 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_REL = 1e-5
 # bf16: 8 mantissa bits, rounding after every op of a 2-3 layer model; the issue asks 2e-2.
 BF16_REL = 2e-2
+
+# llama3 RoPE scaling with frequencies in each of its three bands. The shared "llama3" variant (head_dim 16, original
+# context 32) has none in the blended middle band, so a wrong blend passed every test there; head_dim 32 spaces the
+# wavelengths 2.27x apart, and two fall in the blended band [256 / 4, 256 / 1].
+LLAMA3_BANDS = dict(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0, original_max_position_embeddings=256))
 
 
 def _ids(batch=2, length=12, vocab=96, seed=1):
@@ -45,6 +54,31 @@ def test_bf16_logits_match_transformers(checkpoints, variant):
         expected, got = hf(x).logits, ours(x)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, expected) < BF16_REL
+
+
+def _llama3_band_sizes(head_dim: int, rope: dict) -> tuple[int, int, int]:
+    """How many unscaled RoPE frequencies fall in llama3's (kept, blended, divided by factor) bands, by
+    transformers' wavelength rule."""
+    inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old_len = rope["original_max_position_embeddings"]
+    high_freq_wavelen, low_freq_wavelen = old_len / rope["high_freq_factor"], old_len / rope["low_freq_factor"]
+    blended = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return int((wavelen < high_freq_wavelen).sum()), int(blended.sum()), int((wavelen > low_freq_wavelen).sum())
+
+
+def test_llama3_rope_matches_transformers_in_all_three_bands(tmp_path):
+    hf = hf_model(**LLAMA3_BANDS)
+    rope = LLAMA3_BANDS["rope_parameters"]
+    assert min(_llama3_band_sizes(hf.config.head_dim, rope)) > 0  # else a band, the blend above all, goes untested
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype=torch.float32)
+    # Identical float32 formula; only the op order of the blend may differ by an ulp.
+    torch.testing.assert_close(ours.inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    x = _ids(2, rope["original_max_position_embeddings"] + 8)  # positions past the original context too
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x)
+    assert rel_err(got, expected) < FP32_REL
 
 
 def test_padding_mask_matches_transformers(checkpoints):

@@ -1,0 +1,88 @@
+"""Corrupt safetensors files that only safetensors itself used to notice (trailing bytes, overlapping or gapped
+data_offsets, a span that does not fit its shape) are refused by `load_model` with a one-line error naming the file
+and the problem, never with a bare SafetensorError from inside the reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+
+import pytest
+import torch
+
+from nf4lora.model import load_model
+
+
+def _split(file: str) -> tuple[dict, bytes]:
+    """(header JSON, data section) of a safetensors file."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), f.read()
+
+
+def _join(file: str, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _last(header: dict) -> str:
+    """Name of the tensor stored last in the data section."""
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+@pytest.fixture
+def weights(checkpoints, tmp_path) -> str:
+    """model.safetensors of a private copy of the tiny 'gqa' checkpoint, free to corrupt."""
+    path = shutil.copytree(checkpoints("gqa"), tmp_path / "m")
+    return os.path.join(path, "model.safetensors")
+
+
+def test_valid_checkpoint_rewritten_unchanged_still_loads(checkpoints, weights):
+    """The new checks accept a real file (and `_split`/`_join` alone change nothing that matters)."""
+    _join(weights, *_split(weights))
+    got = load_model(os.path.dirname(weights), dtype=torch.float32).state_dict()
+    want = load_model(checkpoints("gqa"), dtype=torch.float32).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _trailing_junk(header, data):
+    return header, data + b"junk", r"corrupt safetensors file: 4 trailing bytes after the tensor data"
+
+
+def _overlap(header, data):  # the last tensor moved 4 bytes back, file shortened to match
+    name = _last(header)
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin - 4, end - 4]
+    return header, data[:-4], rf"'{name}' starts at byte {begin - 4}, expected {begin} \(overlaps the tensor before it\)"
+
+
+def _gap(header, data):  # the last tensor moved 4 bytes on, file lengthened to match
+    name = _last(header)
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + 4, end + 4]
+    return header, data[:begin] + bytes(4) + data[begin:], rf"'{name}' starts at byte {begin + 4}, expected {begin} " \
+                                                           r"\(4-byte gap\)"
+
+
+def _span_not_shape(header, data):
+    begin, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["shape"] = [63]
+    return header, data, rf"'model.norm.weight' spans bytes \[{begin}, {end}\) but shape \[63\] F32 needs 252"
+
+
+def _metadata_not_strings(header, data):  # passes our header check; safetensors refuses it when opening
+    header["__metadata__"] = {"format": 1}
+    return header, data, r"not a readable safetensors file: .*invalid type: integer"
+
+
+@pytest.mark.parametrize("corrupt", [_trailing_junk, _overlap, _gap, _span_not_shape, _metadata_not_strings])
+def test_corrupt_file_is_refused_with_its_name_and_the_problem(weights, corrupt):
+    header, data, problem = corrupt(*_split(weights))
+    _join(weights, header, data)
+    with pytest.raises(ValueError, match=rf"^{re.escape(weights)}: .*{problem}") as e:
+        load_model(os.path.dirname(weights))
+    assert "\n" not in str(e.value)
