@@ -28,6 +28,19 @@ def sp_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_sp_dir(tmp_path_factory):
+    """A sentencepiece model trained with Llama 2's options: no normalization, spaces kept, digits split."""
+    spm = pytest.importorskip("sentencepiece")
+    out = tmp_path_factory.mktemp("llama_sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+                                   allow_whitespace_only_pieces=True, minloglevel=2)
+    return out
+
+
+@pytest.fixture(scope="module")
 def json_dir(tmp_path_factory):
     tokenizers = pytest.importorskip("tokenizers")
     out = tmp_path_factory.mktemp("tj")
@@ -90,6 +103,50 @@ def test_tokenizer_json_bos_and_eos_can_be_forced(json_dir):
     body = tok.encode("fox", bos=False)
     assert body[0] != tok.bos_id
     assert tok.encode("fox", eos=True) == [tok.bos_id, *body, tok.eos_id]
+
+
+def test_sentencepiece_encodes_like_transformers_llama_tokenizer(llama_sp_dir):
+    transformers = pytest.importorskip("transformers")
+    try:  # transformers >= 5 builds its LlamaTokenizer from vocab + merges (it converts a .model only via protobuf)
+        from transformers.tokenization_utils_base import generate_merges
+    except ImportError:
+        pytest.skip("needs transformers >= 5 (LlamaTokenizer(vocab=, merges=))")
+    tok = load_tokenizer(llama_sp_dir)
+    # what transformers' SentencePieceExtractor takes from tokenizer.model: every piece in id order, merges derived
+    vocab = {tok.sp.id_to_piece(i): i for i in range(tok.vocab_size)}
+    hf = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True)
+    assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
+    # no leading whitespace (transformers' Metaspace adds no dummy prefix before one) and no special-token text
+    # (transformers splits "<s>" out as BOS; sentencepiece, like us, encodes it as plain text)
+    texts = ["Hello world", "trailing spaces  ", "The lazy fox 123 café 東京 😀", "a", "",
+             "Hi\nthere  two\ttab", "Llamas spit 4-bit weights!", "ünïcödé ÅÆØ ½ ﬁ"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text), text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize(("kind", "generation", "expected"), [
+    # the .model itself says BOS 1, EOS 2 and no pad: generation_config.json must win over it
+    pytest.param("sentencepiece", {"bos_token_id": 3, "eos_token_id": [4, 2], "pad_token_id": 5}, (3, 4, 5, (4, 2)),
+                 id="sentencepiece"),
+    # tokenizer.json knows no special tokens of its own: without generation_config.json there would be none
+    pytest.param("tokenizer.json", {"bos_token_id": 0, "eos_token_id": [2, 1], "pad_token_id": 3}, (0, 2, 3, (2, 1)),
+                 id="tokenizer.json"),
+])
+def test_special_ids_fall_back_to_generation_config(request, tmp_path, kind, generation, expected):
+    name = "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"
+    source = request.getfixturevalue("sp_dir" if kind == "sentencepiece" else "json_dir")
+    (tmp_path / name).write_bytes((source / name).read_bytes())
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    for tok_config in [{"model_max_length": 128},  # no special tokens at all
+                       # or ones the vocabulary lacks (a config written for another tokenizer)
+                       {"bos_token": {"content": "<missing>"}, "eos_token": "<missing>", "pad_token": "<missing>"}]:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        tok = load_tokenizer(tmp_path)
+        assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_ids) == expected, tok_config
+        ids = tok.encode("fox", bos=True, eos=True)
+        assert ids[0] == expected[0] and ids[-1] == expected[1] and expected[0] not in ids[1:]
 
 
 def test_missing_or_invalid_tokenizer_is_named(tmp_path):
