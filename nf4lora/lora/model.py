@@ -299,12 +299,27 @@ def merge_and_unload(
 
 
 def _param_count(model: nn.Module) -> tuple[int, int, int, int]:
-    """(trainable params, all params, base bytes, adapter bytes); an NF4 weight counts its logical numel."""
+    """(trainable params, all params, base bytes, adapter bytes); an NF4 weight counts its logical numel.
+
+    Trainable params follow requires_grad, as peft counts them. Bytes follow the module kind instead: LoRA A/B,
+    DoRA magnitudes and ``modules_to_save`` copies are adapter bytes whether or not they are active or trained,
+    everything else (trained biases included) is base.
+    """
+    adapter_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            parts = (module.lora_A, module.lora_B, module.lora_magnitude_vector)
+        elif isinstance(module, ModulesToSave):
+            parts = (module.modules_to_save,)
+        else:
+            continue
+        adapter_ids.update(id(p) for part in parts for p in part.parameters())
     trainable = total = base_bytes = adapter_bytes = 0
     for p in model.parameters():
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+        if id(p) in adapter_ids:
             adapter_bytes += p.numel() * p.element_size()
         else:
             base_bytes += p.numel() * p.element_size()
@@ -327,9 +342,10 @@ def _fmt_bytes(n: float) -> str:
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """Print peft's line (``trainable params: X || all params: Y || trainable%: Z``) and a bytes line.
 
-    Returns (trainable, all). "Trainable" bytes are the parameters with requires_grad (the adapter
-    plus any trained biases/modules_to_save); "base" bytes are the rest, with an NF4 weight counted
-    at its real size (packed nibbles + absmax state), not at its logical parameter count.
+    Returns (trainable, all), counted by requires_grad as peft counts them. "Adapter" bytes are every
+    adapter's LoRA A/B, DoRA magnitudes and ``modules_to_save`` copies, active or not, trained or not;
+    "base" bytes are the rest, with an NF4 weight counted at its real size (packed nibbles + absmax
+    state), not at its logical parameter count.
     """
     trainable, total, base_bytes, adapter_bytes = _param_count(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

@@ -177,3 +177,21 @@ def test_a_qlora_adapter_moves_between_nf4lora_nf4_and_peft_on_bitsandbytes_4bit
     with torch.no_grad():
         # Both sides dequantize the same NF4 bytes to fp32 and compute in fp32: reassociation only.
         assert rel_err(ours(input_ids).logits, theirs(input_ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_a_qlora_adapter_peft_trained_on_bitsandbytes_4bit_loads_into_nf4lora_nf4(use_dora, tmp_path, input_ids):
+    base = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_model(bnb_quantize_linears(copy.deepcopy(base)), r=4, target_modules="all-linear",
+                            use_dora=use_dora, init_lora_weights=False)
+    assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules())
+    _perturb_trainables(theirs, seed=4)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(quantize_linears(copy.deepcopy(base), compute_dtype=torch.float32), tmp_path)
+    # As above: train mode keeps bitsandbytes on its plain dequantize path (no dropout configured).
+    theirs.train()
+    with torch.no_grad():
+        # Both sides dequantize the same NF4 bytes to fp32 and compute in fp32: reassociation only.
+        assert rel_err(ours(input_ids).logits, theirs(input_ids).logits) < 1e-5

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lora_helpers import (
-    peft_model, rel_err, tiny_llama, trainable_names, lora_module_names,
+    OneLayer, peft_model, rel_err, tiny_llama, trainable_names, lora_module_names,
 )
 from nf4lora.lora import (
     LoraConfig, LoraLinear, ModulesToSave, active_adapters, delete_adapter, disable_adapters, inject_lora,
@@ -89,6 +89,60 @@ def test_nf4_weights_count_as_their_logical_parameters_and_their_real_bytes(caps
     assert line == f"base bytes: {(nf4_bytes + other_bytes) / 1024:.1f} KiB || adapter bytes: {4 * lora / 1024:.1f} KiB"
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_adapter_bytes_count_every_adapter_active_or_not_and_base_bytes_the_base(nf4, capsys):
+    base = tiny_llama()
+    if nf4:
+        base = quantize_linears(base, compute_dtype=torch.bfloat16)
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    base_bytes += sum(m.weight.nbytes for m in base.modules() if isinstance(m, NF4Linear))
+    model = inject_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "a")
+    inject_lora(model, LoraConfig(r=8, target_modules="all-linear", modules_to_save=["lm_head"]), "b")
+    set_adapter(model, "a")  # "b", inactive, is frozen but still held in memory
+    adapter_bytes = sum(4 * p.numel() for n, p in model.named_parameters()
+                        if re.search(r"\.(lora_A|lora_B|lora_magnitude_vector|modules_to_save)\.", n))
+    assert any(".b." in n and not p.requires_grad for n, p in model.named_parameters())
+    with torch.no_grad():
+        trainable, _ = print_trainable_parameters(model)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if ".a." in n)
+    line = capsys.readouterr().out.strip().splitlines()[1]
+    assert line == f"base bytes: {base_bytes / 1024:.1f} KiB || adapter bytes: {adapter_bytes / 1024:.1f} KiB"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_dora_adapter_without_dropout_after_another_active_adapter_matches_peft(train):
+    # Without dropout DoRA takes its base output as y - bias, where y already holds the first adapter's term
+    # (peft does the same); a biased linear makes the subtraction matter.
+    from peft import LoraConfig as PeftLoraConfig
+
+    torch.manual_seed(9)
+    base = OneLayer(nn.Linear(56, 44, bias=True))
+    first = {"r": 6, "lora_alpha": 12, "target_modules": ["proj"], "init_lora_weights": False}
+    second = {**first, "r": 3, "use_dora": True}
+    theirs = peft_model(base, **first)
+    theirs.add_adapter("b", PeftLoraConfig(**second))
+    theirs.base_model.set_adapter(["default", "b"])
+    ours = inject_lora(copy.deepcopy(base), LoraConfig(**first))
+    inject_lora(ours, LoraConfig(**second), "b")
+    set_adapter(ours, ["default", "b"])
+    theirs_params = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters()}
+    ours_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert ours_params.keys() == trainable_names(theirs)
+    with torch.no_grad():
+        for name, p in ours_params.items():  # off the initial values: a DoRA magnitude unequal to the weight norm
+            p.add_(0.05 * torch.randn(p.shape))
+            theirs_params[name].copy_(p)
+    theirs.train(train), ours.train(train)
+    x = torch.randn(4, 56)
+    ours_y, theirs_y = ours(x), theirs(x)
+    ours_y.square().sum().backward()
+    theirs_y.square().sum().backward()
+    # fp32, same operations up to association order.
+    assert rel_err(ours_y, theirs_y) < 1e-6
+    for name, p in ours_params.items():
+        assert rel_err(p.grad, theirs_params[name].grad) < 1e-6, name
+
+
 def test_only_adapter_parameters_receive_gradients(input_ids):
     model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     model(input_ids).logits.square().mean().backward()
@@ -158,10 +212,14 @@ def test_merge_and_unload_gives_plain_linears_with_the_adapted_outputs(use_dora,
     assert not hasattr(model, "lora_configs")
 
 
-def test_merge_and_unload_on_nf4_gives_dense_weights_or_warns_when_requantizing(input_ids):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_merge_and_unload_on_nf4_gives_dense_weights_or_warns_when_requantizing(use_dora, input_ids):
     qmodel = quantize_linears(tiny_llama(), compute_dtype=torch.float32)
-    inject_lora(qmodel, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    inject_lora(qmodel, LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False))
     with torch.no_grad():
+        for name, p in qmodel.named_parameters():
+            if "lora_magnitude_vector" in name:  # m / ||W'|| away from 1, row by row
+                p.mul_(torch.linspace(0.8, 1.2, p.numel()))
         expected = qmodel(input_ids).logits
         dense = merge_and_unload(copy.deepcopy(qmodel))
         assert {type(m) for n, m in dense.named_modules() if n.endswith("proj")} == {nn.Linear}
