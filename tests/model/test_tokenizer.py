@@ -17,27 +17,28 @@ CORPUS = [
 SAMPLES = ["Hello world", "  leading spaces and trailing ", "The lazy fox 123 café 東京 😀", "a", ""]
 
 
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
+def _train_sentencepiece(out, **options):
+    """A 400-piece BPE sentencepiece model (byte fallback, unk 0, bos 1, eos 2, no pad) trained on CORPUS into
+    ``out``/tokenizer.model, with ``options`` added to the trainer's."""
     spm = pytest.importorskip("sentencepiece")
-    out = tmp_path_factory.mktemp("sp")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(out / "tokenizer"),
                                    vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, minloglevel=2)
+                                   eos_id=2, pad_id=-1, minloglevel=2, **options)
     return out
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    return _train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="module")
 def llama_sp_dir(tmp_path_factory):
     """A sentencepiece model trained with Llama 2's options: no normalization, spaces kept, digits split."""
-    spm = pytest.importorskip("sentencepiece")
-    out = tmp_path_factory.mktemp("llama_sp")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(out / "tokenizer"),
-                                   vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
-                                   allow_whitespace_only_pieces=True, minloglevel=2)
-    return out
+    return _train_sentencepiece(
+        tmp_path_factory.mktemp("llama_sp"), normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+    )
 
 
 @pytest.fixture(scope="module")
