@@ -26,7 +26,7 @@ from nf4lora.kernels import nf4_linear
 from nf4lora.lora.config import LoraConfig
 from nf4lora.lora.functional import dora_update, dora_weight_norm, lora_add, lora_delta_weight
 from nf4lora.lora.fused import dense_weight, lora_linear
-from nf4lora.nf4.linear import NF4Linear
+from nf4lora.nf4.linear import NF4Linear, output_in_dtype
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -162,7 +162,7 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         y = lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
-        return y if y.dtype == dtype else y.to(dtype)
+        return output_in_dtype(y, dtype)
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base output plus earlier adapters) plus adapter ``name``'s LoRA or DoRA term."""

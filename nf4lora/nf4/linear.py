@@ -16,8 +16,9 @@ class NF4Linear(nn.Module):
 
     The weight is frozen and is not a Parameter; the bias, if any, is a Parameter (frozen by LoRA injection unless
     its bias mode trains it). Inputs are cast to `compute_dtype` (default: the weight's original dtype) and the
-    output is cast back to the input's dtype, as `Linear4bit` does (an fp32 model may compute in bf16). The state dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints
-    move both ways between nf4lora and transformers + bitsandbytes.
+    output is cast back to the input's dtype, as `Linear4bit` does (an fp32 model may compute in bf16). The state
+    dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints move both ways between nf4lora and
+    transformers + bitsandbytes.
     """
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
@@ -46,7 +47,7 @@ class NF4Linear(nn.Module):
         return cls(weight, bias, compute_dtype or linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _in_dtype(nf4_linear(x.to(self.compute_dtype), self.weight, self.bias), x.dtype)
+        return output_in_dtype(nf4_linear(x.to(self.compute_dtype), self.weight, self.bias), x.dtype)
 
     @staticmethod
     def forward_group(layers: list[NF4Linear], x: torch.Tensor) -> list[torch.Tensor]:
@@ -57,7 +58,7 @@ class NF4Linear(nn.Module):
         if any(layer.bias is not None or layer.compute_dtype != dtype or layer._forward_hooks
                or layer._forward_pre_hooks for layer in layers):
             return [layer(x) for layer in layers]
-        return [_in_dtype(y, x.dtype) for y in nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])]
+        return [output_in_dtype(y, x.dtype) for y in nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])]
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out_features, in_features) dense weight in `dtype` (default `compute_dtype`)."""
@@ -113,6 +114,7 @@ def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ("lm_head",), **
     return module
 
 
-def _in_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """y cast to ``dtype``; the common case (compute dtype = input dtype) skips even a no-op ``to`` call."""
+def output_in_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's output ``y`` cast back to its input's ``dtype``, as ``Linear4bit`` gives it; the common case (compute
+    dtype = input dtype) skips even a no-op ``to`` call."""
     return y if y.dtype == dtype else y.to(dtype)
