@@ -17,8 +17,10 @@ VARIANTS = {
     "gqa": {},
     "mha_bias": dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True),
     "tied": dict(tie_word_embeddings=True),
+    # head_dim 16 at theta 5e5: wavelengths 6.3, 32, 167, ... put one frequency in each of llama3's kept (< 64 / 4),
+    # blended ([16, 64]) and divided (> 64) bands
     "llama3": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                        high_freq_factor=4.0, original_max_position_embeddings=32)),
+                                        high_freq_factor=4.0, original_max_position_embeddings=64)),
     "linear_rope": dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
     "sharded": dict(num_hidden_layers=3),
 }
