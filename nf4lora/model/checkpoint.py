@@ -69,9 +69,10 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     """Parse and validate the header of one safetensors file; returns {name: TensorEntry}.
 
-    The checks are those safetensors makes when it opens the file (each tensor's span holds exactly its shape x
-    dtype, the spans sorted by offset tile the data from byte 0 without overlap or gap, and the file ends where the
-    data does), so a bad file is refused here with its name instead of by the reader later.
+    The checks are those safetensors makes when it opens the file (shapes of non-negative integers, each tensor's
+    span holds exactly its shape x dtype, the spans sorted by offset tile the data from byte 0 without overlap or
+    gap, and the file ends where the data does), so a bad file is refused here with its name instead of by the
+    reader later.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -96,6 +97,9 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
             begin, end = map(int, info["data_offsets"])
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e!r}") from None
+        if not all(type(d) is int and d >= 0 for d in info["shape"]):
+            raise ValueError(f"{path}: corrupt safetensors header: {name!r} has shape {info['shape']!r}; valid: "
+                             f"a list of non-negative integers")
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; valid: {list(DTYPE_BYTES)}")
         nbytes = math.prod(shape) * DTYPE_BYTES[dtype]

@@ -1,5 +1,5 @@
 """Corrupt safetensors files that only safetensors itself used to notice (trailing bytes, overlapping or gapped
-data_offsets, a span that does not fit its shape) are refused by `load_model` with a one-line error naming the file
+data_offsets, a span that does not fit its shape, negative dimensions) are refused by `load_model` with a one-line error naming the file
 and the problem, never with a bare SafetensorError from inside the reader."""
 
 from __future__ import annotations
@@ -74,12 +74,18 @@ def _span_not_shape(header, data):
     return header, data, rf"'model.norm.weight' spans bytes \[{begin}, {end}\) but shape \[63\] F32 needs 252"
 
 
+def _negative_dims(header, data):  # the right byte count (64 elements), but no tensor has this shape
+    header["model.norm.weight"]["shape"] = [-8, -8]
+    return header, data, r"'model.norm.weight' has shape \[-8, -8\]; valid: a list of non-negative integers"
+
+
 def _metadata_not_strings(header, data):  # passes our header check; safetensors refuses it when opening
     header["__metadata__"] = {"format": 1}
     return header, data, r"not a readable safetensors file: .*invalid type: integer"
 
 
-@pytest.mark.parametrize("corrupt", [_trailing_junk, _overlap, _gap, _span_not_shape, _metadata_not_strings])
+@pytest.mark.parametrize("corrupt", [_trailing_junk, _overlap, _gap, _span_not_shape, _negative_dims,
+                                     _metadata_not_strings])
 def test_corrupt_file_is_refused_with_its_name_and_the_problem(weights, corrupt):
     header, data, problem = corrupt(*_split(weights))
     _join(weights, header, data)
