@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import torch
 
+from nf4lora.nf4.blockwise import FLOAT_DTYPES
+
 MODES = ("auto", "triton", "reference")
-# the floating dtypes the kernels read and write
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "NF4LORA_KERNELS"
 
 _override = threading.local()

@@ -12,13 +12,7 @@ import dataclasses
 import torch
 
 from .blockwise import (
-    blockwise_absmax_and_scaled,
-    check_float_input,
-    dequantize_blockwise,
-    nearest_code,
-    num_blocks,
-    pack_nibbles,
-    unpack_nibbles,
+    FLOAT_DTYPES, check_float_input, dequantize_blockwise, num_blocks, quantize_packed, unpack_nibbles,
 )
 from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, resolve_code
 from .double_quant import compress_absmax, decompress_absmax
@@ -149,14 +143,15 @@ def quantize(
         double_quant: also quantize the absmax to 8 bits (QLoRA's double quantization).
         code: optional custom (16,) float32 codebook in [-1, 1]; its quant_type is recorded as "custom".
     """
-    check_float_input(w, "weight")
+    if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
+        check_float_input(w, "weight")
     check_blocksize(blocksize)
     code, quant_type = resolve_code(quant_type, code)
     code = code.to(w.device)
-    absmax, scaled = blockwise_absmax_and_scaled(w.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the odd tail pads with the code of 0.0, as bitsandbytes
-    packed = pack_nibbles(nearest_code(scaled, code))
+    packed, absmax = quantize_packed(w.reshape(-1), code, blocksize)
+    # a NaN or an infinity makes its block's absmax non-finite: a check of n / blocksize values, not of w
+    if not bool(torch.isfinite(absmax).all()):
+        check_float_input(w, "weight")  # raises, counting them
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type, code=code)
     if double_quant:
         quantized, offset, nested_absmax, nested_code = compress_absmax(absmax)

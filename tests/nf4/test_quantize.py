@@ -4,14 +4,16 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from nf4lora.nf4 import BLOCKSIZES, dequantize, quantize
+from nf4lora.nf4 import BLOCKSIZES, blockwise, dequantize, quantize
 from nf4lora.nf4.blockwise import dequantize_blockwise, quantize_blockwise
 from nf4lora.nf4.codebook import dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # shapes: odd element counts, a row length that is not a multiple of any blocksize, a partial last block, 1-D
-SHAPES = [(1,), (7,), (33, 65), (3, 4096 + 40), (130, 96)]
+SHAPES = [(1,), (7,), (33, 65), (3, 4096 + 40), (130, 96), (3, 4099)]
 
 
 def _random_weight(shape, dtype, generator):
@@ -36,9 +38,20 @@ def _bnb_reference_dequantize(bnb_functional, packed, state):
     return compute(packed.view(-1), absmax.float(), state.code, state.blocksize, state.shape, state.dtype)
 
 
+@pytest.fixture(params=["one step", "4096-element steps"])
+def quantize_step(request, monkeypatch):
+    """`quantize` at its own step size, or in steps of 4096 elements, so that the larger SHAPES span several steps
+    (the odd (3, 4099) one with a partial block and a padded nibble in its last)."""
+    assert blockwise.QUANTIZE_STEP % max(BLOCKSIZES) == 0  # steps hold whole blocks of every blocksize
+    if request.param != "one step":
+        monkeypatch.setattr(blockwise, "QUANTIZE_STEP", 4096)
+
+
 @pytest.mark.parametrize("quant_type,double_quant", list(itertools.product(["nf4", "fp4"], [False, True])))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantize_matches_bitsandbytes_bytes_absmax_and_values(bnb_functional, quant_type, double_quant, dtype):
+def test_quantize_matches_bitsandbytes_bytes_absmax_and_values(
+    bnb_functional, quantize_step, quant_type, double_quant, dtype
+):
     generator = torch.Generator().manual_seed(hash((quant_type, double_quant, str(dtype))) % 2**31)
     for blocksize, shape in itertools.product(BLOCKSIZES, SHAPES):
         w = _random_weight(shape, dtype, generator)
@@ -110,3 +123,35 @@ def test_to_device_keeps_values_and_repr_names_the_format():
     moved = q.to("cpu")
     assert torch.equal(moved.dequantize(), q.dequantize())
     assert "nf4+dq" in repr(q) and "blocksize=64" in repr(q)
+
+
+class _Allocations(TorchDispatchMode):
+    """{storage data pointer: bytes} of every tensor an op returns while active (views map to their base's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_holds_only_a_step_of_temporaries(monkeypatch, double_quant):
+    """Beyond its result, `quantize` allocates no tensor of more than 8 bytes per element of a step, or per absmax
+    value (double quantization works on the absmax, 1/64 of the weight), however large the weight: loading a
+    checkpoint quantizes in about the memory of the quantized model."""
+    monkeypatch.setattr(blockwise, "QUANTIZE_STEP", 4096)
+    quantize(torch.randn(256), blocksize=64, double_quant=double_quant)  # codebooks and bin tables are cached once
+    w = torch.randn(70, 4096 + 64, dtype=torch.bfloat16)  # 71 steps, about 290 000 elements
+    with _Allocations() as allocations:
+        q = quantize(w, blocksize=64, double_quant=double_quant)
+    allocations.storages.pop(w.untyped_storage().data_ptr(), None)  # views of the input
+    result = {t.untyped_storage().data_ptr() for t in (q.packed, q.state.absmax)}
+    limit = 8 * max(4096, -(-w.numel() // 64 // 256) * 256)  # absmax padded to whole blocks of 256
+    large = {ptr: n for ptr, n in allocations.storages.items() if n > limit and ptr not in result}
+    assert not large, f"temporaries of {sorted(large.values())} bytes, more than {limit}"
