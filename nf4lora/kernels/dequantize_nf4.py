@@ -16,7 +16,7 @@ shuffle (``codes.py``). Two kernels share that body and differ in how the values
 - ``_dequantize_kernel`` (everything else, and ``bulk_store=False``): plain 16-byte stores, autotuned tiling.
 
 On an H200 the TMA stores lifted bf16 dequantization from 81.9-82.3% to 85.0-85.5% of the copy bandwidth at the
-7B MLP shapes and from 70% to 77-78% at 4096x4096, and tied at 28672x8192 (92.5-92.7%), in one sweep
+7B MLP shapes and from 70% to 77-78% at 4096x4096, and tied at 28672x8192 (92.4-92.7%), in one sweep
 (benchmarks/results/2026-11-28_dequantize-tma-sweep_h200.md); in the full kernels run 87.6-88.1% at the 7B shapes
 and 92.9% at 70B, 1.78-2.19x bitsandbytes (..._kernels-calling-thread_h200.md). They cost host time, though:
 Triton encodes the descriptor at every launch, 30-34 us a call against 19-25 us with plain stores on that

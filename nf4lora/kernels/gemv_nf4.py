@@ -48,9 +48,9 @@ Bytes moved: N*K/2 packed + absmax + M*K*itemsize x + M*N*itemsize out. Compiled
 GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the bf16 tile kernel's
 5.3 with (128, 4), 2.2 of them byte permutes and none on the load/store pipe (the shuffle version's was
 5.7-6.1, one of them a shuffle). Measured on an H200 in bf16
-(benchmarks/results/2026-11-28_kernels-calling-thread-run2_h200.md): M = 1 streams the 70B projections at
-1.72-1.76 TB/s (1.82x bf16 F.linear) and 4096x4096 at 1.58x bf16; M = 2 runs at 1.29-1.52x bf16; M = 3..16
-at 1.08-1.24x bf16 and 1.6-3.6x bitsandbytes. One launch for
+(benchmarks/results/2026-11-28_kernels-calling-thread_h200.md): M = 1 streams the 70B projections at
+1.72-1.76 TB/s (1.82-1.83x bf16 F.linear) and 4096x4096 at 1.70x bf16; M = 2 runs at 1.28-1.59x bf16; M = 3..16
+at 1.07-1.27x bf16 and 1.6-3.6x bitsandbytes. One launch for
 3 x 4096x4096 (q/k/v) took 0.018 against 0.028 ms for three (..._grouped_h200.md).
 """
 
@@ -639,7 +639,7 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
     x2d: (M, K), M = 1 or 2, fp32/fp16/bf16; qweights: 2 or 3 ``QuantizedTensor`` (N_p, K) that pass
     ``parts_supported`` (each may have its own codebook) -> (M, sum of N_p) in x2d.dtype. A decode step's
     q/k/v or gate/up projections: one launch streams all of them, where separate launches each pay their
-    own ramp and tail (3 x 4096x4096 measured 1.6x faster at M = 1 on an H200).
+    own ramp and tail (3 x 4096x4096 measured 1.5x faster at M = 1 on an H200).
     """
     if not parts_supported(x2d, qweights):
         raise ValueError(

@@ -7,8 +7,8 @@
 - Triton, M <= ``SMALL_M_MAX`` and ``gemv_nf4.supports(K, blocksize)``: the fused split-K kernels
   in ``gemv_nf4`` (weight streamed once, bias fused);
 - Triton, larger M: ``matmul_nf4.dequant_matmul`` (dequantize into a reused buffer, then cuBLAS),
-  which measured 2.2-2.9x faster than the fused tensor-core kernel at M = 4096 on an H200
-  (benchmarks/results/2026-11-28_kernels_h200.md).
+  which measured 2.3-3.0x faster than the fused tensor-core kernel at M = 4096 on an H200
+  (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md).
 
 ``nf4_linear_parts(x, [W_0, W_1, ...])`` is ``[nf4_linear(x, W) for W in ...]`` for projections that read
 the same x (q/k/v, gate/up): at M = 1 or 2 with nothing to differentiate, one launch of
@@ -27,8 +27,8 @@ from nf4lora.kernels.reference import dequantize_reference, linear_reference, qu
 from nf4lora.nf4.tensor import QuantizedTensor
 
 # Rows of x up to which the fused kernels beat dequantize + cuBLAS. Measured on an H200
-# (benchmarks/results/2026-11-28_kernels-calling-thread-run2_h200.md, bf16, Llama projections): the fused kernels
-# take 0.009-0.105 ms at M = 1..16 against 0.022-0.27 ms for dequantize + cuBLAS, at every M and shape.
+# (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, Llama projections): the fused kernels
+# take 0.0085-0.105 ms at M = 1..16 against 0.022-0.27 ms for dequantize + cuBLAS, at every M and shape.
 SMALL_M_MAX = 16
 
 

@@ -4,12 +4,12 @@ For M in the thousands the matmul is compute-bound (2*M*N*K flops against N*K/2 
 the fastest path is the vendor GEMM on a dequantized weight; the dequantize launch
 (``dequantize_nf4``, near copy bandwidth) adds N*K*(0.5 + itemsize) bytes of traffic. The
 alternative, a fused dequant-matmul (``gemv_nf4.fused_matmul`` with ``block_m=128``), is timed
-side by side in ``benchmarks/kernels.py``: at M = 4096 it ran 2.2-2.9x slower than dequantize +
-cuBLAS on an H200 (0.59 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-28_kernels_h200.md),
-so ``nf4_linear`` uses dequantize + cuBLAS. The forward then runs at 0.93-0.97x of bf16 F.linear and
-forward + backward at 0.99-1.07x on the five 7B/70B projections with backward on the calling thread
-(``..._kernels-subset-calling-thread_h200.md``; 0.905-0.998x at the 70B shapes over eight runs). With backward
-on autograd's worker thread, 4096x4096 is bound by host time (0.58-0.83x).
+side by side in ``benchmarks/kernels.py``: at M = 4096 it ran 2.3-3.0x slower than dequantize +
+cuBLAS on an H200 (0.62 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-28_kernels-calling-thread_h200.md),
+so ``nf4_linear`` uses dequantize + cuBLAS. In that run the forward ran at 0.93-1.00x of bf16 F.linear and
+forward + backward at 0.93-1.05x on the five 7B/70B projections, backward on the calling thread (0.905-1.00x
+at the 70B shapes over ten runs). With backward on autograd's worker thread, 4096x4096 is bound by host time
+(0.58-0.83x).
 
 Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
 layer, so a model's forward holds one dense weight at a time, never one per layer. Reuse is safe

@@ -15,7 +15,8 @@ on the stream may read the old values. In the model that cannot happen, since lo
 steps are always followed by other kernels (the embedding lookup first) before a decode kernel runs.
 
 Measured on an H200 (benchmarks/layer_ops.py, 8 Llama-2-7B-shaped NF4 layers, CUDA-graph decode step, on and off
-in one process): 0.79 against 0.97 ms/token, and 0.94 against 0.99 on another machine; tokens identical.
+in one process): 0.782 against 0.831 ms/token (benchmarks/results/2026-11-28_layer-ops_h200.md), 0.79 against
+0.97 and 0.94 against 0.99 in earlier runs on other machines; tokens identical.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ Non-finite input is refused with one wait for the GPU, after both launches are q
 infinity makes its block's absmax, and so the offset, non-finite.
 The state's codebooks are the cached tables' tensors, shared by every weight (copying them cost two
 launches a call). Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
-Measured on an H200 (benchmarks/results/2026-11-28_kernels_h200.md, bf16, blocksize 64 with double
-quantization): 0.34 ms at the 70B projections (7.5x bitsandbytes' quantize_4bit); 0.11-0.12 ms (5.6-6.5x)
-at the 7B MLP shapes; at 4096x4096 0.066-0.116 ms (3.1-5.0x), bound by host work: the kernels are busy
-0.031-0.035 ms of the call.
+Measured on an H200 (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, blocksize 64 with
+double quantization): 0.32-0.40 ms at the 70B projections (6.4-7.3x bitsandbytes' quantize_4bit); 0.10 ms
+(5.6-5.9x) at the 7B MLP shapes; 0.123 ms (3.2x) at 4096x4096, which is bound by host work: over three
+alternating rounds 3.7-4.9x on wall time and 5.4x on GPU busy time, 0.033 against 0.177 ms
+(2026-11-29_quantize-host_h200.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ decoding stops when every row has stopped or after `max_new_tokens`.
 
 With `cuda_graph=True` (CUDA only) each single-token decode step is captured once in a CUDA graph and replayed:
 the step has fixed shapes because it reads every cache slot under a mask built from the slot index tensor, which
-removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model (2.4-2.7 against 30-32 ms/token
+removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model (2.74 against 29.9 ms/token
 for a 7B model on an H200, benchmarks/results/2026-11-28_model_h200.md). By default (`cuda_graph=None`) that is the
 path for a model on one CUDA device asked for GRAPH_MIN_NEW_TOKENS tokens or more. With EOS ids, whether every row
 has ended is read once the next step is queued, so the host's per-step work overlaps the GPU's.

@@ -20,7 +20,9 @@ there are two here, chosen by the codebook's size:
   the value itself (near zero, where the dynamic map is denser than the bins), but it is bitsandbytes' result.
 - an all-zero block stores absmax 0 and index 0.
 
-Dequantization is `code[idx] * absmax[block]` in float32, cast once to the output dtype, for both.
+Dequantization is `code[idx] * absmax[block]` in float32, cast once to the output dtype, for both. That equals
+bitsandbytes' CUDA and pure-PyTorch dequantizers everywhere; its C++ CPU dequantizer indexes absmax per row and
+differs when a row is not a whole number of blocks.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ per-GPU worker thread. The GPU work is the same; the handoff to that thread and 
 step on the H200 machine here waits on the host for about half its time (GPU busy 184-215 ms of 320-490 ms per
 Llama-2-7B step). Interleaved in one process (benchmarks/results/2026-11-28_train-backward-thread_h200.md), the
 calling thread gave 1.13x the tokens/s at r=64 on all linears and 0.97x at r=16 on q/k/v/o, within that machine's
-step-to-step noise. A single nf4_linear forward + backward at 4096x4096, M=4096 took 0.40-0.41 ms in every
-repetition on the calling thread and anywhere from 0.40 to 0.69 ms on the worker thread.
+step-to-step noise. A single nf4_linear forward + backward at 4096x4096, M=4096 took 0.42-0.44 ms in every
+recorded run on the calling thread and anywhere from 0.40 to 0.69 ms on the worker thread.
 """
 
 from __future__ import annotations
