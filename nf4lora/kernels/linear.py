@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from nf4lora.kernels.dispatch import use_triton
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, kernel_mode, use_kernels, use_triton
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -62,6 +62,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, bulk_store:
 
 
 def _linear_forward(x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x2d.shape[0] == 0:  # an empty batch: nothing to launch (the kernels size their grids by rows)
+        return x2d.new_empty(0, qweight.shape[0])
     if not use_triton(x2d.device):
         return linear_reference(x2d, qweight, bias)
     if x2d.shape[0] <= SMALL_M_MAX:
@@ -81,6 +83,8 @@ def _linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None
 
 def _linear_grad_input(grad2d: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
     """grad (M, N) @ dequant(W) (N, K) -> (M, K), dequantizing W again."""
+    if grad2d.shape[0] == 0:
+        return grad2d.new_empty(0, qweight.shape[1])
     if not use_triton(grad2d.device):
         return grad2d @ dequantize_reference(qweight, grad2d.dtype)
     from nf4lora.kernels.matmul_nf4 import dequant_matmul
@@ -95,6 +99,8 @@ class NF4LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, qweight: QuantizedTensor) -> torch.Tensor:
         ctx.qweight = qweight
         ctx.bias_dtype = None if bias is None else bias.dtype
+        # backward may run on autograd's worker thread, which a thread-local ``use_kernels`` block does not reach
+        ctx.kernel_mode = kernel_mode()
         return _linear(x, qweight, bias)
 
     @staticmethod
@@ -102,7 +108,9 @@ class NF4LinearFunction(torch.autograd.Function):
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _linear_grad_input(grad2d, ctx.qweight).reshape(*grad_out.shape[:-1], ctx.qweight.shape[1])
+            with use_kernels(ctx.kernel_mode):
+                grad_x = _linear_grad_input(grad2d, ctx.qweight)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], ctx.qweight.shape[1])
         if ctx.needs_input_grad[1]:
             grad_bias = grad2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_bias, None
@@ -120,8 +128,8 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
         raise ValueError(f"qweight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}")
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={qweight.shape[1]}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16")
     if bias is not None and tuple(bias.shape) != (qweight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from nf4lora.kernels import dequantize
+from nf4lora.kernels.dispatch import kernel_mode, use_kernels
 from nf4lora.nf4.tensor import QuantizedTensor
 
 
@@ -76,6 +77,7 @@ class LoraLinearFunction(torch.autograd.Function):
         y2d.addmm_(x2d, dense_weight(weight, x.dtype).t())
         ctx.shared_input = x_lora is x
         ctx.qweight = qweight
+        ctx.kernel_mode = kernel_mode()  # for backward, which may run on a thread a ``use_kernels`` block misses
         ctx.scaling = scaling
         ctx.lora_dtype = lora_a.dtype if lora_b.dtype == lora_a.dtype else None
         ctx.shapes = (x.shape, x_lora.shape)
@@ -104,7 +106,8 @@ class LoraLinearFunction(torch.autograd.Function):
         x_shape, xl_shape = ctx.shapes
         lora_gx = g_xa @ a if (needs_xl or (needs_x and ctx.shared_input)) else None
         if needs_x:
-            w = dense_weight(weight, g2d.dtype)
+            with use_kernels(ctx.kernel_mode):
+                w = dense_weight(weight, g2d.dtype)
             if ctx.shared_input:
                 grad_x = lora_gx.addmm_(g2d, w).view(x_shape)
             else:

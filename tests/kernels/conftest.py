@@ -33,3 +33,34 @@ def poisoned(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+class KernelLaunches(list):
+    """Names of the Triton kernels launched, in order; ``running`` is True while one of them runs."""
+
+    running = False
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch) -> KernelLaunches:
+    """The Triton kernels launched during the test, as Triton's interpreter runs them (the test is skipped where
+    kernels are compiled instead)."""
+    from nf4lora.kernels import dispatch
+
+    if not dispatch.interpreting():
+        pytest.skip("kernel launches are recorded through Triton's interpreter")
+    from triton.runtime import interpreter
+
+    launched = KernelLaunches()
+    run = interpreter.GridExecutor.__call__
+
+    def record(executor, *args, **kwargs):
+        launched.append(executor.fn.__name__)
+        launched.running = True
+        try:
+            return run(executor, *args, **kwargs)
+        finally:
+            launched.running = False
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    return launched

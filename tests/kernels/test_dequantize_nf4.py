@@ -83,3 +83,29 @@ def test_dequantize_refuses_state_on_another_device(triton_mode):
     q.state.code = q.state.code.to("meta")
     with pytest.raises(ValueError, match="state.code is on meta but packed is on cpu"):
         dequantize(q)
+
+
+_ALLOCATIONS_AND_VIEWS = ("aten.empty", "aten.view", "aten.detach", "aten.alias", "aten.as_strided")
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("bulk_store", [True, False])
+def test_dequantize_is_one_kernel_launch(kernel_launches, triton_mode, quant_type, double_quant, bulk_store):
+    """Dequantization, double-quantized absmax included, is one Triton launch: before and after it the host only
+    allocates the output and views the packed bytes as words; no torch op decodes the absmax or touches the values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_ops = []
+
+    class HostOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not kernel_launches.running:
+                host_ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = quantize_ref(torch.randn(48, 200), 32, quant_type, double_quant)
+    with HostOps():
+        out = dequantize(q, torch.float16, bulk_store)
+    assert kernel_launches == ["_dequantize_tma_kernel" if bulk_store else "_dequantize_kernel"]
+    assert host_ops and all(op.startswith(_ALLOCATIONS_AND_VIEWS) for op in host_ops), host_ops
+    assert torch.equal(out, dequantize_ref(q, torch.float16))

@@ -1,3 +1,4 @@
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +77,38 @@ def test_tma_only_on_hopper_or_later_and_under_the_interpreter(monkeypatch):
     for (major, minor), expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setitem(dispatch._PROPERTIES, 7, SimpleNamespace(major=major, minor=minor))
         assert dispatch.has_tma(torch.device("cuda:7")) is expected
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked-off lanes
+@pytest.mark.parametrize(
+    "env, block, runs_kernels",
+    [("triton", None, True), ("reference", None, False), (None, None, False), ("auto", None, False),
+     ("reference", "triton", True), ("triton", "reference", False)],
+)
+def test_mode_decides_whether_ops_on_cpu_tensors_launch_triton_kernels(
+    kernel_launches, monkeypatch, env, block, runs_kernels
+):
+    """End to end through the public ops on CPU tensors: ``NF4LORA_KERNELS=triton`` (or a ``use_kernels("triton")``
+    block over another setting) runs quantize, dequantize and nf4_linear's forward and backward as Triton kernels;
+    ``reference``, ``auto`` and an unset variable launch none, and a ``use_kernels`` block wins over the variable."""
+    from nf4lora.kernels import dequantize, nf4_linear, quantize
+
+    if env is None:
+        monkeypatch.delenv("NF4LORA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("NF4LORA_KERNELS", env)
+    x = torch.randn(17, 128, requires_grad=True)
+    with use_kernels(block) if block else contextlib.nullcontext():
+        q = quantize(torch.randn(8, 128))
+        dequantize(q)
+        with torch.no_grad():
+            nf4_linear(x[:1], q)
+        nf4_linear(x, q).sum().backward()
+    expected = [
+        "_quantize_blockwise_kernel", "_quantize_blockwise_kernel",  # the codes, then the nested absmax
+        "_dequantize_tma_kernel",
+        "_gemv_kernel",
+        "_dequantize_kernel", "_dequantize_kernel",  # 17 rows: dequantize + GEMM, forward and grad_input
+    ]
+    assert kernel_launches == (expected if runs_kernels else [])
+    assert x.grad is not None

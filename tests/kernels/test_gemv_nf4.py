@@ -127,3 +127,40 @@ def test_parts_supported_refuses_what_the_kernel_cannot_take(device):
     assert not parts_supported(x, [q64, quantize_ref(torch.randn(8, 64)).to(device)])  # two K
     with pytest.raises(ValueError, match=r"1 or 2 rows of x and 2 or 3 weights .* got x \(3, 128\)"):
         fused_matmul_parts(x.repeat(3, 1), [q64, q64])
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])  # one-row GEMV, two-row GEMV, tile kernel
+@pytest.mark.parametrize("code", ["fp4", "random"])
+@pytest.mark.parametrize("dtype", OUTPUT_DTYPES)
+def test_fused_kernels_read_any_16_value_codebook(poisoned, device, M, code, dtype):
+    """Both fused kernels look codes up in ``state.code``, not a built-in NF4 table: FP4 and an unsorted random
+    codebook give the reference's product, on the GEMV and on the tile kernel (whose 16-bit lookup differs)."""
+    skip_interpreter_bf16(device, dtype)
+    custom = torch.rand(16) * 2 - 1 if code == "random" else None
+    q = quantize_ref(torch.randn(40, 128), 64, "nf4" if custom is not None else code, True, code=custom)
+    x = torch.randn(M, 128).to(dtype)
+    out = fused_matmul(x.to(device), q.to(device))
+    assert not out.isnan().any(), "unwritten (poisoned) outputs"
+    assert rel_err(out, reference(x, q, None)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_split_k_cases_cut_k_and_sum_every_chunk_once(device, monkeypatch, M):
+    """The (24, 2112) weight of the split-K cases above is really cut into chunks of K on either kernel (3 on the
+    GEMV, 9 on the tile kernel), so those cases test the cross-program sum; it takes each chunk once, the bias once."""
+    from nf4lora.kernels import gemv_nf4
+
+    splits = []
+    real = gemv_nf4._split_k_buffers
+
+    def record(*args):
+        buffers = real(*args)
+        splits.append(buffers[1])
+        return buffers
+
+    monkeypatch.setattr(gemv_nf4, "_split_k_buffers", record)
+    q = quantize_ref(torch.randn(24, 2112))
+    x, bias = torch.randn(M, 2112), torch.randn(24) * 100
+    out = fused_matmul(x.to(device), q.to(device), bias.to(device))
+    assert splits == [3 if M < 3 else 9]
+    assert rel_err(out, reference(x, q, bias)) < TOLERANCE[torch.float32]

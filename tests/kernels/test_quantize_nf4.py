@@ -64,13 +64,19 @@ def test_weights_sharing_a_codebook_save_to_one_safetensors_file(triton_mode, de
         assert_same_bytes(from_bnb_state_dict({k: v for k, v in loaded.items() if k.startswith(f"w{i}")}, f"w{i}"), q)
 
 
-def test_quantize_all_zero_blocks_match_reference(triton_mode, poisoned, device):
+@pytest.mark.parametrize("double_quant", [False, True])  # without double quantization absmax is compared exactly
+def test_quantize_all_zero_blocks_match_reference(triton_mode, poisoned, device, double_quant):
+    """An all-zero full block stores absmax 0 and an all-zero partial last block the clamped 1e-38, as the
+    reference does (at blocksize 64; at 256 every block, the partial last one too, holds nonzero values)."""
     w = torch.randn(10, 64)
-    w[2] = 0  # a full zero block: stored absmax 0
-    w[9, 40:] = 0  # the partial last block (numel 640 at blocksize 256) is not all zero...
-    tail = torch.zeros(1, 100)  # ...but here it is: stored absmax 1e-38
-    for t in (w, torch.cat([w.reshape(1, -1), tail], 1)):
-        assert_same_bytes(quantize(t.to(device), 256), quantize_ref(t, 256))
+    w[2] = 0  # a full zero block at blocksize 64
+    w[9, 40:] = 0
+    t = torch.cat([w.reshape(-1), torch.zeros(100)])  # 740 elements: the last full block and the partial one zero
+    assert torch.equal(quantize_ref(t, 64, double_quant=False).state.absmax[[2, -2, -1]], torch.tensor([0, 0, 1e-38]))
+    for blocksize in (64, 256):
+        for x in (w, t):
+            q = quantize(x.to(device), blocksize, double_quant=double_quant)
+            assert_same_bytes(q, quantize_ref(x, blocksize, double_quant=double_quant))
 
 
 def test_quantize_ties_take_the_lower_code(triton_mode, device):
@@ -126,3 +132,27 @@ def test_quantize_bytes_equal_reference_for_any_shape_and_scale(rows, cols, bloc
     with use_kernels("triton"):
         q = quantize(w.to(device), blocksize)
     assert_same_bytes(q, quantize_ref(w, blocksize))
+
+
+def _scalings_disagree(absmax: float, n: int) -> torch.Tensor:
+    """Up to ``n`` values x in (-absmax, absmax) next to NF4's midpoints times absmax for which x * (1 / absmax)
+    and x / absmax (float32) fall on different sides of a midpoint, so the two roundings give different codes."""
+    bounds, _ = codebook.quantize_bounds(codebook.nf4_code())
+    a = torch.tensor(absmax)
+    near = ((bounds * a).view(torch.int32)[:, None] + torch.arange(-6, 7, dtype=torch.int32)).view(torch.float32)
+    near = near.flatten()
+    return near[torch.bucketize(near * (1.0 / a), bounds) != torch.bucketize(near / a, bounds)][:n]
+
+
+def test_quantize_scales_full_blocks_by_the_reciprocal_and_the_partial_block_by_division(triton_mode, device):
+    """Full blocks scale by x * (1 / absmax), the partial last block by x / absmax, as the reference (and
+    bitsandbytes) do: each block holds values whose code depends on which of the two roundings is used."""
+    blocks = []
+    while len(blocks) < 5:  # four full blocks, then a partial last block of 40 elements
+        absmax = float(torch.empty(()).uniform_(0.1, 10))
+        disagree = _scalings_disagree(absmax, 30)
+        if disagree.numel():
+            filler = torch.empty((64 if len(blocks) < 4 else 40) - 1 - disagree.numel()).uniform_(-absmax, absmax)
+            blocks.append(torch.cat([torch.tensor([absmax]), disagree, filler]))
+    w = torch.cat(blocks)
+    assert_same_bytes(quantize(w.to(device), 64, double_quant=False), quantize_ref(w, 64, double_quant=False))
