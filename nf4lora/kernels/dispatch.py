@@ -58,7 +58,8 @@ def kernel_mode() -> str:
 def use_kernels(mode: str) -> Iterator[None]:
     """Force ``mode`` (``auto``, ``triton`` or ``reference``) for calls made inside the block.
 
-    Thread-local and nestable; it overrides ``$NF4LORA_KERNELS`` while active.
+    Thread-local and nestable; it overrides ``$NF4LORA_KERNELS`` while active. The backward of ``nf4_linear`` and of
+    the LoRA layers runs in the mode of its forward, on whichever thread autograd runs it.
     """
     _check_mode(mode, "mode")
     stack = getattr(_override, "stack", None)
