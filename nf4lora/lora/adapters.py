@@ -22,6 +22,7 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -89,7 +90,13 @@ def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = 
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; expected a peft adapter directory with {CONFIG_NAME}")
     with open(path) as f:
-        return LoraConfig.from_peft_dict(json.load(f), lora_dtype=lora_dtype)
+        try:
+            values = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); expected peft's {CONFIG_NAME}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}; expected peft's {CONFIG_NAME}, an object")
+    return LoraConfig.from_peft_dict(values, lora_dtype=lora_dtype)
 
 
 def load_adapter(
@@ -106,7 +113,10 @@ def load_adapter(
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; expected peft's {WEIGHTS_NAME} next to {CONFIG_NAME}")
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     inject_lora(model, config, adapter_name)
     try:

@@ -25,6 +25,8 @@ import torch
 from .config import RESUME_KEYS, TrainConfig, UsageError
 
 STATE_FILE = "trainer_state.pt"
+# what a resume reads from STATE_FILE (the loop's ``checkpoint`` writes them; "scaler" is None without fp16)
+STATE_KEYS = ("config", "step", "tokens", "elapsed_s", "optimizer", "scheduler", "scaler", "rng")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -109,10 +111,14 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (tensors on the CPU)."""
     try:
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise UsageError(f"--resume {checkpoint}: unreadable {STATE_FILE} ({exc}); use another checkpoint") from None
-    if not isinstance(state, dict) or "config" not in state or "step" not in state:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"--resume {checkpoint}: unreadable {STATE_FILE} ({type(exc).__name__}: {exc}); use "
+                         f"another checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise UsageError(f"--resume {checkpoint}: {STATE_FILE} is not an nf4lora trainer state")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise UsageError(f"--resume {checkpoint}: {STATE_FILE} lacks {', '.join(missing)}; use another checkpoint")
     return state
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ class TrainConfig:
             if choices is not None and getattr(self, name) not in choices:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r} is not valid; use one of "
                                  f"{', '.join(map(str, choices))}")
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{_flag(name)} {value} is not a finite number")
         if self.lora_r <= 0:
             raise UsageError(f"--lora-r {self.lora_r} must be a positive integer (e.g. 8, 16, 64)")
         if self.lora_alpha <= 0:
@@ -130,10 +134,16 @@ class TrainConfig:
             raise UsageError(f"--epochs {self.epochs} must be > 0 when --max-steps is 0")
         if self.lr <= 0:
             raise UsageError(f"--lr {self.lr} must be > 0")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if "{prompt}" not in self.template:
             raise UsageError(f"--template {self.template!r} must contain the placeholder {{prompt}}")
+        try:
+            self.template.format(prompt="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UsageError(f"--template {self.template!r} cannot be filled in ({type(exc).__name__}: {exc}); "
+                             f"{{prompt}} is its only placeholder, and a literal brace is written twice") from None
         if not self.target_modules.strip():
             raise UsageError("--target-modules is empty; use all-linear or names such as q_proj,v_proj")
 

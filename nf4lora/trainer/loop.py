@@ -207,8 +207,7 @@ class Trainer:
         return {"step": self.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
 
     def checkpoint(self) -> Path:
-        state = {"config": self.config.to_dict(), "micro_batches": self.state.step * self.config.grad_accum,
-                 "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
+        state = {"config": self.config.to_dict(), "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_state()}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)

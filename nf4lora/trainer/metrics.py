@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .config import UsageError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -26,10 +28,27 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, step in self._records() if step <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
+
+    def _records(self) -> list[tuple[str, int]]:
+        """(line, step) of every record in the file. A last line without its newline is one a killed run was
+        writing: it is dropped. Any other line that is not a JSON object with a step is refused."""
+        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records.append((line, int(record["step"])))
+            except (ValueError, TypeError, KeyError):
+                if number == len(lines):
+                    continue
+                raise UsageError(f"{self.path}: line {number} is not a metrics record (a JSON object with a "
+                                 f"step); repair or delete that line to resume") from None
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,15 @@ ERROR_CASES = {
     "targets": (lambda t, f: ["--target-modules", "qq_proj"],
                 r"--target-modules qq_proj: .*matches no linear module; "
                 r"valid names: down_proj,.*q_proj.*, or all-linear"),
+    "infinite lr": (lambda t, f: ["--lr", "inf"], r"--lr inf is not a finite number"),
+    "nan alpha": (lambda t, f: ["--lora-alpha", "nan"], r"--lora-alpha nan is not a finite number"),
+    "nan clip": (lambda t, f: ["--max-grad-norm", "nan"], r"--max-grad-norm nan is not a finite number"),
+    "infinite epochs": (lambda t, f: ["--epochs", "inf", "--max-steps", "0"], r"--epochs inf is not a finite number"),
+    "weight decay": (lambda t, f: ["--weight-decay", "-1"], r"--weight-decay -1.0 must be >= 0"),
+    "template field": (lambda t, f: ["--template", "{prompt} {x}"],
+                       r"--template '\{prompt\} \{x\}' cannot be filled in \(KeyError: 'x'\); \{prompt\} is its only"),
+    "template index": (lambda t, f: ["--template", "{prompt} {0}"], r"--template .* cannot be filled in \(IndexError"),
+    "template brace": (lambda t, f: ["--template", "{prompt}}"], r"--template .* cannot be filled in \(ValueError"),
 }
 
 
@@ -52,7 +62,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output_dir(case, capsys, tmp_path, 
     code, err = run_cli(capsys, "train", *fast_flags, "--output-dir", str(out), *extra(tmp_path, fast_flags))
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("nf4lora train: error: ")
-    assert __import__("re").search(pattern, err), err
+    assert re.search(pattern, err), err
     assert not out.exists()
     assert not list(tmp_path.glob(".base_model-*"))
 
@@ -102,3 +112,77 @@ def test_train_py_is_the_train_subcommand():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "usage: nf4lora train" in result.stdout and "--lora-r" in result.stdout
+
+
+def test_a_default_job_that_fails_after_generating_its_base_leaves_nothing_behind(capsys, tmp_path):
+    """Without --model the base is generated into a temp dir before the LoRA targets are checked; when that check
+    fails the temp dir is removed and no run directory appears next to it."""
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "train", "--output-dir", str(out), "--target-modules", "qq_proj", "--max-steps", "1",
+                        "--no-progress")
+    assert code == 2 and len(err.splitlines()) == 1 and "--target-modules qq_proj" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_with_overwrite_leaves_the_existing_run_untouched(capsys, tmp_path, fast_flags):
+    """--overwrite replaces a run only once every check has passed: a run that fails its checks deletes nothing."""
+    out = tmp_path / "out"
+    assert run_cli(capsys, "train", *fast_flags, "--output-dir", str(out))[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = run_cli(capsys, "train", *fast_flags, "--output-dir", str(out), "--overwrite",
+                        "--target-modules", "qq_proj")
+    assert code == 2 and "--target-modules qq_proj" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _narrow_one_lora_a(checkpoint):
+    """Cut one LoRA A of the checkpoint's adapter to rank 4; returns the message that names it."""
+    from safetensors.torch import load_file, save_file
+
+    weights = checkpoint / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if k.endswith("q_proj.lora_A.weight"))[0]
+    tensors[key] = tensors[key][:4].contiguous()
+    save_file(tensors, str(weights))
+    return "checkpoint-1/adapter_model.safetensors: key " + re.escape(f"{key} has shape (4, 64), expected (16, 64)")
+
+
+def _cut_file(name, size):
+    def cut(checkpoint):
+        path = checkpoint / name
+        path.write_bytes(path.read_bytes()[:size])
+        return f"checkpoint-1/{name} is not (a readable safetensors file|valid JSON)"
+    return cut
+
+
+@pytest.mark.parametrize("damage", [_narrow_one_lora_a, _cut_file("adapter_model.safetensors", 100),
+                                    _cut_file("adapter_model.safetensors", 0), _cut_file("adapter_config.json", 10)],
+                         ids=["wrong-shape", "truncated-weights", "empty-weights", "truncated-config"])
+def test_resume_from_a_checkpoint_with_a_damaged_adapter_is_one_line_exit_2(capsys, tmp_path, fast_flags, damage):
+    """A checkpoint whose adapter does not fit the model (one LoRA A cut to rank 4) or is cut short (its weights
+    or its config) is refused with one line naming the file and the problem, and the run directory is left as it
+    was."""
+    out = tmp_path / "out"
+    assert run_cli(capsys, "train", *fast_flags, "--output-dir", str(out))[0] == 0
+    problem = damage(out / "checkpoint-1")
+    before = sorted(p.name for p in out.iterdir())
+    code, err = run_cli(capsys, "train", "--resume", str(out), "--max-steps", "2", "--no-progress")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(problem, err), err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_drops_a_metrics_line_a_killed_run_left_unfinished(capsys, tmp_path, fast_flags):
+    """A kill mid-write leaves metrics.jsonl ending in part of a line: the resume drops it and carries on. A broken
+    line before the end is refused with one line naming the file and the line."""
+    out = tmp_path / "out"
+    assert run_cli(capsys, "train", *fast_flags, "--output-dir", str(out))[0] == 0
+    metrics = out / "metrics.jsonl"
+    complete = metrics.read_text()
+    metrics.write_text(complete + '{"step": 5, "lo')
+    assert run_cli(capsys, "train", "--resume", str(out), "--max-steps", "2", "--no-progress")[0] == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    metrics.write_text('{"step": 1, "lo\n' + metrics.read_text())
+    code, err = run_cli(capsys, "train", "--resume", str(out), "--max-steps", "3", "--no-progress")
+    assert code == 2 and len(err.splitlines()) == 1 and "metrics.jsonl: line 1 is not a metrics record" in err, err

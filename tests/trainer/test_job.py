@@ -174,3 +174,75 @@ def test_backward_runs_on_the_calling_thread_and_the_setting_is_restored(tiny_co
     run_train(dataclasses.replace(tiny_config, max_steps=2, max_new_tokens=0), log=lambda _: None)
     assert seen and not any(seen)
     assert torch.autograd.is_multithreading_enabled()
+
+
+def _same(a, b):
+    """Exact equality of nested checkpoint states (tensors bit for bit, numpy RNG arrays element-wise)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy":
+        return bool((a == b).all())
+    return a == b
+
+
+class Killed(BaseException):
+    """The process dying after a step's metrics line is written (nothing in the trainer may catch it)."""
+
+
+def kill_after(step):
+    def hook(trainer: Trainer, record):
+        if record["step"] == step:
+            raise Killed(step)
+
+    return hook
+
+
+@pytest.mark.parametrize("changes, interrupt", [
+    # Killed at step 5 with checkpoints every 2 steps: resume from checkpoint-4 must drop step 5's metrics line
+    # and replay it. 8-bit paged AdamW (r=64 gives 4096-element LoRA weights, so some states really are 8-bit),
+    # cosine with warmup, 3 steps per epoch, so checkpoint-4 lies inside the second epoch and the LR decay.
+    (dict(optimizer="paged-adamw-8bit", lora_r=64, schedule="cosine", warmup_steps=2, micro_batch=8, max_steps=7,
+          save_steps=2, lora_dropout=0.1, val_fraction=0.1), ("kill", 5)),
+    # Ctrl-C after step 2 with fp16 compute: the dynamic loss scaler's growth tracker must survive it too.
+    (dict(dtype="fp16", schedule="linear", warmup_steps=1, micro_batch=2, max_steps=5, val_fraction=0.0),
+     ("stop", 2)),
+], ids=["killed-paged-8bit-cosine-epoch2", "ctrl-c-fp16-scaler-linear"])
+def test_resume_at_an_arbitrary_step_reproduces_the_whole_run_and_its_final_state(tiny_config, tmp_path, changes,
+                                                                                   interrupt):
+    """Interrupt a run (killed between checkpoints, or stopped as by Ctrl-C), resume it, and compare with an
+    uninterrupted run: every metrics line (loss, lr, grad norm, epoch, tokens, eval loss), the final adapter and
+    the final checkpoint's optimizer (paged, 8-bit), scheduler, loss-scaler and RNG states are identical. Catches
+    a resume that forgets any one of them, even where the losses of a constant-LR, 32-bit run would not show it."""
+    from safetensors.torch import load_file
+
+    from nf4lora.trainer.checkpoint import load_state
+
+    full = dataclasses.replace(tiny_config, output_dir=str(tmp_path / "full"), max_new_tokens=0, **changes)
+    run_train(full, log=lambda _: None)
+    part = dataclasses.replace(full, output_dir=str(tmp_path / "part"))
+    how, step = interrupt
+    if how == "kill":
+        with pytest.raises(Killed):
+            run_train(part, on_step=kill_after(step), log=lambda _: None)
+        assert [r["step"] for r in read_metrics(tmp_path / "part") if "loss" in r] == list(range(1, step + 1))
+    else:
+        assert run_train(part, on_step=stop_after(step), log=lambda _: None)["interrupted"]
+    run_train(dataclasses.replace(part, resume=part.output_dir), log=lambda _: None)
+
+    def lines(run):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in read_metrics(run)]
+
+    assert len(lines(tmp_path / "part")) >= full.max_steps and lines(tmp_path / "part") == lines(tmp_path / "full")
+    assert _same(load_file(str(tmp_path / "part" / "adapter_model.safetensors")),
+                 load_file(str(tmp_path / "full" / "adapter_model.safetensors")))
+    final = f"checkpoint-{full.max_steps}"
+    resumed, uninterrupted = load_state(tmp_path / "part" / final), load_state(tmp_path / "full" / final)
+    if full.optimizer.endswith("8bit"):
+        assert any(e["state1"].dtype == torch.uint8 for e in uninterrupted["optimizer"]["state"].values()
+                   if "state1" in e)
+    for key in ("step", "tokens", "optimizer", "scheduler", "scaler", "rng"):
+        assert _same(resumed[key], uninterrupted[key]), key
