@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -45,9 +46,14 @@ from nf4lora.kernels import use_kernels  # noqa: E402
 from nf4lora.model import LlamaConfig, generate, generate_stream, load_model, model_nbytes  # noqa: E402
 from nf4lora.model.checkpoint import write_checkpoint  # noqa: E402
 
-# Relative logits error allowed between two bf16 4-bit implementations (same bytes, different kernels) and between
-# our Triton and reference paths: bf16 rounding through 32 layers of random weights.
-CHECK_REL = 5e-2
+
+
+def check_rel(layers: int) -> float:
+    """Relative logits error allowed between two bf16 4-bit implementations (same bytes, different kernels) and
+    between our Triton and reference paths. Each layer's rounding differences add up like a random walk through the
+    random weights: Triton vs reference measured 0.017 / 0.033 / 0.047 / 0.066 at 2 / 8 / 16 / 32 layers
+    (2026-11-29, H200), so the bound grows with sqrt(layers); a broken kernel gives errors near 1."""
+    return 0.015 * math.sqrt(layers)
 COLUMNS = ("system", "load_s", "load_peak_GiB", "resident_GiB", "peak/resident", "decode_ms_tok", "decode/floor",
            "bnb/this_decode", "prefill_tok_s", "check")
 PEER_ERRORS = (RuntimeError, ValueError, TypeError, ImportError, OSError, AttributeError)
@@ -203,7 +209,7 @@ def bench_ours(cfg, path, device, prompt, long_prompt, rows, checks):
         with use_kernels("reference"):
             reference = model(prompt).float()
     checks["ours_triton_vs_reference_rel"] = _rel(logits, reference)
-    if checks["ours_triton_vs_reference_rel"] > CHECK_REL:
+    if checks["ours_triton_vs_reference_rel"] > check_rel(cfg.layers):
         raise AssertionError(f"nf4lora Triton vs reference logits rel err {checks['ours_triton_vs_reference_rel']}")
     modes = {"eager": dict(cuda_graph=False)}
     if device.startswith("cuda"):
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(dict(system="transformers" + (" + bnb 4-bit" if quantized else " bf16"),
                                  check=f"failed: {type(e).__name__}: {str(e)[:120]}"))
                 _free()
-    if checks.get("ours_vs_bnb_logits_rel", 0.0) > CHECK_REL:
+    if checks.get("ours_vs_bnb_logits_rel", 0.0) > check_rel(cfg.layers):
         rows[0]["check"] = f"logits differ from bnb: rel {checks['ours_vs_bnb_logits_rel']:.3g}"
     floor_ms = floor_bytes / (ceilings["copy_gbs"] * 1e9) * 1e3 if ceilings else None
     bnb_ms = next((r["decode_ms_tok"] for r in rows
