@@ -93,11 +93,11 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     entries, spans = {}, []
     for name, info in header.items():
         try:
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            dtype, shape = info["dtype"], tuple(info["shape"])
             begin, end = map(int, info["data_offsets"])
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {e!r}") from None
-        if not all(type(d) is int and d >= 0 for d in info["shape"]):
+        if not all(type(d) is int and d >= 0 for d in shape):
             raise ValueError(f"{path}: corrupt safetensors header: {name!r} has shape {info['shape']!r}; valid: "
                              f"a list of non-negative integers")
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
