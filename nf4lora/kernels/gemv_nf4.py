@@ -32,8 +32,10 @@ slower than its shuffles (..._gemv-lut-variants_h200.md): there every code must 
 Why the GEMV is shaped this way (Nsight Compute on an H200, 28672x8192, before the 32-word steps):
 the L1 data pipe was 87% busy while DRAM ran at 25%. Every shuffle is one L1 wavefront, and so was
 every 32-byte sector of the 8-word steps' weight loads; the warps mostly stalled on shuffle
-results. Whole-line loads cut the weight's share of that pipe by 4x; the shuffles (one per weight)
-remain the limit.
+results. Whole-line loads cut the weight's share of that pipe by 4x. What caps the GEMV now is the
+per-word arithmetic rather than the lookups or the loads (2026-11-29_gemv-structure-probes_h200.md):
+without any lookups it reaches 1.84 TB/s at 28672x8192 against 1.67, while the same reads with two
+products per word instead of eight stream at 2.8-3.0 TB/s, and a plain read at 3.5-3.6 TB/s.
 
 Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` chunks whose fp32
 partial sums go to a (n_splits, M, N) buffer. Each program then counts its arrival on its output
