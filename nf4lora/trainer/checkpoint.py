@@ -6,8 +6,10 @@ Layout of ``<run>/checkpoint-<step>/``:
   the Python / NumPy / torch CPU / CUDA RNG states, token and time counters, and the resolved config.
 
 A checkpoint directory only ever appears complete: it is written as ``.checkpoint-<step>.tmp``, flushed to disk,
-then renamed with ``os.replace`` (atomic on POSIX within one file system). A crash mid-write leaves a ``.tmp``
-directory that is ignored and cleaned up by the next save.
+then renamed with ``os.replace`` (atomic on POSIX within one file system), and the run directory is flushed so
+that the rename is on disk too. A crash mid-write leaves a ``.tmp`` directory that is ignored and cleaned up by the
+next save. A resume reads ``trainer_state.pt`` with ``torch.load(weights_only=True)``: tensors, plain Python values
+and NumPy's RNG array only, so a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling the NumPy RNG state's uint32 array needs (NumPy 1.x and 2.x name its module differently)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    multiarray = getattr(np, "_core", None) or np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
@@ -55,14 +67,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_dir(path: Path) -> None:
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
     for item in sorted(path.rglob("*")) + [path]:
-        flags = os.O_RDONLY | (os.O_DIRECTORY if item.is_dir() else 0)
-        fd = os.open(item, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(item, os.O_RDONLY | (os.O_DIRECTORY if item.is_dir() else 0))
 
 
 def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None],
@@ -84,6 +103,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    _fsync_dir(run_dir)  # the rename itself survives a power cut only once the directory entry is on disk
     return final
 
 
@@ -107,13 +127,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return checkpoints[-1]
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in one line. A weights-only refusal names what it refused rather than
+    repeating torch's advice to load the file unsafely."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if refused:
+        return f"it holds a pickled {refused.group(1)}, and a resume loads only tensors and plain values"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (tensors on the CPU)."""
     try:
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere cannot run code when resumed; NumPy's RNG state is the one
+        # non-tensor array in it
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"--resume {checkpoint}: unreadable {STATE_FILE} ({type(exc).__name__}: {exc}); use "
-                         f"another checkpoint") from None
+        raise UsageError(f"--resume {checkpoint}: unreadable {STATE_FILE} ({_load_failure(exc)}); use another "
+                         f"checkpoint") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise UsageError(f"--resume {checkpoint}: {STATE_FILE} is not an nf4lora trainer state")
     missing = [key for key in STATE_KEYS if key not in state]

@@ -205,6 +205,51 @@ def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_pl
     assert {*ADAPTER_FILES, STATE_FILE, ".checkpoint-3.tmp"} <= synced, events
 
 
+def test_the_rename_is_flushed_to_the_run_directory_after_it_happens(tmp_path, monkeypatch):
+    """The rename only survives a power cut once the run directory's entry for it is on disk."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to see which file an fsync flushed")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(Path(dst).resolve()))),
+                                                         real_replace(src, dst))[1])
+    for tag in ("first", "again"):  # a new checkpoint, then the same step saved again (two renames)
+        events.clear()
+        final = save_checkpoint(tmp_path, 3, write_adapter, {**STATE, "tag": tag}).resolve()
+        renamed = events.index(("rename", str(final)))
+        assert ("fsync", str(tmp_path.resolve())) in events[renamed + 1:], events
+
+
+class _RunsCode:
+    """Pickles as a call that creates ``marker``: what a hostile trainer_state.pt could do on an unsafe load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_state_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = save_checkpoint(tmp_path, 4, write_adapter, {**STATE, "extra": _RunsCode(marker)})
+    with pytest.raises(UsageError, match=r"checkpoint-4: unreadable trainer_state.pt \(it holds a pickled getattr, "
+                                         r"and a resume loads only tensors and plain values\)") as exc:
+        load_state(path)
+    assert not marker.exists() and len(str(exc.value).splitlines()) == 1
+
+
+def test_a_full_trainer_state_with_every_rng_loads_without_unpickling_code(tmp_path):
+    state = {**STATE, "config": TrainConfig().to_dict(), "rng": rng_state(),
+             "optimizer": {"state": {0: {"exp_avg": torch.randn(4)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}}
+    loaded = load_state(save_checkpoint(tmp_path, 2, write_adapter, state))
+    set_rng_state(loaded["rng"])  # NumPy's uint32 key array came back as an array
+    assert loaded["step"] == 2 and torch.equal(loaded["optimizer"]["state"][0]["exp_avg"],
+                                               state["optimizer"]["state"][0]["exp_avg"])
+
+
 # ------------------------------------------------------------------------------------ malformed state files
 
 def _truncate(fraction):
