@@ -183,10 +183,10 @@ def _lookup_tables(code_values: tuple[float, ...], device: torch.device) -> _Tab
     if code.numel() == 256:
         table = blockwise.bin_table(code).to(device=device, dtype=torch.int32)
         return _Tables(code.to(device), table, code.to(device), ascending=False)
-    bounds, order = codebook.quantize_bounds(code)
+    bounds, order = blockwise.code_lookup(code)  # order None: ascending, so the kernel skips the lookup
     table = torch.cat([bounds, bounds.new_tensor([float("inf")])])  # the pad is never looked up
-    ascending = bool(torch.equal(order, torch.arange(code.numel())))
-    return _Tables(code.to(device), table.to(device), order.to(device=device, dtype=torch.float32), ascending)
+    order_codes = torch.arange(code.numel()) if order is None else order
+    return _Tables(code.to(device), table.to(device), order_codes.to(device=device, dtype=torch.float32), order is None)
 
 
 @functools.lru_cache(maxsize=8)
