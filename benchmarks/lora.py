@@ -24,7 +24,7 @@ gradients are checked against peft's (relative max error, bf16). Reported per ro
 step, peak extra memory of one step, and ratios: ours / bf16 frozen and ours / bf16 trainable
 (target <= 1.15), peft / ours (> 1: ours is faster). Where a step is bound by host time (4096 x 4096
 on the H200 machine), ``*_gpu_ms`` add the GPU's busy time per step (kernels and copies, from
-``torch.profiler``) for ours and bf16 frozen, and their ratio. Prints a table, then one JSON line; writes
+``torch.profiler``) for ours and both bf16 layers, and ours' ratios to them. Prints a table, then one JSON line; writes
 ``<date>_lora_<gpu>.{json,md}`` into ``--out`` (default benchmarks/results).
 """
 
@@ -62,8 +62,8 @@ ALPHA = 16
 CHECK_TOL = 1e-2
 COLUMNS = (
     "proj", "shape", "r", "ours_ms", "unfused_ms", "peft_bnb_ms", "bf16_frozen_ms", "bf16_train_ms",
-    "ours/bf16_frozen", "ours/bf16_train", "peft/ours", "ours_gpu_ms", "bf16_frozen_gpu_ms", "gpu ours/bf16_frozen",
-    "ours_MiB", "peft_MiB", "check",
+    "ours/bf16_frozen", "ours/bf16_train", "peft/ours", "ours_gpu_ms", "bf16_frozen_gpu_ms", "bf16_train_gpu_ms",
+    "gpu ours/bf16_frozen", "gpu ours/bf16_train", "ours_MiB", "peft_MiB", "check",
 )
 
 
@@ -179,15 +179,15 @@ def run_case(n: int, k: int, r: int, m: int, device: str, time_it: bool) -> dict
         names = ("ours", "ours_unfused", "peft", "bf16_frozen", "bf16_train")
         steps = {name: step_fn(*peers[name], x, dy) for name in names}
         ms = {name: bench(fn) for name, fn in steps.items()}
-        gpu = {name: device_busy_ms(steps[name]) for name in ("ours", "bf16_frozen")}
+        gpu = {name: device_busy_ms(steps[name]) for name in ("ours", "bf16_frozen", "bf16_train")}
         row.update({
             "ours_ms": ms["ours"], "unfused_ms": ms["ours_unfused"], "peft_bnb_ms": ms["peft"],
             "bf16_frozen_ms": ms["bf16_frozen"],
             "bf16_train_ms": ms["bf16_train"],
             "ours/bf16_frozen": ms["ours"] / ms["bf16_frozen"], "ours/bf16_train": ms["ours"] / ms["bf16_train"],
             "peft/ours": ms["peft"] / ms["ours"],
-            "ours_gpu_ms": gpu["ours"], "bf16_frozen_gpu_ms": gpu["bf16_frozen"],
-            "gpu ours/bf16_frozen": gpu["ours"] / gpu["bf16_frozen"],
+            "ours_gpu_ms": gpu["ours"], "bf16_frozen_gpu_ms": gpu["bf16_frozen"], "bf16_train_gpu_ms": gpu["bf16_train"],
+            "gpu ours/bf16_frozen": gpu["ours"] / gpu["bf16_frozen"], "gpu ours/bf16_train": gpu["ours"] / gpu["bf16_train"],
             "ours_MiB": peak_mib(steps["ours"], device), "peft_MiB": peak_mib(steps["peft"], device),
         })
     return row
@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             "geomean_ours/bf16_train": geomean([row["ours/bf16_train"] for row in rows]),
             "geomean_peft/ours": geomean([row["peft/ours"] for row in rows]),
             "max_ours/bf16_frozen": max(row["ours/bf16_frozen"] for row in rows),
+            "max_ours/bf16_train": max(row["ours/bf16_train"] for row in rows),
             "max_gpu_ours/bf16_frozen": max(row["gpu ours/bf16_frozen"] for row in rows),
+            "max_gpu_ours/bf16_train": max(row["gpu ours/bf16_train"] for row in rows),
         })
         text = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
         paths = write_results(family, rows, config, env, ceilings, COLUMNS, summary=text, out_dir=args.out)
