@@ -41,6 +41,7 @@ from nf4lora.kernels.codes import lane_code, lookup, word_shifts
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
+from nf4lora.nf4.double_quant import refuse_overflowing_mean
 from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize
 
 
@@ -235,7 +236,7 @@ def quantize_triton(
     """
     if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
         blockwise.check_float_input(w, "weight")
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     if code is None:
         tables = _named_tables(quant_type, w.device)
     else:
@@ -258,9 +259,9 @@ def quantize_triton(
         )
     # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in
     # absmax makes the mean non-finite, so with double quantization the offset is the one scalar to
-    # read. A false alarm (a sum of finite absmax overflowing the mean) only costs the reference's
-    # check below, which then passes.
+    # read. Finite weights can still overflow the mean of their absmax: refused as the reference does.
     finite = math.isfinite(offset.item()) if double_quant else bool(torch.isfinite(absmax).all())
     if not finite:
         blockwise.check_float_input(w, "weight")  # raises with the reference's message
+        refuse_overflowing_mean(absmax)
     return QuantizedTensor(packed, QuantState(**state))

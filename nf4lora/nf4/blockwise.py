@@ -36,7 +36,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what can be qua
 
 
 def check_float_input(x: torch.Tensor, what: str = "input") -> None:
-    """Refuse what cannot be quantized: non-float dtypes, empty tensors, NaN or Inf."""
+    """Refuse what cannot be quantized: non-tensors, non-float dtypes, empty tensors, NaN or Inf."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"cannot quantize {what} of type {type(x).__name__}; valid: torch.Tensor of float32, float16, bfloat16"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cannot quantize {what} of dtype {x.dtype}; valid: float32, float16, bfloat16")
     if x.numel() == 0:

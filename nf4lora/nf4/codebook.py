@@ -78,6 +78,9 @@ def resolve_code(quant_type: str, code: torch.Tensor | None = None) -> tuple[tor
         return get_code(quant_type), quant_type
     if code.shape != (16,) or code.dtype != torch.float32:
         raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
+    outside = code[~((code >= -1) & (code <= 1))]  # NaN fails both comparisons
+    if outside.numel():
+        raise ValueError(f"custom codebook values must be finite and in [-1, 1], got {outside.tolist()}")
     return code, "custom"
 
 

@@ -20,6 +20,14 @@ from .blockwise import dequantize_blockwise, quantize_blockwise
 from .codebook import NESTED_BLOCKSIZE, dynamic_map
 
 
+def refuse_overflowing_mean(absmax: torch.Tensor) -> None:
+    """Raise for finite block absmax (nblocks,) float32 whose mean, the double quantization's offset, overflows."""
+    raise ValueError(
+        f"double quantization needs mean(absmax), which overflows float32 (absmax up to "
+        f"{float(absmax.max()):.3g}); valid: weights whose mean block absmax is finite, or double_quant=False"
+    )
+
+
 def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a first-level absmax.
 
@@ -32,6 +40,8 @@ def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         nested_code: (256,) float32, the signed dynamic map.
     """
     offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        refuse_overflowing_mean(absmax)
     nested_code = dynamic_map(signed=True).to(absmax.device)
     quantized, nested_absmax = quantize_blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     return quantized, offset, nested_absmax, nested_code

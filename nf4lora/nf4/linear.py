@@ -7,6 +7,7 @@ from torch import nn
 
 from nf4lora.kernels import dequantize, nf4_linear, nf4_linear_parts
 
+from .blockwise import FLOAT_DTYPES
 from .state_dict import bnb_state_keys, from_bnb_state_dict, to_bnb_state_dict
 from .tensor import QuantizedTensor, quantize
 
@@ -28,6 +29,8 @@ class NF4Linear(nn.Module):
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype or weight.dtype
+        if self.compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"compute_dtype {self.compute_dtype} is not supported; valid: float32, float16, bfloat16")
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False) if bias is not None else None

@@ -12,15 +12,19 @@ transformers + bitsandbytes checkpoints (the hub's `*-bnb-4bit` repos) store the
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import torch
 
-from .codebook import QUANT_TYPES
+from .blockwise import num_blocks
+from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
 from .tensor import QuantizedTensor, QuantState
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STATE_KEY = "quant_state.bitsandbytes__"
+_BLOCKSIZES_TEXT = ", ".join(map(str, BLOCKSIZES))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -71,51 +75,129 @@ def is_bnb_4bit(state_dict: dict[str, torch.Tensor], prefix: str) -> bool:
 def _require(state_dict: dict, key: str) -> torch.Tensor:
     if key not in state_dict:
         raise ValueError(f"bitsandbytes 4-bit state is missing key {key!r}")
-    return state_dict[key]
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{key} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_finite(t: torch.Tensor, key: str) -> None:
+    # a NaN or Inf here would load fine and dequantize whole blocks to NaN or Inf
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{key} has non-finite values ({bad} NaN or Inf); valid: finite numbers")
+
+
+def _require_float32(state_dict: dict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """`state_dict[key]`, refused unless it is a finite float32 tensor of `shape`."""
+    t = _require(state_dict, key)
+    if t.shape != shape or t.dtype != torch.float32:
+        raise ValueError(f"{key} must be {shape} float32, got {tuple(t.shape)} {t.dtype}")
+    _check_finite(t, key)
+    return t
+
+
+def _read_meta(state_dict: dict, meta_key: str) -> dict:
+    """The JSON object stored under `meta_key` as a 1-D uint8 tensor of UTF-8 bytes."""
+    raw = state_dict[meta_key]
+    corrupt = f"corrupt bitsandbytes quant state in {meta_key!r}"
+    if not isinstance(raw, torch.Tensor) or raw.dim() != 1 or raw.dtype != torch.uint8:
+        got = f"{tuple(raw.shape)} {raw.dtype}" if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ValueError(f"{corrupt}: expected a 1-D uint8 tensor of JSON bytes, got {got}")
+    try:
+        meta = json.loads(bytes(raw.cpu().tolist()).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{corrupt}: {exc!r}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{corrupt}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _is_blocksize(value) -> bool:
+    return type(value) is int and value in BLOCKSIZES
+
+
+def _is_shape(value) -> bool:
+    return (
+        isinstance(value, list) and all(type(d) is int and d >= 0 for d in value) and math.prod(value) < 2**63
+    )
+
+
+def _is_dtype_name(value) -> bool:
+    return isinstance(value, str) and value in _DTYPES
+
+
+def _is_finite_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _meta_field(meta: dict, meta_key: str, name: str, is_valid, valid: str, default=None):
+    """`meta[name]` (or `default` when absent and not None), refused unless `is_valid`; `valid` describes it."""
+    if name not in meta:
+        if default is None:
+            raise ValueError(f"{meta_key!r} has no {name}; valid: {valid}")
+        return default
+    value = meta[name]
+    if not is_valid(value):
+        raise ValueError(f"{meta_key!r} has {name} {value!r}; valid: {valid}")
+    return value
+
+
+def _nested_fields(state_dict: dict, prefix: str, meta: dict, meta_key: str, n_blocks: int) -> dict:
+    """The double-quantization fields of a `QuantState` (offset, nested_absmax, nested_code, nested_blocksize)."""
+    nested_blocksize = _meta_field(
+        meta, meta_key, "nested_blocksize", _is_blocksize, _BLOCKSIZES_TEXT, default=NESTED_BLOCKSIZE
+    )
+    offset = _meta_field(meta, meta_key, "nested_offset", _is_finite_number, "a finite number")
+    nested_absmax = _require_float32(state_dict, f"{prefix}.nested_absmax", (num_blocks(n_blocks, nested_blocksize),))
+    return dict(
+        offset=torch.tensor(float(offset), dtype=torch.float32, device=nested_absmax.device),
+        nested_absmax=nested_absmax,
+        nested_code=_require_float32(state_dict, f"{prefix}.nested_quant_map", (256,)),
+        nested_blocksize=nested_blocksize,
+    )
+
+
+def _check_absmax(absmax: torch.Tensor, key: str, double_quant: bool) -> None:
+    """Refuse an absmax of the wrong dtype for its format, or a float32 one with non-finite or negative values."""
+    if double_quant:
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"{key} must be uint8 with double quantization, got {absmax.dtype}")
+        return
+    if absmax.dtype != torch.float32:
+        raise ValueError(f"{key} must be float32 without double quantization, got {absmax.dtype}")
+    _check_finite(absmax, key)
+    if bool((absmax < 0).any()):
+        raise ValueError(f"{key} has negative values (min {float(absmax.min())}); valid: absmax >= 0")
 
 
 def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight") -> QuantizedTensor:
-    """Rebuild a `QuantizedTensor` from the bitsandbytes entries under `prefix`; refuses a corrupt or mismatched state."""
+    """Rebuild a `QuantizedTensor` from the bitsandbytes entries under `prefix`; refuses a corrupt or mismatched
+    state (missing keys, wrong dtypes or shapes, bad quant_state fields, non-finite values) with a ValueError."""
     found = [qt for qt in QUANT_TYPES if f"{prefix}.{_STATE_KEY}{qt}" in state_dict]
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one key {prefix}.{_STATE_KEY}{{{','.join(QUANT_TYPES)}}}, found {len(found)}"
         )
     meta_key = f"{prefix}.{_STATE_KEY}{found[0]}"
-    try:
-        meta = json.loads(bytes(state_dict[meta_key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
-        quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
-        dtype, shape = _DTYPES[meta["dtype"]], torch.Size(meta["shape"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"corrupt bitsandbytes quant state in {meta_key!r}: {exc!r}") from None
-    if quant_type != found[0]:
-        raise ValueError(f"{meta_key!r} says quant_type {quant_type!r}, its key says {found[0]!r}")
+    meta = _read_meta(state_dict, meta_key)
+    _meta_field(meta, meta_key, "quant_type", lambda v: v == found[0], f"{found[0]!r}, as its key says")
+    blocksize = _meta_field(meta, meta_key, "blocksize", _is_blocksize, _BLOCKSIZES_TEXT)
+    dtype_name = _meta_field(meta, meta_key, "dtype", _is_dtype_name, ", ".join(_DTYPES))
+    shape = torch.Size(_meta_field(meta, meta_key, "shape", _is_shape, "a list of non-negative integers"))
     packed = _require(state_dict, prefix)
     absmax = _require(state_dict, f"{prefix}.absmax")
-    code = _require(state_dict, f"{prefix}.quant_map")
-    if code.shape != (16,) or code.dtype != torch.float32:
-        raise ValueError(f"{prefix}.quant_map must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
+    double_quant = "nested_offset" in meta
+    _check_absmax(absmax, f"{prefix}.absmax", double_quant)
     state = QuantState(
-        absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type, code=code
+        absmax=absmax,
+        shape=shape,
+        dtype=_DTYPES[dtype_name],
+        blocksize=blocksize,
+        quant_type=found[0],
+        code=_require_float32(state_dict, f"{prefix}.quant_map", (16,)),
     )
-    if "nested_offset" in meta:
-        nested_absmax = _require(state_dict, f"{prefix}.nested_absmax")
-        nested_code = _require(state_dict, f"{prefix}.nested_quant_map")
-        if absmax.dtype != torch.uint8 or nested_code.shape != (256,):
-            raise ValueError(
-                f"double-quantized state under {prefix!r} needs uint8 absmax and a (256,) nested_quant_map, got "
-                f"{absmax.dtype} and {tuple(nested_code.shape)}"
-            )
-        nested_blocksize = int(meta.get("nested_blocksize", 256))
-        if nested_absmax.shape != (-(-absmax.numel() // nested_blocksize),):
-            raise ValueError(
-                f"{prefix}.nested_absmax has shape {tuple(nested_absmax.shape)}, expected "
-                f"({-(-absmax.numel() // nested_blocksize)},) for {absmax.numel()} blocks"
-            )
-        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
-        state.nested_absmax = nested_absmax.float()
-        state.nested_code = nested_code
-        state.nested_blocksize = nested_blocksize
-    elif absmax.dtype != torch.float32:
-        raise ValueError(f"{prefix}.absmax must be float32 without double quantization, got {absmax.dtype}")
+    if double_quant:
+        nested = _nested_fields(state_dict, prefix, meta, meta_key, num_blocks(shape.numel(), blocksize))
+        state = dataclasses.replace(state, **nested)
     return QuantizedTensor(packed.reshape(-1), state)

@@ -8,6 +8,7 @@ Bytes per parameter: 0.5 for the packed codes, plus 4 / blocksize for a float32 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 
@@ -61,9 +62,13 @@ class QuantState:
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
 
 
-def check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES:
+def check_blocksize(blocksize: int) -> int:
+    """``blocksize`` as a Python int (a NumPy integer would not serialize to the state dict's JSON), or a
+    ValueError naming the valid ones."""
+    # 64.0 == 64, so membership alone would let a float through
+    if not isinstance(blocksize, numbers.Integral) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize!r} is not supported; valid: powers of two {', '.join(map(str, BLOCKSIZES))}")
+    return int(blocksize)
 
 
 class QuantizedTensor:
@@ -143,9 +148,10 @@ def quantize(
         double_quant: also quantize the absmax to 8 bits (QLoRA's double quantization).
         code: optional custom (16,) float32 codebook in [-1, 1]; its quant_type is recorded as "custom".
     """
-    if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES or w.numel() == 0:
         check_float_input(w, "weight")
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
+    w = w.detach()  # quantizing a Parameter must keep no autograd graph (nor its float copy of w) alive
     code, quant_type = resolve_code(quant_type, code)
     code = code.to(w.device)
     packed, absmax = quantize_packed(w.reshape(-1), code, blocksize)

@@ -115,6 +115,20 @@ def test_quantize_refuses_bad_blocksize_and_codebook(triton_mode, device):
         quantize(w.int())
 
 
+def test_quantize_refuses_finite_weights_whose_absmax_mean_overflows(triton_mode, device):
+    # every block's absmax near float32's max: their mean, the double quantization's offset, overflows
+    w = torch.full((4, 64), 3.0e38).to(device)
+    with pytest.raises(ValueError, match=r"double quantization needs mean\(absmax\), which overflows float32"):
+        quantize(w, double_quant=True)
+    assert bool(torch.isfinite(quantize(w, double_quant=False).dequantize()).all())
+
+
+def test_quantize_records_a_numpy_blocksize_as_a_python_int(triton_mode, device):
+    np = pytest.importorskip("numpy")
+    q = quantize(torch.randn(4, 64, device=device), blocksize=np.int64(32))
+    assert type(q.state.blocksize) is int and q.state.blocksize == 32
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     rows=st.integers(1, 6),

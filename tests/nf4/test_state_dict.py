@@ -83,7 +83,7 @@ def _state(**overrides):
         ({"weight.absmax": torch.zeros(3, dtype=torch.uint8)}, r"absmax must have 16 entries"),
         ({"weight": torch.zeros(7, 1, dtype=torch.uint8)}, r"packed codes must be \(512,\) uint8"),
         ({"weight.quant_map": torch.zeros(8)}, r"quant_map must be \(16,\) float32"),
-        ({"weight.nested_absmax": torch.zeros(5)}, r"nested_absmax has shape \(5,\)"),
+        ({"weight.nested_absmax": torch.zeros(5)}, r"nested_absmax must be \(1,\) float32, got \(5,\)"),
     ],
 )
 def test_corrupt_or_mismatched_state_is_refused_with_a_named_reason(overrides, message):
