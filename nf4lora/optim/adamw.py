@@ -25,14 +25,17 @@ only through these methods.
 - 32-bit: `exp_avg`, `exp_avg_sq`, float32, the parameter's shape (torch.optim.AdamW's keys);
 - 8-bit: `state1`, `state2` uint8 in the parameter's shape, `absmax1`, `absmax2` (ceil(numel/256),) float32.
 The tensors are views of the live state, as torch's are (deep-copy to keep a snapshot; `PagedAdamW` returns CPU
-copies). `load_state_dict` copies the tensors into the optimizer's own buffers, accepts torch.optim.AdamW's
-32-bit dicts, and refuses a dict whose groups, parameter counts, state kinds or shapes differ from this
-optimizer's (or that asks for amsgrad / maximize).
+copies), except `absmax1` and `absmax2`, copies so that `torch.save` takes the dict. `load_state_dict` copies the
+tensors into the optimizer's own buffers, accepts torch.optim.AdamW's 32-bit dicts, and refuses a dict whose
+structure, groups, parameter counts, state kinds or shapes differ from this optimizer's (or that asks for amsgrad /
+maximize).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +76,47 @@ def state_views(buffer: torch.Tensor, numel: int, eight_bit: bool) -> dict[str, 
 _UNSUPPORTED = ("amsgrad", "maximize")  # torch.optim.AdamW options this AdamW does not implement
 
 
+def _is_float(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_float(name: str, value, valid: str, in_range) -> None:
+    """One-line TypeError / ValueError naming `name`, `value` and `valid` unless `value` is a float `in_range`."""
+    if not _is_float(value):
+        raise TypeError(f"{name} must be a float {valid}, got {value!r}")
+    if not (math.isfinite(value) and in_range(value)):
+        raise ValueError(f"{name} must be a float {valid}, got {value!r}")
+
+
 def _check_hyperparameters(group: dict) -> None:
     for option in _UNSUPPORTED:
         if group.get(option):
             raise ValueError(f"{option}=True is not supported by nf4lora's AdamW; valid: {option}=False")
-    lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor) or not lr >= 0.0:
-        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    _check_float("lr", group["lr"], ">= 0", lambda lr: lr >= 0.0)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_float, betas))):
+        raise TypeError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two floats in [0, 1), got {tuple(betas)!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    # eps = 0 divides 0 by 0 wherever a gradient has been zero so far (LoRA's A at its first step)
+    _check_float("eps", group["eps"], "> 0", lambda eps: eps > 0.0)
+    _check_float("weight_decay", group["weight_decay"], ">= 0", lambda weight_decay: weight_decay >= 0.0)
+
+
+def _check_structure(state_dict) -> None:
+    """One-line errors for a state dict without torch's {"state": {...}, "param_groups": [{"params": [...]}]}."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state dict must be a dict with 'state' and 'param_groups', got {type(state_dict).__name__}")
+    if not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(f"state dict has keys {sorted(state_dict)}; expected ['param_groups', 'state']")
+    if not isinstance(state_dict["state"], dict) or not isinstance(state_dict["param_groups"], (list, tuple)):
+        raise TypeError(f"state dict must map 'state' to a dict and 'param_groups' to a list, got "
+                        f"{type(state_dict['state']).__name__} and {type(state_dict['param_groups']).__name__}")
+    for i, group in enumerate(state_dict["param_groups"]):
+        if not (isinstance(group, dict) and isinstance(group.get("params"), (list, tuple))):
+            got = f"keys {sorted(group)}" if isinstance(group, dict) else type(group).__name__
+            raise TypeError(f"param group {i} of the state dict must be a dict with 'params' (a list of indices), "
+                            f"got {got}")
 
 
 @dataclass
@@ -149,12 +180,26 @@ def _contiguous(grads: list, grad_ptrs: list) -> list[int | None]:
     return key
 
 
+def _check_state_matches(index: int, p: torch.Tensor, resident: list[Segment], streamed: list) -> None:
+    """One-line ValueError where parameter `index` was resized or moved to another device under its state: the
+    update would run over the old number of elements, or hand the kernel another device's addresses."""
+    covered = sum(part.numel for part in resident + streamed)
+    if covered != p.numel():
+        raise ValueError(f"param {index} has {p.numel()} elements, its optimizer state {covered}; resizing a "
+                         f"parameter needs a new optimizer (or a state dict of the new size)")
+    elsewhere = {tensor.device for segment in resident for tensor in segment.state.values()} - {p.device}
+    if elsewhere:
+        raise ValueError(f"param {index} is on {p.device}, its optimizer state on {elsewhere.pop()}; move "
+                         f"parameters before building the optimizer (or load a state dict after moving them)")
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter) with float32 or 8-bit states and a fused multi-tensor step.
 
     Args:
         params: parameters or param groups (float32/float16/bfloat16, contiguous).
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (weight_decay defaults to 0.01 there and here).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (weight_decay defaults to 0.01 there and here), finite
+            floats; eps > 0 (torch also takes 0, which makes NaN of any element whose gradients were all zero).
         optim_bits: 32 (float32 states) or 8 (blockwise 8-bit states).
         min_8bit_size: parameters with fewer elements keep float32 states when optim_bits=8 (bitsandbytes: 4096).
     """
@@ -168,16 +213,21 @@ class AdamW(torch.optim.Optimizer):
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
         self._plan: _StepPlan | None = None
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's `add_param_group`, refusing (and not adding) a group with bad hyperparameters or dtypes."""
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
-        _check_hyperparameters(group)
-        for p in group["params"]:
-            if p.dtype not in _PARAM_DTYPES:
-                raise TypeError(f"AdamW parameters must be float32, float16 or bfloat16, got {p.dtype}")
+        try:
+            _check_hyperparameters(group)
+            for p in group["params"]:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise TypeError(f"AdamW parameters must be float32, float16 or bfloat16, got {p.dtype}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     # -- state storage (PagedAdamW overrides these) ----------------------------------------------------------
 
@@ -208,6 +258,9 @@ class AdamW(torch.optim.Optimizer):
         """`p`'s segments that the fused launch updates in place, and its pages that stream (AdamW: none)."""
         return [state["segment"]], []
 
+    def _reserve(self, plan: DevicePlan) -> None:
+        """Allocate what one device's part of the step needs, before any update (AdamW: nothing)."""
+
     def _update(self, plan: DevicePlan, grads: list, grad_ptrs: list, scalars: list[list[float]]) -> None:
         """Run one device's part of the step (grads and grad_ptrs indexed as `_indexed_params()`)."""
         plan.update.run(grads, grad_ptrs, scalars)
@@ -227,12 +280,16 @@ class AdamW(torch.optim.Optimizer):
         plan = self._plan
         if plan is None or not self._follow(plan, params, grads, grad_ptrs):
             plan = self._plan = self._build_plan(params, grads, grad_ptrs)
-        for state in plan.states:
-            state["step"] += 1
-        scalars = [step_scalars(float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"], state["step"])
-                   for group, state in plan.rows]
+        scalars = [step_scalars(float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"],
+                                state["step"] + 1) for group, state in plan.rows]
+        # a step that fails (out of memory) before its updates leaves parameters and step counts as they were,
+        # so that it can be retried
+        for device_plan in plan.devices:
+            self._reserve(device_plan)
         for device_plan in plan.devices:
             self._update(device_plan, grads, grad_ptrs, scalars)
+        for state in plan.states:
+            state["step"] += 1
         return loss
 
     @staticmethod
@@ -261,8 +318,8 @@ class AdamW(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = 0
                 self._init_state(p, state)
+                state["step"] = 0  # after the allocation, which may fail: an empty state is created again
             states.append(state)
             key = (id(group), state["step"])
             if key not in row_of:
@@ -270,6 +327,7 @@ class AdamW(torch.optim.Optimizer):
                 rows.append((group, state))
             segments, grad_index, paged_out = by_device.setdefault(p.device, ([], [], []))
             resident, streamed = self._split(p, state)
+            _check_state_matches(i, p, resident, streamed)
             for segment in resident:
                 segment.scalars = row_of[key]
             segments += resident
@@ -297,12 +355,15 @@ class AdamW(torch.optim.Optimizer):
             if p in self.state and self.state[p]:
                 entry = {"step": torch.tensor(float(self.state[p]["step"]))}
                 for name, tensor in self._state_tensors(p, self.state[p]).items():
-                    entry[name] = tensor if name.startswith("absmax") else tensor.view(p.shape)
+                    # absmax as a copy: it shares a byte buffer with the uint8 codes, and torch.save refuses one
+                    # storage viewed as two dtypes
+                    entry[name] = tensor.clone() if name.startswith("absmax") else tensor.view(p.shape)
                 state[index] = entry
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore hyperparameters and states from `state_dict()` output of an optimizer over the same parameters."""
+        _check_structure(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has "
@@ -317,7 +378,7 @@ class AdamW(torch.optim.Optimizer):
         incoming = {}
         for saved_index, entry in state_dict["state"].items():
             if saved_index not in index_of:
-                raise ValueError(f"state dict has state for param {saved_index}, which no param group lists")
+                raise ValueError(f"state dict has state for param {saved_index!r}, which no param group lists")
             p = params[index_of[saved_index]]
             incoming[p] = self._check_entry(index_of[saved_index], p, entry)
         merged = [{**group, **{k: v for k, v in saved.items() if k != "params"}}
@@ -335,12 +396,19 @@ class AdamW(torch.optim.Optimizer):
 
     def _check_entry(self, index: int, p: torch.Tensor, entry: dict) -> dict:
         fields = STATE_FIELDS_8 if self.eight_bit(p) else STATE_FIELDS_32
+        if not isinstance(entry, dict):
+            raise TypeError(f"state of param {index} must be a dict of tensors, got {type(entry).__name__}")
         if set(entry) != {"step", *fields}:
             raise ValueError(f"state of param {index} has keys {sorted(entry)}; this optimizer "
                              f"({self.optim_bits}-bit, numel {p.numel()}) expects {sorted(('step', *fields))}")
+        step = float(entry["step"])
+        if not (step >= 0 and step.is_integer()):
+            raise ValueError(f"state of param {index} has step {step}; expected a whole number >= 0")
         layout, _ = state_layout(p.numel(), self.eight_bit(p))
         for name, dtype, count, _ in layout:
             tensor = entry[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"state {name!r} of param {index} must be a tensor, got {type(tensor).__name__}")
             if tensor.numel() != count or (name not in ("absmax1", "absmax2") and tensor.shape != p.shape):
                 raise ValueError(f"state {name!r} of param {index} has shape {tuple(tensor.shape)}, expected "
                                  f"{tuple(p.shape) if count == p.numel() else (count,)}")

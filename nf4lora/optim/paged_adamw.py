@@ -220,13 +220,15 @@ class PagedAdamW(AdamW):
         pages = state["pages"]
         return [page.segment for page in pages if page.resident], [page for page in pages if not page.resident]
 
+    def _reserve(self, plan: DevicePlan) -> None:
+        # the slots exist before any update, so an out-of-memory error leaves every parameter unchanged
+        if plan.paged_out and plan.stream is None:
+            plan.stream = _Stream(plan.device, plan.paged_out, self.page_bytes)
+
     def _update(self, plan: DevicePlan, grads: list, grad_ptrs: list, scalars: list[list[float]]) -> None:
         if not plan.paged_out:
             plan.update.run(grads, grad_ptrs, scalars)
             return
-        # the slots exist before any update, so an out-of-memory error leaves every parameter unchanged
-        if plan.stream is None:
-            plan.stream = _Stream(plan.device, plan.paged_out, self.page_bytes)
         # what the first copy-in waits for: the main stream up to here (the previous step's write-backs included),
         # not the resident pages' update, which it overlaps
         ready = torch.cuda.current_stream(plan.device).record_event() if plan.device.type == "cuda" else None
