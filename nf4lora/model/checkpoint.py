@@ -54,16 +54,17 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
 
     try:
         return snapshot_download(path, allow_patterns=list(patterns))
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{path!r} is not a local directory, and as a hub id it is not in the local Hugging Face cache and the "
             f"hub cannot be reached "
             f"(offline: HF_HUB_OFFLINE is set or there is no network); download it first or pass a local directory"
-        ) from e
+        ) from None
     except HFValidationError as e:
         raise ValueError(f"{path!r} is neither a local directory nor a valid hub id ('org/name'): {e}") from None
     except HfHubHTTPError as e:
-        raise FileNotFoundError(f"hub id {path!r} could not be fetched: {e}") from e
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # the hub's messages run over several lines
+        raise FileNotFoundError(f"hub id {path!r} could not be fetched: {reason}") from None
 
 
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
@@ -132,9 +133,11 @@ def checkpoint_index(model_dir: str) -> dict[str, TensorEntry]:
         try:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{index_path}: malformed shard index ({e!r}); expected {{'weight_map': {{...}}}}") from None
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index_path}: malformed shard index ({e!r}); "
+                             f"expected {{'weight_map': {{name: shard file}}}}") from None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
         if missing:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+# The special-token ids that generation_config.json may set; where it does, transformers' generate uses them.
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -130,14 +132,18 @@ class LlamaConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}; a Hugging Face model directory needs one")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_hf_dict(raw, source=path)
+        return cls.from_hf_dict(read_json_object(path), source=path)
+
+    def update_from_generation_config(self, model_dir: str | os.PathLike) -> None:
+        """Take the bos/eos/pad ids that `generation_config.json` in `model_dir` sets, if it exists: transformers'
+        generate stops at its ids (Llama 3 instruct lists <|eot_id|> there), not at config.json's."""
+        path = os.path.join(os.fspath(model_dir), "generation_config.json")
+        if not os.path.isfile(path):
+            return
+        raw = read_json_object(path)
+        for name in GENERATION_IDS:
+            if raw.get(name) is not None:
+                setattr(self, name, raw[name])
 
     def to_hf_dict(self) -> dict:
         """A `config.json` dict for transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`)."""
@@ -146,6 +152,18 @@ class LlamaConfig:
         out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
                                   **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"}}
         return out
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in file `path`; malformed JSON or another JSON type is a one-line ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _normalize_rope_scaling(scaling: dict | None) -> dict | None:

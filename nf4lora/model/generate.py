@@ -14,11 +14,12 @@ has ended is read once the next step is queued, so the host's per-step work over
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 
 import torch
 
-from .llama import KVCache, Llama
+from .llama import KVCache, Llama, check_token_ids
 
 
 # Fixed-shape decoding rounds its cache up to a multiple of this many slots, so that calls whose prompt and
@@ -30,23 +31,60 @@ STATIC_CACHE_MULTIPLE = 256
 GRAPH_MIN_NEW_TOKENS = 8
 
 
-def _as_batch(prompts, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (B, T) int64, mask (B, T) bool), left-padding a list of token lists."""
+def _as_batch(prompts, attention_mask, pad_id: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T) int64, mask (B, T) bool) from a (B, T) or (T,) tensor with its optional 0/1 mask, one token
+    list, or a list of token lists (left-padded with pad_id). Refuses, in one line, what generate cannot continue:
+    empty rows, rows ending in padding, token ids outside [0, vocab_size)."""
     if isinstance(prompts, torch.Tensor):
-        ids = prompts.to(device)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
+        if prompts.dim() not in (1, 2):
+            raise ValueError(f"prompts must be (batch, seq) or (seq,), got shape {tuple(prompts.shape)}")
+        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+            raise ValueError(f"prompts must hold integer token ids, got {prompts.dtype}")
+        ids = prompts.to(device, torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal input_ids shape {tuple(ids.shape)}")
-        return ids, mask
-    rows = [list(map(int, p)) for p in prompts]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+    else:
+        rows = _token_rows(prompts)
+        width = max(map(len, rows), default=0)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+        mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+        ids, mask = ids.reshape(len(rows), width), mask.reshape(len(rows), width)  # (0, 0) for no rows
+    if ids.shape[0] == 0:
+        raise ValueError("prompts hold no rows; give at least one prompt")
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"prompt row(s) {empty} are empty; each needs at least one token")
+    if not mask[:, -1].all():
+        raise ValueError(f"attention_mask row(s) {(~mask[:, -1]).nonzero().flatten().tolist()} end in padding; "
+                         f"generate continues each row from its last column, so pad on the left")
+    check_token_ids(ids[mask], vocab_size)
     return ids, mask
+
+
+def _token_rows(prompts) -> list[list[int]]:
+    """A list of token lists as Python ints; one flat token list is one prompt."""
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(i, numbers.Integral) for i in prompts):
+        prompts = [prompts]
+    try:
+        return [[int(i) for i in row] for row in prompts]
+    except (TypeError, ValueError):
+        raise ValueError(f"prompts must be token ids (encode text first): a list of int lists or a tensor, got "
+                         f"{str(prompts)[:80]}") from None
+
+
+def _check_arguments(max_new_tokens, temperature, top_k, top_p) -> None:
+    def is_int(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    # written as `not (valid)` so that NaN, which fails every comparison, is refused too
+    if not (is_int(max_new_tokens) and max_new_tokens >= 1 and isinstance(temperature, numbers.Real)
+            and temperature >= 0 and (top_k is None or is_int(top_k) and top_k >= 1)
+            and (top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1)):
+        raise ValueError(f"need max_new_tokens >= 1 and top_k >= 1 (ints), temperature >= 0, 0 < top_p <= 1; got "
+                         f"max_new_tokens={max_new_tokens!r}, temperature={temperature!r}, top_k={top_k!r}, "
+                         f"top_p={top_p!r}")
 
 
 def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -109,7 +147,8 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     """Continue `prompts` and return (B, T + n) int64: the (left-padded) prompts followed by n <= max_new_tokens
     new tokens per row, `pad_id` after a row's EOS.
 
-    prompts: (B, T) int64 tensor (left-padded, with `attention_mask` (B, T) 0/1) or a list of token-id lists.
+    prompts: (B, T) int64 tensor (left-padded, with `attention_mask` (B, T) 0/1), a list of token-id lists, or
+    one token-id list or (T,) tensor for a single prompt.
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with `seed`.
     eos_ids: an int or ids that end a row (default: the config's eos_token_id). pad_id defaults to the config's
     pad_token_id, else the first EOS id, else 0.
@@ -140,16 +179,13 @@ def generate_stream(model: Llama, prompts, max_new_tokens: int = 128, temperatur
 def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed, attention_mask,
            static_cache, cuda_graph, compile) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
-    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
-            top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1; got "
-                         f"{max_new_tokens}, {temperature}, {top_k}, {top_p}")
+    _check_arguments(max_new_tokens, temperature, top_k, top_p)
     config = model.config
-    eos = config.eos_token_ids if eos_ids is None else ((eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids))
+    eos = config.eos_token_ids if eos_ids is None else tuple(torch.as_tensor(eos_ids).reshape(-1).long().tolist())
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     device = model.model.embed_tokens.weight.device
-    ids, mask = _as_batch(prompts, attention_mask, pad_id, device)
+    ids, mask = _as_batch(prompts, attention_mask, pad_id, config.vocab_size, device)
     b, t = ids.shape
     if cuda_graph is None:
         cuda_graph = (device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
@@ -162,8 +198,9 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
         cache_len = -(-cache_len // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
     cache = model.new_cache(b, cache_len)
     padded = not bool(mask.all())
-    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, cache=cache,
-                   logits_to_keep=1)
+    # padding slots are masked out, so any id serves there; 0 is one the embedding has, unlike pad_id perhaps
+    logits = model(ids.masked_fill(~mask, 0), attention_mask=mask if padded else None, position_ids=positions,
+                   cache=cache, logits_to_keep=1)
     if compile:
         model = torch.compile(model, dynamic=False)
     step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None

@@ -269,6 +269,7 @@ class Llama(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
                 cache_position=None, logits_to_keep: int = 0):
         """input_ids (B, T) int64 -> logits (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions.
+        Ids on the CPU must lie in [0, vocab_size) (ValueError otherwise).
 
         With `cache`, new keys/values go to slots `cache_position` (T,) int64; when None, the next `cache.seen`
         slots are used and attention reads only the filled prefix. With a tensor `cache_position` every slot is
@@ -277,6 +278,9 @@ class Llama(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # free on the host; ids already on a GPU are left unchecked, as the check would wait for the GPU
+            check_token_ids(input_ids, self.config.vocab_size)
         # decoding feeds back tokens sampled on the head's device; the embeddings may sit on another GPU
         input_ids = input_ids.to(self.model.embed_tokens.weight.device)
         device = input_ids.device
@@ -325,6 +329,14 @@ class Llama(nn.Module):
             h, pending = h[:, -logits_to_keep:], pending[:, -logits_to_keep:]
         _, normed = self.model.norm(pending, residual=h)
         return self.lm_head(normed.to(self.lm_head.weight.device))
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids (any shape, integer dtype) outside [0, vocab_size) in one line naming the first one: the
+    embedding lookup would fail deep inside on the CPU and with a device-side assert on a GPU."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise ValueError(f"token id {ids[bad][0].item()} is out of range; valid: 0 to {vocab_size - 1} (vocab_size)")
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

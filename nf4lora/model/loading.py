@@ -48,6 +48,11 @@ class LoadOptions:
     gradient_checkpointing: bool = False
     device_map: str | torch.device | None = None
 
+    def __post_init__(self) -> None:
+        # one name is one module: iterating the string would skip single-letter "modules" and so nothing
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = (self.skip_modules,)
+
     @classmethod
     def from_kwargs(cls, options: dict) -> LoadOptions:
         valid = [f.name for f in dataclasses.fields(cls)]
@@ -127,6 +132,20 @@ def _estimate_layer_bytes(config, index: dict[str, TensorEntry], quantize: bool,
     return per_layer, other
 
 
+def _check_device(device) -> None:
+    """Refuse a device string torch cannot parse, or a CUDA device this machine does not have, in one line."""
+    if device == "auto":
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N', 'auto'") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"device={str(device)!r} but {count} CUDA device(s) are visible; valid: 'cpu', 'auto'"
+                         + "".join(f", 'cuda:{i}'" for i in range(count)))
+
+
 def _layer_devices(device, config, index, quantize, opts, dtype) -> list[torch.device]:
     if device != "auto":
         return [torch.device(device)] * config.num_hidden_layers
@@ -150,6 +169,7 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     embeddings, norms and `skip_modules` stay in `dtype`. Pre-quantized bitsandbytes checkpoints load as stored.
     device: "cpu", "cuda", "cuda:N", or "auto" to spread decoder layers over the visible GPUs by free memory.
     options: see `LoadOptions` (blocksize, double_quant, compute_dtype, skip_modules, gradient_checkpointing).
+    The bos/eos/pad ids that generation_config.json sets replace config.json's, as in transformers' generate.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is not supported; valid: {list(QUANTIZATIONS)}")
@@ -158,8 +178,10 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     compute_dtype = parse_dtype(opts.compute_dtype) if opts.compute_dtype is not None else dtype
     if opts.device_map is not None:
         device = opts.device_map
+    _check_device(device)
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir)
+    config.update_from_generation_config(model_dir)
     stored_type = _prequantized_type(config, model_dir)
     if stored_type is not None and quantization not in (None, stored_type):
         raise ValueError(f"{model_dir} is pre-quantized as {stored_type}; quantization={quantization!r} cannot "

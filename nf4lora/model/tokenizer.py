@@ -10,21 +10,14 @@ Llama has no pad token; `pad_id` then falls back to `eos_id`, which is safe beca
 
 from __future__ import annotations
 
-import json
 import os
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
+from .config import read_json_object
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 def _token_text(value) -> str | None:
@@ -113,7 +106,10 @@ class HFTokenizer:
             raise ImportError(f"{model_dir}/tokenizer.json needs the optional 'tokenizers' package: "
                               f"pip install 'nf4lora[tokenizers]'") from e
         self.path = os.path.join(model_dir, "tokenizer.json")
-        self.tok = Tokenizer.from_file(self.path)
+        try:
+            self.tok = Tokenizer.from_file(self.path)
+        except Exception as e:  # the tokenizers package raises a bare Exception that does not name the file
+            raise ValueError(f"{self.path}: not a tokenizers file ({e})") from None
         special = _SpecialTokens(model_dir, self.tok.token_to_id, {})
         self.bos_id, self.eos_id, self.pad_id, self.eos_ids = special.ids()
         self.add_bos, self.add_eos = special.add_bos, special.add_eos

@@ -165,8 +165,10 @@ def test_bad_generation_arguments_are_named(checkpoints):
     model = load_model(checkpoints("gqa"), dtype=torch.float32)
     with pytest.raises(ValueError, match="need max_new_tokens >= 1"):
         generate(model, [[1, 2]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="non-empty token lists"):
+    with pytest.raises(ValueError, match=r"prompt row\(s\) \[0\] are empty"):
         generate(model, [[]])
+    with pytest.raises(ValueError, match="prompts hold no rows"):
+        generate(model, [])
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on CUDA"):
         generate(model, [[1, 2]], cuda_graph=True)
 
