@@ -9,6 +9,8 @@ path under ``base_model.model.`` with the adapter name dropped::
     base_model.model.<path>.lora_magnitude_vector     (out,)        DoRA only
     base_model.model.<path>.base_layer.bias           (out,)        bias="lora_only" or "all"
     base_model.model.<other>.bias                                   bias="all"
+    base_model.model.<module_to_save>.original_module.bias          bias="all", as peft saves them
+    base_model.model.<module_to_save>.modules_to_save.bias          bias="all", as peft saves them
     base_model.model.<module_to_save>.<param>                       modules_to_save
 
 One table (``peft_key_map``) maps each of these keys to the model parameter it comes from; saving
@@ -27,15 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nf4lora.lora.config import LoraConfig
-from nf4lora.lora.model import delete_adapter, inject_lora
+from nf4lora.lora.model import active_adapters, delete_adapter, inject_lora, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-
-def _is_plain_bias(name: str) -> bool:
-    return name.endswith("bias") and not re.search(r"(^|\.)(lora_\w+|modules_to_save|original_module)\.", name)
 
 
 def peft_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
@@ -44,24 +42,43 @@ def peft_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str, n
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} is not injected; injected adapters: {sorted(configs)}")
     bias_mode = configs[adapter_name].bias
-    a = re.escape(adapter_name)
     keys: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters():
-        key = None
-        if m := re.fullmatch(rf"(.+)\.(lora_A|lora_B)\.{a}\.weight", name):
-            key = f"{m[1]}.{m[2]}.weight"
-        elif m := re.fullmatch(rf"(.+)\.lora_magnitude_vector\.{a}\.weight", name):
-            key = f"{m[1]}.lora_magnitude_vector"
-        elif m := re.fullmatch(rf"(.+)\.modules_to_save\.{a}\.(.+)", name):
-            key = f"{m[1]}.{m[2]}"
-        elif _is_plain_bias(name) and (
-            bias_mode == "all" or (bias_mode == "lora_only" and name.endswith(".base_layer.bias") and
-                                   adapter_name in model.get_submodule(name[: -len(".base_layer.bias")]).lora_A)
-        ):
-            key = name
-        if key is not None:
-            keys[PEFT_PREFIX + key] = param
+        # bias key first: where a modules_to_save bias has two keys, loading copies the adapter key last, as peft does
+        for key in (_bias_key(model, name, adapter_name, bias_mode), _adapter_key(name, adapter_name)):
+            if key is not None:
+                keys[PEFT_PREFIX + key] = param
     return keys
+
+
+def _adapter_key(name: str, adapter_name: str) -> str | None:
+    """peft's key for parameter ``name`` if it is the adapter's: a LoRA/DoRA weight or a modules_to_save copy's."""
+    a = re.escape(adapter_name)
+    if m := re.fullmatch(rf"(.+)\.(lora_A|lora_B)\.{a}\.weight", name):
+        return f"{m[1]}.{m[2]}.weight"
+    if m := re.fullmatch(rf"(.+)\.lora_magnitude_vector\.{a}\.weight", name):
+        return f"{m[1]}.lora_magnitude_vector"
+    if m := re.fullmatch(rf"(.+)\.modules_to_save\.{a}\.(.+)", name):
+        return f"{m[1]}.{m[2]}"
+    return None
+
+
+def _bias_key(model: nn.Module, name: str, adapter_name: str, bias_mode: str) -> str | None:
+    """peft's key for parameter ``name`` if ``bias_mode`` saves it.
+
+    ``"lora_only"``: the base bias of every layer holding the adapter. ``"all"``: every ``.bias`` except other
+    adapters' modules_to_save copies, ``original_module`` ones included, under its name with the adapter name
+    dropped where it is second to last (peft's ``_remove_adapter_name_from_state_dict_key``).
+    """
+    if not (name == "bias" or name.endswith(".bias")):
+        return None
+    if bias_mode == "lora_only" and name.endswith(".base_layer.bias"):
+        return name if adapter_name in model.get_submodule(name.removesuffix(".base_layer.bias")).lora_A else None
+    copy_of = re.search(r"(^|\.)modules_to_save\.([^.]+)\.", name)
+    if bias_mode != "all" or (copy_of and copy_of[2] != adapter_name):
+        return None
+    module, _, leaf = name.rpartition(".")
+    return f"{module.removesuffix('.' + adapter_name)}.{leaf}"
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -118,6 +135,7 @@ def load_adapter(
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    active = active_adapters(model) if hasattr(model, "lora_configs") else None
     inject_lora(model, config, adapter_name)
     try:
         expected = peft_key_map(model, adapter_name)
@@ -132,6 +150,8 @@ def load_adapter(
                 )
     except ValueError:
         delete_adapter(model, adapter_name)
+        if active is not None:
+            set_adapter(model, active)
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         raise

@@ -6,8 +6,8 @@ field is ours and is not written: ``lora_dtype``, the storage dtype of the LoRA 
 by default, as in peft).
 
 peft options that would change the adapter's math and that this package does not implement
-(per-module rank/alpha patterns, ``fan_in_fan_out``, a LoRA bias on B, layer selection) are
-rejected on load rather than silently ignored.
+(per-module rank/alpha patterns, ``fan_in_fan_out``, a LoRA bias on B, layer selection), and any
+option this package does not know that is set, are rejected on load rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -41,7 +41,18 @@ _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "corda_config": None,
     "alora_invocation_tokens": None,
     "arrow_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
 }
+# peft config keys that never change the adapter's math: metadata, or settings read only by a rejected option.
+_PEFT_METADATA = (
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "megatron_core", "qalora_group_size",
+)
 
 
 @dataclasses.dataclass
@@ -75,16 +86,20 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} is not a valid rank; expected a positive int")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not a number; expected an int or float")
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not a finite number; expected an int or float")
         if self.target_modules is None:
             raise ValueError("target_modules=None; expected a list of module-name suffixes, a regex or 'all-linear'")
         if isinstance(self.target_modules, str):
             _check_regex("target_modules", self.target_modules)
         else:
             self.target_modules = _name_list("target_modules", self.target_modules)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} is out of range; expected 0 <= p < 1")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} is out of range; expected a number 0 <= p < 1")
+        for flag in ("use_rslora", "use_dora"):
+            # a JSON string such as "false" would otherwise switch the option on
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} is not a bool; expected True or False")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a bias mode; expected one of {BIAS_MODES}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
@@ -136,8 +151,18 @@ class LoraConfig:
             value = d.get(key, default)
             if value != default and not (value is None and default in ({}, None)):
                 raise ValueError(f"peft option {key}={value!r} is not supported; expected {default!r}")
-        kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name != "lora_dtype"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"lora_dtype"}
+        known = fields | set(_PEFT_INERT_DEFAULTS) | set(_PEFT_METADATA)
+        # options of a newer peft may change the math: refuse any that is set rather than ignore it
+        unknown = {k: v for k, v in d.items() if k not in known and v not in (None, False, {}, [])}
+        if unknown:
+            raise ValueError(f"peft options {unknown} are not known to nf4lora; expected them absent or unset")
+        kwargs = {name: d[name] for name in fields if name in d}
         return cls(**kwargs, lora_dtype=lora_dtype)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_regex(field: str, pattern: str) -> None:

@@ -89,6 +89,18 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
     return candidates
 
 
+def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config.modules_to_save`` selects; an entry that selects none is an error."""
+    patterns = config.modules_to_save or []
+    names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n) and _name_matches(n, patterns)]
+    unmatched = [p for p in patterns if not any(_name_matches(n, [p]) for n in names)]
+    if unmatched:
+        leaves = {n.rpartition(".")[2] for n, _ in model.named_modules() if n and not _inside_adapter(n)}
+        leaves = sorted(leaf for leaf in leaves if not leaf.isdigit())
+        raise ValueError(f"modules_to_save entries {unmatched} match no module; module names end in: {leaves}")
+    return names
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -97,9 +109,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place (see the module docstring); returns ``model``.
 
-    Freezes every base parameter, then leaves trainable: the LoRA parameters of this adapter, the
+    Freezes every base parameter, then leaves trainable: the LoRA parameters of this adapter, its
     ``modules_to_save`` copies, and the biases that ``config.bias`` selects (``"all"``: every bias in
-    the model; ``"lora_only"``: the biases of the wrapped layers).
+    the model; ``"lora_only"``: the biases of the layers this adapter wraps).
     """
     configs: dict[str, LoraConfig] = getattr(model, "lora_configs", {})
     if adapter_name in configs:
@@ -107,15 +119,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r} is not valid; expected a non-empty name without '.'")
     targets = _target_names(model, config)
+    to_save = _modules_to_save_names(model, config)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
             module.add_adapter(adapter_name, config)
         else:
             _set_submodule(model, name, LoraLinear(module, adapter_name, config))
-    for name, module in list(model.named_modules()):
-        if not config.modules_to_save or _inside_adapter(name) or not _name_matches(name, config.modules_to_save):
-            continue
+    for name in to_save:
+        module = model.get_submodule(name)
         if isinstance(module, ModulesToSave):
             module.add_adapter(adapter_name)
         else:
@@ -157,21 +169,28 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def _freeze_base(model: nn.Module) -> None:
-    """requires_grad only on the LoRA/DoRA/modules_to_save parameters and the biases each config selects."""
+    """requires_grad off everywhere; ``set_adapter`` then turns it on for what the active adapters train."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            for sub in (module.lora_A, module.lora_B, module.lora_magnitude_vector):
-                sub.requires_grad_(True)
-        elif isinstance(module, ModulesToSave):
-            module.modules_to_save.requires_grad_(True)
-    modes = {c.bias for c in model.lora_configs.values()}
+
+
+def _train_biases(model: nn.Module, adapter_names: list[str]) -> None:
+    """requires_grad on the base biases that the bias modes of ``adapter_names`` train, off on the others.
+
+    ``"all"``: every bias outside the modules_to_save wrappers (their copies follow their adapter);
+    ``"lora_only"``: the base bias of each LoRA layer holding one of these adapters -- exactly the biases
+    ``save_adapter`` writes for it, so that none is trained and then left unsaved.
+    """
+    configs = model.lora_configs
+    every = any(configs[n].bias == "all" for n in adapter_names)
+    lora_only = {n for n in adapter_names if configs[n].bias == "lora_only"}
     for name, param in model.named_parameters():
-        if not name.endswith("bias") or "lora_" in name or ".original_module." in name:
-            continue
-        if "all" in modes or ("lora_only" in modes and name.endswith("base_layer.bias")):
-            param.requires_grad_(True)
+        in_wrapper = re.search(r"(^|\.)(original_module|modules_to_save)\.", name)
+        if (name == "bias" or name.endswith(".bias")) and not in_wrapper:
+            param.requires_grad_(every)
+    for _, layer in lora_layers(model):
+        if layer.base_layer.bias is not None and not lora_only.isdisjoint(layer.lora_A):
+            layer.base_layer.bias.requires_grad_(True)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -184,10 +203,14 @@ def _adapter_modules(model: nn.Module) -> Iterator[LoraLinear | ModulesToSave]:
 
 
 def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
-    """Make ``adapter_names`` the active adapter(s) on every layer; only their parameters stay trainable."""
+    """Make ``adapter_names`` the active adapter(s) on every layer; only their parameters (and the biases their
+    ``bias`` modes select) stay trainable."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     known = getattr(model, "lora_configs", {})
     unknown = [n for n in names if n not in known]
+    if not names:
+        raise ValueError(f"adapter_names={adapter_names!r} is empty; expected some of {sorted(known)} "
+                         "(disable_adapters(model) runs the base model)")
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; injected adapters: {sorted(known)}")
     for module in _adapter_modules(model):
@@ -202,6 +225,7 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
         for d in dicts:
             for name, sub in d.items():
                 sub.requires_grad_(name in names)
+    _train_biases(model, names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
