@@ -159,6 +159,11 @@ def check_quantized(q: QuantizedTensor) -> None:
             raise ValueError(f"state.{name} is on {t.device} but packed is on {q.packed.device}; move with q.to()")
 
 
+def check_output_dtype(dtype: torch.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cannot dequantize to {dtype}; valid: float32, float16, bfloat16")
+
+
 def tma_store_fits(blocksize: int, n_elements: int, out: torch.Tensor) -> bool:
     """Whether ``_dequantize_tma_kernel`` can write ``out``: a GPU with TMA, whole blocks, boxes within TMA's 256
     elements a side (BLOCKS = TMA_STORE_ELEMS / blocksize rows of blocksize), and out's base and block rows on
@@ -179,8 +184,7 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor, bulk_store: bool = Tr
     on the H200 host here: Triton builds the descriptor at every launch); False always takes plain stores.
     """
     check_quantized(q)
-    if out.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"cannot dequantize to {out.dtype}; valid: float32, float16, bfloat16")
+    check_output_dtype(out.dtype)
     if not out.is_contiguous() or out.numel() != q.numel():
         raise ValueError(f"out must be contiguous with {q.numel()} elements, got {out.numel()}")
     n = q.numel()
@@ -213,5 +217,6 @@ def dequantize_triton(
     """Dequantize ``q`` to a new tensor of shape ``q.shape`` and ``dtype`` (default ``q.dtype``); ``bulk_store`` as
     in ``dequantize_into``."""
     dtype = q.dtype if dtype is None else dtype
+    check_output_dtype(dtype)  # before torch.empty, which refuses a non-dtype in its own words
     out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
     return dequantize_into(q, out, bulk_store)

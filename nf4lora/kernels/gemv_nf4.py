@@ -593,6 +593,8 @@ def fused_matmul(
     if block_m not in BLOCK_MS:
         raise ValueError(f"block_m={block_m} has no configs; valid: {list(BLOCK_MS)}")
     x2d = x2d.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it as a dense (N,) array
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     k_chunk, n_splits, partial, arrivals = _split_k_buffers(out, K, block_m, [N])
     words = packed_words(qweight)

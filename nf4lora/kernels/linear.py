@@ -24,6 +24,7 @@ import torch
 
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, kernel_mode, use_kernels, use_triton
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
+from nf4lora.nf4.blockwise import check_float_input
 from nf4lora.nf4.tensor import QuantizedTensor
 
 # Rows of x up to which the fused kernels beat dequantize + cuBLAS. Measured on an H200
@@ -40,6 +41,8 @@ def quantize(
     code: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize ``w`` (any shape, fp32/fp16/bf16) to a ``QuantizedTensor``; bytes equal ``nf4lora.nf4.quantize``."""
+    if not isinstance(w, torch.Tensor):
+        check_float_input(w, "weight")  # raises, naming the type
     options = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant, code=code)
     if use_triton(w.device):
         from nf4lora.kernels.quantize_nf4 import quantize_triton
@@ -54,6 +57,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, bulk_store:
     ``bulk_store=False`` makes the Triton kernel write with plain stores instead of TMA: more GPU time, less host
     time (``dequantize_nf4.dequantize_into``); for callers bound by host time. The reference ignores it.
     """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
     if use_triton(q.device):
         from nf4lora.kernels.dequantize_nf4 import dequantize_triton
 
@@ -116,22 +121,49 @@ class NF4LinearFunction(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
-def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequant(qweight).T + bias`` with autograd to x and bias.
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must be (..., in_features), got a 0-d tensor")
 
-    x: (..., K) fp32/fp16/bf16; qweight: ``QuantizedTensor`` of shape (N, K); bias: (N,) or None.
-    Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it).
-    """
+
+def _check_same_device(name: str, t: torch.Tensor, other_name: str, other: torch.device) -> None:
+    if t.device != other:
+        raise ValueError(f"{name} is on {t.device} but {other_name} is on {other}; move both to one device")
+
+
+def _check_linear_args(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+    """Refuse in one line what ``nf4_linear`` cannot compute, before any path (or Triton) trips over it."""
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a QuantizedTensor, got {type(qweight).__name__}")
     if len(qweight.shape) != 2:
         raise ValueError(f"qweight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}")
+    _check_x(x)
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, expected in_features={qweight.shape[1]}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16")
-    if bias is not None and tuple(bias.shape) != (qweight.shape[0],):
+    _check_same_device("x", x, "qweight", qweight.device)
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (qweight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bias has dtype {bias.dtype}; valid: float32, float16, bfloat16")
+    _check_same_device("bias", bias, "x", x.device)
+
+
+def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(qweight).T + bias`` with autograd to x and bias.
+
+    x: (..., K) fp32/fp16/bf16; qweight: ``QuantizedTensor`` of shape (N, K) on x's device; bias: (N,) fp32/fp16/bf16
+    or None.
+    Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it).
+    """
+    _check_linear_args(x, qweight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return NF4LinearFunction.apply(x, bias, qweight)
     # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs
@@ -146,6 +178,9 @@ def nf4_linear_parts(x: torch.Tensor, qweights: list[QuantizedTensor]) -> list[t
     on the fused path. That path takes the Triton route with 1 or 2 rows of x, no autograd to x, and weights
     that ``gemv_nf4.parts_supported`` accepts; anything else makes one ``nf4_linear`` call per weight.
     """
+    _check_x(x)
+    if isinstance(qweights, QuantizedTensor):
+        raise TypeError("qweights must be a list of QuantizedTensor, got QuantizedTensor")
     x2d = x.reshape(-1, x.shape[-1])
     if use_triton(x.device) and not (torch.is_grad_enabled() and x.requires_grad):
         from nf4lora.kernels.gemv_nf4 import fused_matmul_parts, parts_supported

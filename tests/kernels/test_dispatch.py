@@ -46,7 +46,8 @@ def test_auto_uses_reference_on_cpu_and_triton_on_cuda(monkeypatch):
     assert dispatch.use_triton(torch.device("cuda")) == dispatch.triton_available()
 
 
-def test_forced_modes_apply_on_every_device():
+def test_forced_modes_apply_on_every_device(monkeypatch):
+    monkeypatch.setitem(dispatch._PROCESS, "interpret", True)  # CPU tensors take Triton under the interpreter
     with use_kernels("reference"):
         assert not dispatch.use_triton(torch.device("cuda"))
     with use_kernels("triton"):
