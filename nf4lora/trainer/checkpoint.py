@@ -95,16 +95,23 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
     tmp.mkdir(parents=True)
     write_adapter(tmp)
     torch.save({**state, "step": step}, tmp / STATE_FILE)
+    publish_directory(tmp, final)
+    return final
+
+
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Make the complete directory ``tmp`` appear as ``final`` in one rename: flushed to disk first, replacing a
+    ``final`` already there (re-saving a step, ``--overwrite``) only once the new one is whole, and the parent then
+    flushed, since the rename itself survives a power cut only once the directory entry is on disk."""
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        old = run_dir / f".checkpoint-{step}.old.tmp"
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.tmp")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(run_dir)  # the rename itself survives a power cut only once the directory entry is on disk
-    return final
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -76,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--quantize", default="none", choices=("none", "nf4"),
                        help="none: bf16 safetensors; nf4: a bitsandbytes-format 4-bit checkpoint")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     merge.set_defaults(func=commands.merge_command)
 
     quantize = sub.add_parser("quantize", help="save a bitsandbytes-format NF4 checkpoint")
     _model_loading_flags(quantize, "nf4", dtype="bf16")
     quantize.add_argument("--out", required=True, help="output directory")
-    quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    quantize.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     quantize.set_defaults(func=commands.quantize_command)
 
     inspect = sub.add_parser("inspect", help="architecture, parameter counts, bytes per parameter, LoRA targets")

@@ -15,11 +15,12 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .config import UsageError
+from .checkpoint import publish_directory
+from .config import TrainConfig, UsageError
 from .job import resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -45,13 +46,43 @@ def _attach_adapter(model: torch.nn.Module, adapter: str) -> None:
     load_adapter(model, adapter)
 
 
-def _fresh_output(out: str, overwrite: bool) -> Path:
+def _check_output(out: str, overwrite: bool, inputs: tuple[str, ...]) -> Path:
+    """Refuse an --out that would lose data, before anything is loaded; nothing is written or removed here.
+
+    Like ``train --output-dir``, --overwrite only ever replaces a model checkpoint (a directory with a config.json),
+    never an input of the command nor a directory of something else.
+    """
     path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise UsageError(f"--out {path} already exists and is not empty; pass --overwrite or choose another")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    blocker = next(p for p in (path, *path.parents) if p.exists())
+    if not blocker.is_dir():
+        raise UsageError(f"--out {path}: {blocker} is a file; pass a directory path")
+    for source in map(Path, inputs):
+        if source.exists() and path.resolve() in (source.resolve(), *source.resolve().parents):
+            raise UsageError(f"--out {path} holds the input {source}; choose another directory")
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--out {path} is not empty and holds no model checkpoint; choose a new directory")
+    if not overwrite:
+        raise UsageError(f"--out {path} already holds a checkpoint; pass --overwrite to replace it or choose another")
     return path
+
+
+def _write_checkpoint(out: Path, save: Callable[[str], None], model: str) -> None:
+    """``save(dir)`` plus the base's tokenizer files, written next to ``out`` and renamed into place (as the
+    trainer's checkpoints are), so ``out`` never holds half a checkpoint and an old one is replaced only by a
+    complete one."""
+    final = out.resolve()
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():  # left by a run that was killed mid-write
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        save(str(tmp))
+        _copy_tokenizer(model, tmp)
+        publish_directory(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _copy_tokenizer(model: str, out: Path) -> None:
@@ -68,7 +99,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         return args.prompt
     path = Path(args.prompts_file)
     if not path.is_file():
-        raise UsageError(f"--prompts-file {path} does not exist; pass a .txt (one prompt per line) or .jsonl file")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"--prompts-file {path} {state}; pass a .txt (one prompt per line) or .jsonl file")
+    try:
+        prompts = _parse_prompts(path)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--prompts-file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def _parse_prompts(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         from .data import read_records
 
@@ -78,11 +120,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             if not isinstance(value, str):
                 raise UsageError(f"{record.where}: no string 'prompt' (or 'instruction') field")
             prompts.append(value)
-    else:
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"--prompts-file {path} holds no prompts")
-    return prompts
+        return prompts
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_tokens: int, temperature: float,
@@ -117,13 +156,24 @@ def _training_template(adapter: str | None) -> str | None:
     return None
 
 
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    """Checked before the model loads (minutes for a 7B), each named by its flag."""
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be > 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k} must be >= 0 (0 = no top-k cut)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.template is not None:
+        TrainConfig(template=args.template)  # the template rules (and messages) of the run that trains adapters
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from nf4lora.model import load_tokenizer
 
-    if args.max_new_tokens <= 0:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be > 0")
-    if args.template is not None and "{prompt}" not in args.template:
-        raise UsageError(f"--template {args.template!r} must contain {{prompt}}")
+    _check_generate_flags(args)
     prompts = _read_prompts(args)
     template = args.template if args.template is not None else _training_template(args.adapter)
     model, _ = _load(args)
@@ -144,18 +194,18 @@ def merge_command(args: argparse.Namespace) -> int:
     from nf4lora.lora import merge_and_unload
     from nf4lora.model import save_pretrained, save_quantized
 
-    out = _fresh_output(args.out, args.overwrite)
+    requantize = args.quantize == "nf4"
+    if requantize and args.quantization != "nf4":
+        raise UsageError(f"--quantize nf4 re-quantizes in the format the base was loaded in; pass --quantization nf4 "
+                         f"(got {args.quantization})")
+    out = _check_output(args.out, args.overwrite, (args.model, args.adapter))
     model, _ = _load(args)
     _attach_adapter(model, args.adapter)
-    requantize = args.quantize == "nf4"
-    if requantize and args.quantization == "none":
-        raise UsageError("--quantize nf4 needs a 4-bit base to take its format from; drop --quantization none")
     merge_and_unload(model, requantize=requantize)
     if not requantize:
         model.to(torch.bfloat16)
-    out.mkdir(parents=True)
-    (save_quantized if requantize else save_pretrained)(model, str(out))
-    _copy_tokenizer(args.model, out)
+    save = save_quantized if requantize else save_pretrained
+    _write_checkpoint(out, lambda directory: save(model, directory), args.model)
     print(f"merged {'4-bit NF4' if requantize else 'bf16'} checkpoint written to {out}")
     return 0
 
@@ -165,11 +215,9 @@ def quantize_command(args: argparse.Namespace) -> int:
 
     if args.quantization == "none":
         raise UsageError("quantize --quantization none would write nothing new; use nf4 or fp4")
-    out = _fresh_output(args.out, args.overwrite)
+    out = _check_output(args.out, args.overwrite, (args.model,))
     model, _ = _load(args)
-    out.mkdir(parents=True)
-    save_quantized(model, str(out))
-    _copy_tokenizer(args.model, out)
+    _write_checkpoint(out, lambda directory: save_quantized(model, directory), args.model)
     print(f"{args.quantization.upper()} checkpoint (bitsandbytes format, blocksize {args.blocksize}, double quant "
           f"{'on' if args.double_quant else 'off'}) written to {out}")
     return 0
