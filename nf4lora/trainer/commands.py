@@ -102,9 +102,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         state = "is a directory" if path.is_dir() else "does not exist"
         raise UsageError(f"--prompts-file {path} {state}; pass a .txt (one prompt per line) or .jsonl file")
     try:
-        prompts = _parse_prompts(path)
+        path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"--prompts-file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    prompts = _parse_prompts(path)
     if not prompts:
         raise UsageError(f"--prompts-file {path} holds no prompts")
     return prompts

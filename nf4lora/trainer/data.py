@@ -91,7 +91,10 @@ def read_records(path: str | Path) -> list[Record]:
     if suffix == ".parquet":
         records = _read_parquet(path)
     else:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         if not text.strip():
             raise UsageError(f"data file {path} is empty; {_HINT}")
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".csv": _read_csv}[suffix]

@@ -99,6 +99,14 @@ def test_malformed_files_name_the_problem_and_line(tmp_path, name, content, matc
         read_records(path)
 
 
+@pytest.mark.parametrize("name", ["d.jsonl", "d.txt", "d.csv"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=rf"data file .*{name} is not UTF-8 text \(byte 13\); save it as UTF-8"):
+        read_records(path)
+
+
 def test_missing_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")
