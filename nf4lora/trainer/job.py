@@ -152,10 +152,21 @@ class Prepared:
     val_rows: list[Example]
     sample: tuple[str, str | None] | None
     total_steps: int
+    total_micro_batches: int
     device: torch.device
     resume_state: dict[str, Any] | None
     resume_from: Path | None
     dropped: int
+
+
+def run_length(config: TrainConfig, per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches) of the run. ``--epochs`` counts micro-batches, so the run ends where the
+    epochs do and its last step may take fewer than ``grad_accum`` of them."""
+    if config.max_steps:
+        return config.max_steps, config.max_steps * config.grad_accum
+    # Rounded first: 1.1 * 50 is 55.00000000000001 in floats, which must not become a 56th micro-batch.
+    micro_batches = max(1, math.ceil(round(config.epochs * per_epoch, 9)))
+    return math.ceil(micro_batches / config.grad_accum), micro_batches
 
 
 def _default_run_dir() -> Path:
@@ -239,8 +250,7 @@ def prepare(config: TrainConfig) -> Prepared:
         if config.packing:
             rows, val_rows = pack(rows, config.max_len), pack(val_rows, config.max_len)
         plan = BatchPlan(rows, config.micro_batch, config.seed, pad, config.packing)
-        steps_per_epoch = math.ceil(plan.per_epoch / config.grad_accum)
-        total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        total_steps, total_micro_batches = run_length(config, plan.per_epoch)
 
         device = resolve_device(config.device)
         model = load_base(str(model_dir), config, device, resolve_dtype(config.dtype, device))
@@ -261,7 +271,7 @@ def prepare(config: TrainConfig) -> Prepared:
     elif val_records and record_format != "text":
         sample = split_prompt(val_records[0], record_format)
     return Prepared(run_dir, model_dir, generated, model, tokenizer, plan,
-                    val_rows, sample, total_steps, device, resume_state, resume_from, dropped)
+                    val_rows, sample, total_steps, total_micro_batches, device, resume_state, resume_from, dropped)
 
 
 def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
@@ -315,7 +325,8 @@ def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], 
         save_adapter(model, str(directory), base_model_name_or_path=str(p.model_dir))
 
     trainer = Trainer(config, model, optimizer, scheduler, p.plan, p.total_steps, p.run_dir, p.device,
-                      write_adapter, val_batches=val, state=state, on_step=on_step, scaler=scaler)
+                      write_adapter, val_batches=val, total_micro_batches=p.total_micro_batches, state=state,
+                      on_step=on_step, scaler=scaler)
     metrics = MetricsLog(p.run_dir, resume_step=state.step if p.resume_state is not None else None)
     try:
         summary = trainer.run(metrics)

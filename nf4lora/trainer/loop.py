@@ -93,7 +93,7 @@ class LoopState:
 
 @dataclass
 class Trainer:
-    """Runs optimizer steps ``state.step + 1 .. total_steps`` over ``plan``.
+    """Runs optimizer steps ``state.step + 1 .. total_steps`` over the first ``total_micro_batches`` of ``plan``.
 
     ``save_adapter(dir)`` writes the peft-format adapter of ``model``. ``on_step(trainer, record)`` is called after
     each optimizer step (tests use it to request a stop, as Ctrl-C does).
@@ -109,12 +109,17 @@ class Trainer:
     device: torch.device
     save_adapter: Callable[[Path], None]
     val_batches: list[Batch] = field(default_factory=list)
+    total_micro_batches: int | None = None  # where the data ends; None: total_steps full accumulation windows
     state: LoopState = field(default_factory=LoopState)
     on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
     stop_requested: bool = False
     last_checkpoint: Path | None = None
     progress: Progress = field(default_factory=lambda: Progress(0, 0, enabled=False))
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only: dynamic loss scaling
+
+    def __post_init__(self) -> None:
+        if self.total_micro_batches is None:
+            self.total_micro_batches = self.total_steps * self.config.grad_accum
 
     def request_stop(self) -> None:
         """Stop after the current optimizer step and write a checkpoint (what Ctrl-C does)."""
@@ -161,7 +166,8 @@ class Trainer:
         """One optimizer step; returns its metrics record."""
         self.model.train()
         first = self.state.step * self.config.grad_accum
-        batches = [self.plan.micro_batch_at(first + i).to(self.device) for i in range(self.config.grad_accum)]
+        last = min(first + self.config.grad_accum, self.total_micro_batches)
+        batches = [self.plan.micro_batch_at(i).to(self.device) for i in range(first, last)]
         targets = sum(b.num_targets() for b in batches)
         lr = self.scheduler.get_last_lr()[0]
         start = time.perf_counter()
@@ -185,7 +191,7 @@ class Trainer:
         self.state.tokens += tokens
         self.state.elapsed_s += seconds
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "epoch": round(self.plan.epoch_of(first + self.config.grad_accum), 4), "tokens": self.state.tokens,
+                  "epoch": round(self.plan.epoch_of(last), 4), "tokens": self.state.tokens,
                   "tokens_per_s": tokens / max(seconds, 1e-9), "elapsed_s": round(self.state.elapsed_s, 3)}
         memory = gpu_memory_gib()
         if memory is not None:
