@@ -188,9 +188,8 @@ def test_incomplete_checkpoint_directories_are_never_resumed_from(tmp_path):
     assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
 
-def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_place(tmp_path, monkeypatch):
-    """Atomic rename is only crash-safe if the data is durable first: every file of the checkpoint and its
-    directory are fsynced before the rename that makes ``checkpoint-<step>`` appear."""
+def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """A list that os.fsync and os.replace append ("fsync", path) / ("rename", destination) to, in call order."""
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc/self/fd to see which file an fsync flushed")
     events = []
@@ -199,6 +198,13 @@ def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_pl
                                                  real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(Path(dst).resolve()))),
                                                          real_replace(src, dst))[1])
+    return events
+
+
+def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_place(tmp_path, monkeypatch):
+    """Atomic rename is only crash-safe if the data is durable first: every file of the checkpoint and its
+    directory are fsynced before the rename that makes ``checkpoint-<step>`` appear."""
+    events = _record_fsyncs_and_renames(monkeypatch)
     final = save_checkpoint(tmp_path, 3, write_adapter_files, dict(STATE)).resolve()
     renamed = events.index(("rename", str(final)))
     synced = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
@@ -207,14 +213,7 @@ def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_pl
 
 def test_the_rename_is_flushed_to_the_run_directory_after_it_happens(tmp_path, monkeypatch):
     """The rename only survives a power cut once the run directory's entry for it is on disk."""
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd to see which file an fsync flushed")
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(Path(dst).resolve()))),
-                                                         real_replace(src, dst))[1])
+    events = _record_fsyncs_and_renames(monkeypatch)
     for tag in ("first", "again"):  # a new checkpoint, then the same step saved again (two renames)
         events.clear()
         final = save_checkpoint(tmp_path, 3, write_adapter, {**STATE, "tag": tag}).resolve()
