@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nf4lora.jsonfile import read_json_object
 from nf4lora.lora.config import LoraConfig
 from nf4lora.lora.model import active_adapters, delete_adapter, inject_lora, set_adapter
 
@@ -106,13 +107,7 @@ def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = 
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; expected a peft adapter directory with {CONFIG_NAME}")
-    with open(path) as f:
-        try:
-            values = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); expected peft's {CONFIG_NAME}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a JSON {type(values).__name__}; expected peft's {CONFIG_NAME}, an object")
+    values = read_json_object(path)
     return LoraConfig.from_peft_dict(values, lora_dtype=lora_dtype)
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nf4lora.jsonfile import read_json_object
+
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # A header larger than this is not a real checkpoint (transformers' largest shards have headers of a few MB).
 _MAX_HEADER_BYTES = 100 * 2**20
@@ -130,14 +132,12 @@ def checkpoint_index(model_dir: str) -> dict[str, TensorEntry]:
     index_path = os.path.join(model_dir, INDEX_NAME)
     single = os.path.join(model_dir, SINGLE_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise TypeError("weight_map must map tensor names to shard file names")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index_path}: malformed shard index ({e!r}); "
-                             f"expected {{'weight_map': {{name: shard file}}}}") from None
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ValueError(f"{index_path}: malformed shard index: weight_map is {type(weight_map).__name__}; "
+                             f"expected {{'weight_map': {{tensor name: shard file}}}}")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
         if missing:

@@ -8,9 +8,10 @@ writes both, so either version of transformers reads our checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+
+from nf4lora.jsonfile import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -152,18 +153,6 @@ class LlamaConfig:
         out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
                                   **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"}}
         return out
-
-
-def read_json_object(path: str) -> dict:
-    """The JSON object in file `path`; malformed JSON or another JSON type is a one-line ValueError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def _normalize_rope_scaling(scaling: dict | None) -> dict | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
-from .config import read_json_object
+from nf4lora.jsonfile import read_json_object
 
 
 def _read_json(path: str) -> dict:

@@ -92,3 +92,11 @@ def test_corrupt_file_is_refused_with_its_name_and_the_problem(weights, corrupt)
     with pytest.raises(ValueError, match=rf"^{re.escape(weights)}: .*{problem}") as e:
         load_model(os.path.dirname(weights))
     assert "\n" not in str(e.value)
+
+
+def test_a_shard_index_that_is_not_utf8_is_named(checkpoints, tmp_path):
+    shutil.copytree(checkpoints("sharded"), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_bytes('{"weight_map": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not UTF-8 text") as error:
+        load_model(tmp_path / "m")
+    assert type(error.value) is ValueError and "\n" not in str(error.value)
