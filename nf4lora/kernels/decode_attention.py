@@ -2,7 +2,8 @@
 
 ``decode_attention(q, k, v, mask)`` equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` for
 q (B, H, 1, D), k and v (B, H_kv, L, D) with H a multiple of H_kv (grouped-query attention: query head h
-reads kv head h // (H / H_kv)) and mask None or bool, broadcastable to (B, 1, 1, L) (True = attend).
+reads kv head h // (H / H_kv)) and mask None or bool, broadcastable to (B, 1, 1, L) (True = attend); a
+sequence whose mask holds no True gets zeros, as from SDPA.
 
 Why a kernel of our own: with one query row, attention is a stream over the cache (2 * B * H_kv * L * D
 elements), yet SDPA's kernels are built for many query rows. On an H200 in bf16 this kernel ran 1.12-1.65x
@@ -96,7 +97,8 @@ def _chunk_kernel(
         tl.store(m_ptr + slot, row_max, mask=row_mask)
         tl.store(l_ptr + slot, row_sum, mask=row_mask)
     else:
-        out = acc / row_sum[:, None]
+        # a row with no live key has acc 0 and sum 0: 0, as SDPA gives such a row, not 0 / 0
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(out_ptr + heads64[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -115,17 +117,21 @@ def _combine_kernel(
     for first in range(CHUNK_BLOCK, N_CHUNKS, CHUNK_BLOCK):
         m = tl.load(m_ptr + row * N_CHUNKS + first + c, mask=first + c < N_CHUNKS, other=float("-inf"))
         top = tl.maximum(top, tl.max(m, axis=0))
+    # no chunk with a live key leaves top at -inf: shift by 0 then (exp(-inf) = 0, not NaN), as _chunk_kernel does
+    top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([D], dtype=tl.float32)
     norm = tl.zeros([CHUNK_BLOCK], dtype=tl.float32)
     for first in range(0, N_CHUNKS, CHUNK_BLOCK):
         live = first + c < N_CHUNKS
         slot = row * N_CHUNKS + first + c
         m = tl.load(m_ptr + slot, mask=live, other=float("-inf"))
-        scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        scale = tl.exp(m - top)
         part = tl.load(part_ptr + slot[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
         total += tl.sum(part * scale[:, None], axis=0)
         norm += tl.load(l_ptr + slot, mask=live, other=0.0) * scale
-    tl.store(out_ptr + row * D + d, (total / tl.sum(norm, axis=0)).to(out_ptr.dtype.element_ty))
+    norm_sum = tl.sum(norm, axis=0)
+    # and then total is 0, and so is the output, as SDPA gives for such a row
+    tl.store(out_ptr + row * D + d, (total / tl.where(norm_sum == 0.0, 1.0, norm_sum)).to(out_ptr.dtype.element_ty))
 
 
 _launch_chunks = CachedLaunch(_chunk_kernel)
@@ -134,18 +140,21 @@ _launch_combine = CachedLaunch(_combine_kernel)
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``decode_attention`` takes these: one query row, a power-of-two head_dim of 16..256, one
-    dtype, H a multiple of H_kv, a bool mask broadcastable to (B, 1, 1, L) or none, contiguous last dims."""
+    dtype and device, H a multiple of H_kv, no empty dimension, a bool mask broadcastable to (B, 1, 1, L) or
+    none, contiguous last dims."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[2] != 1 or q.dtype not in FLOAT_DTYPES:
         return False
     B, H, _, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or H % k.shape[1] or D & (D - 1) or not 16 <= D <= 256:
+    if q.numel() == 0 or k.numel() == 0 or k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         return False
-    if k.dtype != q.dtype or v.dtype != q.dtype or any(t.stride(-1) != 1 for t in (q, k, v)):
+    if D & (D - 1) or not 16 <= D <= 256 or any(t.dtype != q.dtype or t.device != q.device for t in (k, v)):
+        return False
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
     if mask is None:
         return True
-    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[0] in (1, B)
-            and mask.shape[3] == k.shape[2] and mask.stride(3) == 1)
+    return (mask.dtype == torch.bool and mask.device == q.device and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+            and mask.shape[0] in (1, B) and mask.shape[3] == k.shape[2] and mask.stride(3) == 1)
 
 
 def preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -160,10 +169,11 @@ def decode_attention(
     """softmax(q k^T / sqrt(D) where mask) v for q (B, H, 1, D), k, v (B, H_kv, L, D), mask (B or 1, 1, 1, L)
     bool or None -> (B, H, 1, D) in q.dtype, on tensors that ``supports`` accepts. No autograd."""
     if not supports(q, k, v, mask):
+        given = {"q": q, "k": k, "v": v, "mask": mask}
         raise ValueError(
-            f"decode_attention takes q (B, H, 1, D), k and v (B, H_kv, L, D) of one dtype with D a power of two in "
-            f"16..256 and a bool (B, 1, 1, L) mask; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
-            f"mask {None if mask is None else (tuple(mask.shape), mask.dtype)}"
+            f"decode_attention takes q (B, H, 1, D), k and v (B, H_kv, L, D), none empty, of one dtype and device, D "
+            f"a power of two in 16..256, and a bool (B, 1, 1, L) mask or none; got "
+            + ", ".join(f"{n} {tuple(t.shape)} {t.dtype} {t.device}" for n, t in given.items() if t is not None)
         )
     B, H, _, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]

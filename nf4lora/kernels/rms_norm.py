@@ -84,10 +84,11 @@ def rows_2d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _run(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     if not supports(x, weight, delta):
+        given = {"x": x, "weight": weight, "delta": delta}
         raise ValueError(
-            f"rms_norm takes fp32/fp16/bf16 x (..., D), D <= {MAX_FEATURES}, a (D,) weight and a delta like x; got x "
-            f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
-            + ("" if delta is None else f", delta {tuple(delta.shape)} {delta.dtype}")
+            f"rms_norm takes non-empty fp32/fp16/bf16 x (..., D), D <= {MAX_FEATURES}, a (D,) weight and a delta like "
+            f"x, on one device; got "
+            + ", ".join(f"{n} {tuple(t.shape)} {t.dtype} {t.device}" for n, t in given.items() if t is not None)
         )
     d = x.shape[-1]
     rows = x.numel() // d

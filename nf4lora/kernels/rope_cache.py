@@ -9,8 +9,10 @@ does eagerly before attending::
 
 for q (B, T, H, D), k and v (B, T, H_kv, D) (views of the projections' outputs: rows may be strided, each
 head's D values contiguous), cos and signed_sin (B, T, D) from ``model.rope.rope_cos_sin``, caches
-(B, H_kv, max_len, D) and cache_position (T,) int64 slots. Rounding is the eager expression's, step by step
-(``x * cos`` and ``roll(x) * sin`` each rounded to x.dtype, then their sum), so the results are bitwise equal.
+(B, H_kv, max_len, D) and cache_position (T,) int64 slots. A slot outside [0, max_len) is not written (the
+eager ``index_copy_`` raises there; checking the values would wait for the GPU). Rounding is the eager
+expression's, step by step (``x * cos`` and ``roll(x) * sin`` each rounded to x.dtype, then their sum), so the
+results are bitwise equal.
 
 Why: eagerly that is eight kernels for the two rotations (two products, a roll and a sum each) and two
 ``index_copy_``; in a replayed decode step each costs a few microseconds of launch-to-launch time. Here a
@@ -44,7 +46,7 @@ def _rotate(x_row, cos, sin, cols, live, D: tl.constexpr):
 @triton.jit
 def _rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, pos_ptr,
-    T, H, H_KV,
+    T, H, H_KV, MAX_LEN,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_cacheb, stride_cacheh, stride_cachel,
     D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
@@ -67,10 +69,12 @@ def _rope_cache_kernel(
         kv_head = head - H
         slot = tl.load(pos_ptr + t)
         cache_offset = b * stride_cacheb + kv_head * stride_cacheh + slot * stride_cachel + cols
+        # a bad slot must not write over the next cache (tl.where, not &: the interpreter's scalar & block is int32)
+        in_cache = tl.where((slot >= 0) & (slot < MAX_LEN), live, False)
         rotated = _rotate(k_ptr + b * stride_kb + t * stride_kt + kv_head * stride_kh, cos, sin, cols, live, D)
-        tl.store(k_cache_ptr + cache_offset, rotated.to(k_cache_ptr.dtype.element_ty), mask=live)
+        tl.store(k_cache_ptr + cache_offset, rotated.to(k_cache_ptr.dtype.element_ty), mask=in_cache)
         v = tl.load(v_ptr + b * stride_vb + t * stride_vt + kv_head * stride_vh + cols, mask=live, other=0.0)
-        tl.store(v_cache_ptr + cache_offset, v.to(v_cache_ptr.dtype.element_ty), mask=live)
+        tl.store(v_cache_ptr + cache_offset, v.to(v_cache_ptr.dtype.element_ty), mask=in_cache)
 
 
 _launch = CachedLaunch(_rope_cache_kernel)
@@ -105,23 +109,30 @@ def supports(q, k, v, cos, k_cache, v_cache) -> bool:
 def rope_into_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache_position) -> torch.Tensor:
     """Rotate q and k by cos/signed_sin, write k and v into the caches at ``cache_position`` (T,); return q rotated
     as (B, H, T, D) contiguous. Shapes and dtypes as in the module docstring (``supports``)."""
-    sin_like_cos = signed_sin.shape == cos.shape and signed_sin.stride() == cos.stride()
+    sin_like_cos = (signed_sin.shape == cos.shape and signed_sin.stride() == cos.stride()
+                    and signed_sin.dtype == cos.dtype and signed_sin.device == cos.device)
     if not sin_like_cos or not supports(q, k, v, cos, k_cache, v_cache):
+        given = {"q": q, "k": k, "v": v, "cos": cos, "sin": signed_sin, "k_cache": k_cache, "v_cache": v_cache}
         raise ValueError(
-            f"rope_into_cache takes q (B, T, H, D), k and v (B, T, H_kv, D), cos and sin (B, T, D) and caches "
-            f"(B, H_kv, L, D) of one dtype; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, cos "
-            f"{tuple(cos.shape)} {cos.dtype}, caches {tuple(k_cache.shape)} {k_cache.dtype}"
+            f"rope_into_cache takes q (B, T, H, D), k and v (B, T, H_kv, D), cos and sin (B, T, D) of one layout and "
+            f"caches (B, H_kv, L, D), all of one dtype and device; got "
+            + ", ".join(f"{n} {tuple(t.shape)} {t.dtype} {t.device}" for n, t in given.items())
         )
+    # the kernel reads one slot per token: a shorter cache_position would be read past its end
+    if tuple(cache_position.shape) != q.shape[1:2] or cache_position.dtype != torch.int64:
+        raise ValueError(f"rope_into_cache: cache_position must be (T,) = ({q.shape[1]},) int64 slots; got "
+                         f"{tuple(cache_position.shape)} {cache_position.dtype}")
     b, t, h, d = q.shape
     h_kv = k.shape[2]
-    pos = cache_position.to(device=q.device, dtype=torch.int64)
+    pos = cache_position.to(q.device)
     q_out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *k_cache.stride()[:3])
     launch = pdl.launch_meta(q.device)
-    key = (b, t, h, h_kv, d, strides, q.dtype)
+    max_len = k_cache.shape[2]
+    key = (b, t, h, h_kv, d, max_len, strides, q.dtype)
     _launch(
         lambda meta: (b * t, h + h_kv), key, q, k, v, cos, signed_sin, q_out, k_cache, v_cache, pos,
-        t, h, h_kv, *strides, D=d, BLOCK=next_power_of_2(d), num_warps=1, enable_fp_fusion=False,
+        t, h, h_kv, max_len, *strides, D=d, BLOCK=next_power_of_2(d), num_warps=1, enable_fp_fusion=False,
         **launch,
     )
     return q_out

@@ -55,8 +55,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for gate, up (..., I) of one dtype; returns a contiguous (..., I) tensor."""
     if not supports(gate, up):
         raise ValueError(
-            f"silu_mul takes gate and up of one shape and fp32/fp16/bf16 dtype; got {tuple(gate.shape)} {gate.dtype} "
-            f"and {tuple(up.shape)} {up.dtype}"
+            f"silu_mul takes gate and up of one non-empty shape, one fp32/fp16/bf16 dtype and one device; got gate "
+            f"{tuple(gate.shape)} {gate.dtype} {gate.device}, up {tuple(up.shape)} {up.dtype} {up.device}"
         )
     (gate_rows, gate_stride), (up_rows, up_stride) = rows_2d(gate), rows_2d(up)
     width = gate.shape[-1]

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """weight * rms_norm(x). With `residual`: (residual + x, weight * rms_norm(residual + x)), the sum in x's
         dtype: a decoder layer's residual add and its next norm, one kernel on the inference path."""
-        if _inference_kernels(x, self.weight):
+        if _inference_kernels(x, self.weight, residual):
             from nf4lora.kernels import rms_norm
 
             if rms_norm.supports(x, self.weight, residual):
@@ -65,10 +65,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def _inference_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the fused inference kernels (RMSNorm, RoPE + cache write, SiLU * up) take a call on x: the Triton
-    path on x's device, nothing to differentiate, and not traced by torch.compile (which fuses these ops itself)."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+def _inference_kernels(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the fused inference kernels (RMSNorm, RoPE + cache write, SiLU * up, decode attention) take a call on
+    x and the other tensors they read (None skipped): the Triton path on x's device, nothing to differentiate (none
+    of them has autograd), and not traced by torch.compile (which fuses these ops itself)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         return False
     return not torch.compiler.is_compiling() and use_triton(x.device)
 
@@ -123,7 +124,7 @@ class Attention(nn.Module):
 def _rope_and_cache(q, k, v, cos, sin, is_causal, kv, cache_position, n_keys):
     """Rotate q (B, T, H, D) and k (B, T, H_kv, D), write k and v into the cache `kv` at `cache_position`, and return
     q, k, v as (B, heads, keys, D) for attention: the cache's first `n_keys` slots, or a causal prefill's own k, v."""
-    if kv is not None and _inference_kernels(q):
+    if kv is not None and _inference_kernels(q, k, v):
         from nf4lora.kernels import rope_cache
 
         if rope_cache.supports(q, k, v, cos, *kv):
@@ -156,7 +157,7 @@ def _sdpa(q, k, v, mask, is_causal):
     step (one query row, nothing to differentiate) takes `decode_attention` on the Triton path where it is preferred,
     except under torch.compile: there the step keeps SDPA, as the kernel measured no gain in a compiled step (H200,
     Llama-2-7B shapes: compiled minus graphed eager step +0.29 ms/token with either attention)."""
-    if q.shape[2] == 1 and not is_causal and _inference_kernels(q):
+    if q.shape[2] == 1 and not is_causal and _inference_kernels(q, k, v):
         from nf4lora.kernels import decode_attention
 
         if decode_attention.preferred(q, k, v, mask):
@@ -182,7 +183,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = _same_input((self.gate_proj, self.up_proj), x)
-        if _inference_kernels(gate):
+        if _inference_kernels(gate, up):
             from nf4lora.kernels import silu_mul
 
             if silu_mul.supports(gate, up):
