@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 RECORD_FORMATS = ("auto", "text", "prompt-completion", "instruction")
 DEVICES = ("auto", "cpu", "cuda")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SEED_LIMIT = 2**63  # torch.Generator takes seeds below 2**64, and epoch e of the data order uses seed + e
 DEFAULT_TEMPLATE = "### Clause:\n{prompt}\n\n### Summary:\n"
 
 # The embedded demo (neither --model nor --data) adapts a small *random* base, which wants a higher learning rate
@@ -108,6 +111,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, f in _fields().items():
+            setattr(self, name, _coerce(name, getattr(self, name), "TrainConfig"))
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, name) not in choices:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r} is not valid; use one of "
@@ -132,20 +136,32 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if self.max_steps == 0 and self.epochs <= 0:
             raise UsageError(f"--epochs {self.epochs} must be > 0 when --max-steps is 0")
+        if self.max_steps:
+            self.check_warmup(self.max_steps)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed} must be in [0, 2**63)")
         if self.lr <= 0:
             raise UsageError(f"--lr {self.lr} must be > 0")
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
-        if "{prompt}" not in self.template:
-            raise UsageError(f"--template {self.template!r} must contain the placeholder {{prompt}}")
         try:
             self.template.format(prompt="")
         except (KeyError, IndexError, ValueError) as exc:
             raise UsageError(f"--template {self.template!r} cannot be filled in ({type(exc).__name__}: {exc}); "
                              f"{{prompt}} is its only placeholder, and a literal brace is written twice") from None
+        # Parsed, not searched: "{{prompt}}" is the literal text {prompt}, and "{prompt!s}" is a placeholder.
+        if "prompt" not in {name for _, name, _, _ in string.Formatter().parse(self.template)}:
+            raise UsageError(f"--template {self.template!r} must contain the placeholder {{prompt}}")
         if not self.target_modules.strip():
             raise UsageError("--target-modules is empty; use all-linear or names such as q_proj,v_proj")
+
+    def check_warmup(self, total_steps: int) -> None:
+        """Refuse a warmup longer than the run, once the run's length in optimizer steps is known."""
+        if self.warmup_steps > total_steps:
+            length = f"--max-steps {self.max_steps}" if self.max_steps else f"--epochs {self.epochs}"
+            raise UsageError(f"--warmup-steps {self.warmup_steps} must be in [0, {total_steps}], the run's "
+                             f"{total_steps} optimizer steps ({length})")
 
     def target_modules_value(self) -> str | list[str]:
         """``all-linear``, a regex (kept as one string), or a list of name suffixes."""
@@ -187,9 +203,12 @@ def _kind(name: str) -> type:
     return str
 
 
+_KIND_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a string"}
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = _kind(name)
-    if value is None:
+    if value is None and "None" in str(_fields()[name].type):
         return None
     if kind is bool and isinstance(value, bool):
         return value
@@ -199,9 +218,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return value
     if kind is str and isinstance(value, (list, tuple)) and name == "target_modules":
         return ",".join(map(str, value))
-    if kind is str and isinstance(value, str):
-        return value
-    raise UsageError(f"{source}: {name} = {value!r} should be a {kind.__name__}")
+    if kind is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise UsageError(f"{source}: {name} = {value!r} should be {_KIND_NAMES[kind]}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -214,10 +233,35 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file; pass a TOML file with TrainConfig keys")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
-    return values.get("train", values)
+    return _snake_case_keys(_train_table(values, path), path)
+
+
+def _train_table(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``[train]`` table when there is one, else the whole file."""
+    if "train" not in values:
+        return values
+    if not isinstance(values["train"], dict):
+        raise UsageError(f"--config {path}: train = {values['train']!r} should be a table of TrainConfig keys")
+    outside = [key for key in values if key != "train"]
+    if outside:
+        raise UsageError(f"--config {path}: key {outside[0]!r} lies outside the [train] table; move it into [train]")
+    return values["train"]
+
+
+def _snake_case_keys(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``foo-bar`` -> ``foo_bar``, refusing a key given in both spellings."""
+    spelled: dict[str, str] = {}
+    for key in values:
+        name = key.replace("-", "_")
+        if name in spelled:
+            raise UsageError(f"--config {path}: {spelled[name]!r} and {key!r} both set {name}; keep one")
+        spelled[name] = key
+    return {name: values[key] for name, key in spelled.items()}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +286,7 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
     values: dict[str, Any] = {}
     source = "flags"
     if getattr(args, "config", None):
-        values.update({key.replace("-", "_"): value for key, value in load_toml(args.config).items()})
+        values.update(load_toml(args.config))
         source = f"--config {args.config}"
     values.update({name: getattr(args, name) for name in _fields() if hasattr(args, name)})
     if saved is not None:
@@ -250,7 +294,11 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
         base = {k: v for k, v in saved.items() if k in _fields() and k not in ("resume", "overwrite", "output_dir")}
         values = {**base, **values}
     elif values.get("model") is None and values.get("data") is None:
-        values = {**DEMO_DEFAULTS, **values}
+        demo = dict(DEMO_DEFAULTS)
+        if isinstance(values.get("max_steps"), int) and values["max_steps"] > 0:
+            # The demo's warmup is sized for its own run length; a shorter explicit --max-steps shortens it too.
+            demo["warmup_steps"] = min(demo["warmup_steps"], values["max_steps"])
+        values = {**demo, **values}
     return TrainConfig.from_dict(values, source=source)
 
 

@@ -3,7 +3,8 @@
 Nothing is downloaded. Each record is ``{"prompt": clause, "completion": summary}``; the summary restates the
 clause's type, parties and key numbers, so a model can only learn it by reading the clause (copying the slots),
 not by memorising one string per template. ``train_tokenizer`` fits a Llama-style sentencepiece BPE model
-(unk=0, bos=1, eos=2, no pad id, byte fallback) on the clauses, so the default job needs no network either.
+(unk=0, bos=1, eos=2, no pad id, byte fallback, no normalization) on the clauses, so the default job needs no
+network either.
 """
 
 from __future__ import annotations
@@ -82,14 +83,23 @@ def legal_clauses(n: int = 1200, seed: int = 0) -> list[dict[str, str]]:
 
 
 def train_tokenizer(texts: list[str], path: str | Path, vocab_size: int = 512) -> Path:
-    """Fit a Llama-style sentencepiece BPE model on ``texts`` and write it to ``path`` (``tokenizer.model``)."""
+    """Fit a Llama-style sentencepiece BPE model on ``texts`` and write it to ``path`` (``tokenizer.model``).
+
+    As Llama's, it encodes text as is (no NFKC, whitespace kept), so ``decode(encode(text)) == text`` for newlines,
+    tabs and runs of spaces too."""
     import sentencepiece as spm
 
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"train_tokenizer: none of the {len(texts)} texts holds a non-space character")
+    # sentencepiece silently skips sentences longer than max_sentence_length bytes (default 4192).
+    longest = max(len(text.encode("utf-8")) for text in texts)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2, split_digits=True, hard_vocab_limit=False)
+        num_threads=1, minloglevel=2, split_digits=True, hard_vocab_limit=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        max_sentence_length=max(4192, longest))
     path = Path(path)
     path.write_bytes(model.getvalue())
     return path

@@ -1,11 +1,11 @@
 """Data: read records, turn them into token ids with masked prompts, pack, and batch deterministically.
 
-Record formats (``--record-format auto`` picks from the first record's keys):
-- ``text``: ``{"text": ...}``, every token is trained on;
-- ``prompt-completion``: ``{"prompt": ..., "completion": ...}``;
+Record formats (``--record-format auto`` picks from the first record's keys, the first of these that fits):
 - ``instruction``: ``{"instruction": ..., "input": ... (optional), "output": ...}``; the prompt is the instruction,
-  followed by a blank line and the input when there is one.
-For the last two the prompt goes through ``--template`` (``{prompt}`` placeholder) and its tokens get label -100,
+  followed by a blank line and the input when there is one;
+- ``prompt-completion``: ``{"prompt": ..., "completion": ...}``;
+- ``text``: ``{"text": ...}``, every token is trained on.
+For the first two the prompt goes through ``--template`` (``{prompt}`` placeholder) and its tokens get label -100,
 so the loss covers only the response and the EOS that ends it. Prompt and response are tokenized separately, so
 the boundary between masked and trained tokens is exact.
 
@@ -17,6 +17,7 @@ micro-batches is a pure function of (seed, micro-batch index), so resuming needs
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -30,7 +31,10 @@ from .config import RECORD_FORMATS, UsageError
 
 IGNORE_INDEX = -100
 SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
-FIELDS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "instruction": ("instruction", "output")}
+CSV_CELL_LIMIT = 2**31 - 1  # characters; the largest a C long takes everywhere
+# Most specific first, so that a record which also carries its rendered ``text`` (tatsu-lab/alpaca) keeps its
+# prompt out of the loss.
+FIELDS = {"instruction": ("instruction", "output"), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
 _HINT = "each record needs text, prompt+completion, or instruction(+input)+output fields"
 
 
@@ -91,22 +95,30 @@ def read_records(path: str | Path) -> list[Record]:
     if suffix == ".parquet":
         records = _read_parquet(path)
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        if not text.strip():
-            raise UsageError(f"data file {path} is empty; {_HINT}")
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".csv": _read_csv}[suffix]
-        records = reader(path, text)
+        records = reader(path, _read_text(path))
     if not records:
         raise UsageError(f"data file {path} holds no records; {_HINT}")
     return records
 
 
+def _read_text(path: Path) -> str:
+    """The file as text, a UTF-8 byte order mark dropped and CRLF / CR line ends read as LF."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except IsADirectoryError:
+        raise UsageError(f"data file {path} is a directory; pass a {'/'.join(SUFFIXES)} file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise UsageError(f"data file {path} is empty; {_HINT}")
+    return text
+
+
 def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Not splitlines(): JSON strings may hold U+2028, U+0085 and friends raw, and those are no line ends here.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -123,6 +135,8 @@ def _read_json(path: Path, text: str) -> list[Record]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json, as datasets accepts
+            return _read_jsonl(path, text)
         raise UsageError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))
@@ -139,7 +153,7 @@ def _read_json(path: Path, text: str) -> list[Record]:
 
 def _read_txt(path: Path, text: str) -> list[Record]:
     records, block, start = [], [], 0
-    for number, line in enumerate(text.splitlines() + [""], start=1):
+    for number, line in enumerate(text.split("\n") + [""], start=1):
         if line.strip():
             start = start or number
             block.append(line)
@@ -150,9 +164,21 @@ def _read_txt(path: Path, text: str) -> list[Record]:
 
 
 def _read_csv(path: Path, text: str) -> list[Record]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text))  # whole lines, so quoted cells keep their line breaks
+    # csv refuses cells over 131072 characters by default; a long document in one cell is ordinary training data.
+    limit = csv.field_size_limit(CSV_CELL_LIMIT)
+    try:
+        return _csv_records(path, reader)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_records(path: Path, reader: csv.DictReader) -> list[Record]:
     if not reader.fieldnames:
         raise UsageError(f"{path} line 1: missing CSV header; the first row must name the columns")
+    repeated = [name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]]
+    if repeated:
+        raise UsageError(f"{path} line 1: column {repeated[0]!r} appears twice in the header; rename one of them")
     records = []
     for row in reader:
         number = reader.line_num

@@ -251,6 +251,7 @@ def prepare(config: TrainConfig) -> Prepared:
             rows, val_rows = pack(rows, config.max_len), pack(val_rows, config.max_len)
         plan = BatchPlan(rows, config.micro_batch, config.seed, pad, config.packing)
         total_steps, total_micro_batches = run_length(config, plan.per_epoch)
+        config.check_warmup(total_steps)
 
         device = resolve_device(config.device)
         model = load_base(str(model_dir), config, device, resolve_dtype(config.dtype, device))

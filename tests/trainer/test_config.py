@@ -46,7 +46,7 @@ def test_toml_train_table_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("lora_rank = 8\n", "unknown key 'lora_rank'"),
-    ('lora_r = "eight"\n', "lora_r = 'eight' should be a int"),
+    ('lora_r = "eight"\n', "lora_r = 'eight' should be an int"),
     ("lora_r = [\n", "invalid TOML"),
 ])
 def test_bad_toml_is_a_usage_error(tmp_path, text, match):
