@@ -3,23 +3,34 @@
 Layout of ``<run>/checkpoint-<step>/``:
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the adapter in peft's format;
 - ``trainer_state.pt``: step, data position (micro-batches consumed), optimizer and scheduler state dicts,
-  the Python / NumPy / torch CPU / CUDA RNG states, token and time counters, and the resolved config.
+  the Python / NumPy / torch CPU / CUDA RNG states, token and time counters, and the resolved config;
+- ``manifest.json``: ``{"format": 1, "files": {name: {"bytes": int, "sha256": hex}}}`` for every other file,
+  written last, so that a resume refuses a file truncated, bit-flipped or lost after the save, naming it, instead
+  of training on from garbage (a flip inside tensor data unpickles without complaint). The check reads each file
+  once more (SHA-256 hashed 0.5 GB/s on a busy 2-core CPU host); ``sha256sum`` verifies a file by hand.
 
 A checkpoint directory only ever appears complete: it is written as ``.checkpoint-<step>.tmp``, flushed to disk,
 then renamed with ``os.replace`` (atomic on POSIX within one file system), and the run directory is flushed so
 that the rename is on disk too. A crash mid-write leaves a ``.tmp`` directory that is ignored and cleaned up by the
-next save. A resume reads ``trainer_state.pt`` with ``torch.load(weights_only=True)``: tensors, plain Python values
-and NumPy's RNG array only, so a checkpoint from elsewhere cannot run code.
+next save. A resume checks the manifest first, then reads ``trainer_state.pt`` with
+``torch.load(weights_only=True)``: tensors, plain Python values and NumPy's RNG array only, so a checkpoint from
+elsewhere cannot run code.
+
+A checkpoint without a manifest is one written before manifests existed, and still resumes: refusing it would strand
+every run started before an upgrade, and it still gets the weights-only load and the checks on every key and
+shape. One that was written with a manifest says so in its state (the ``manifest`` key), so losing the manifest
+later (an incomplete copy) is refused rather than read as an old checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import pickle
 import random
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
@@ -27,9 +38,16 @@ import torch
 from .config import RESUME_KEYS, TrainConfig, UsageError
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
 # what a resume reads from STATE_FILE (the loop's ``checkpoint`` writes them; "scaler" is None without fp16)
 STATE_KEYS = ("config", "step", "tokens", "elapsed_s", "optimizer", "scheduler", "scaler", "rng")
+# Settings a resume takes from the checkpoint whatever the config says, and where they come back from: a new value
+# would be silently ignored, so it is refused like a change to RESUME_KEYS.
+RESTORED_KEYS = {"lr": "optimizer and scheduler state", "weight_decay": "optimizer state",
+                 "lora_dropout": "adapter_config.json"}
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,16 +65,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def _numpy_array_globals() -> list:
-    """What unpickling the NumPy RNG state's uint32 array needs (NumPy 1.x and 2.x name its module differently)."""
+    """What unpickling the NumPy RNG state's uint32 array needs. Its constructor is registered under both module
+    paths, ``numpy.core`` (NumPy 1.x) and ``numpy._core`` (2.x), so a checkpoint resumes across an upgrade."""
     try:
         import numpy as np
     except ImportError:
         return []
-    multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    return [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")] + [
+        np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved. CUDA streams are restored for the devices this process sees; those of
+    devices it lacks (a checkpoint from a host with more GPUs) are skipped, as a different device set replays a
+    different run anyway."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
@@ -64,7 +87,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +110,8 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None],
                     state: dict[str, Any]) -> Path:
-    """Write ``<run_dir>/checkpoint-<step>`` atomically; ``write_adapter(dir)`` saves the peft-format adapter."""
+    """Write ``<run_dir>/checkpoint-<step>`` atomically, its manifest last; ``write_adapter(dir)`` saves the
+    peft-format adapter."""
     run_dir = Path(run_dir)
     for stale in run_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(stale)
@@ -94,9 +119,36 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
     tmp = run_dir / f".checkpoint-{step}.tmp"
     tmp.mkdir(parents=True)
     write_adapter(tmp)
-    torch.save({**state, "step": step}, tmp / STATE_FILE)
+    torch.save({**state, "step": step, "manifest": MANIFEST_FILE}, tmp / STATE_FILE)
+    write_manifest(tmp)
     publish_directory(tmp, final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` (a checkpoint is flat) in MANIFEST_FILE."""
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.iterdir()) if path.is_file() and path.name != MANIFEST_FILE}
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def publish_file(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` so that a crash leaves the old content or the new, never a mix: the
+    data goes to a temp file that is flushed, renamed over ``path``, and the rename flushed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    _fsync(tmp, os.O_RDONLY)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def publish_directory(tmp: Path, final: Path) -> None:
@@ -143,29 +195,102 @@ def _load_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def _refuse(checkpoint: Path, problem: str) -> UsageError:
+    return UsageError(f"--resume {checkpoint}: {problem}; use another checkpoint")
+
+
+def _read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]] | None:
+    """The ``files`` table of the checkpoint's manifest, validated; None for a checkpoint from before manifests."""
+    path = checkpoint / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest (expected a JSON object with "
+                                  f"\"format\": {MANIFEST_FORMAT})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or STATE_FILE not in files:
+        raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest (expected \"files\" to list "
+                                  f"{STATE_FILE})")
+    for name, entry in files.items():
+        problem = _manifest_entry_problem(name, entry)
+        if problem:
+            raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest ({problem})")
+    return files
+
+
+def _manifest_entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with one ``files`` entry, or None."""
+    if PurePosixPath(name).name != name or name in ("", ".", ".."):
+        return f"entry {name!r} is not a file name inside the checkpoint"
+    valid = (isinstance(entry, dict) and type(entry.get("bytes")) is int and entry["bytes"] >= 0 and
+             isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]))
+    if not valid:
+        return f"entry {name!r} is {entry!r}, expected {{\"bytes\": <int >= 0>, \"sha256\": <64 hex digits>}}"
+    return None
+
+
+def _check_file(checkpoint: Path, name: str, entry: dict[str, Any]) -> None:
+    """Refuse ``checkpoint/name`` unless it has the size and SHA-256 the manifest recorded."""
+    path = checkpoint / name
+    if not path.is_file():
+        raise _refuse(checkpoint, f"{name} is missing, though {MANIFEST_FILE} lists it")
+    try:
+        size = path.stat().st_size
+        digest = _sha256(path) if size == entry["bytes"] else None
+    except OSError as exc:
+        raise _refuse(checkpoint, f"unreadable {name} ({_load_failure(exc)})") from None
+    if size != entry["bytes"]:
+        raise _refuse(checkpoint, f"{name} is {size} bytes but {MANIFEST_FILE} recorded {entry['bytes']}")
+    if digest != entry["sha256"]:
+        raise _refuse(checkpoint, f"{name} does not match the SHA-256 {MANIFEST_FILE} recorded")
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (tensors on the CPU)."""
+    """The trainer state of a checkpoint (tensors on the CPU), once every file of the checkpoint, the adapter
+    included, matches its manifest."""
+    files = _read_manifest(checkpoint)
+    for name, entry in (files or {}).items():
+        _check_file(checkpoint, name, entry)
+    state = _load_state_file(checkpoint)
+    if files is None and "manifest" in state:
+        raise _refuse(checkpoint, f"{MANIFEST_FILE} is missing, though {STATE_FILE} was saved with one (an "
+                                  f"incomplete copy?)")
+    return state
+
+
+def _load_state_file(checkpoint: Path) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint from elsewhere cannot run code when resumed; NumPy's RNG state is the one
         # non-tensor array in it
         with torch.serialization.safe_globals(_numpy_array_globals()):
             state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"--resume {checkpoint}: unreadable {STATE_FILE} ({_load_failure(exc)}); use another "
-                         f"checkpoint") from None
+    except Exception as exc:  # a damaged pickle fails in whatever way its broken byte leads to (KeyError, ...)
+        raise _refuse(checkpoint, f"unreadable {STATE_FILE} ({_load_failure(exc)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise UsageError(f"--resume {checkpoint}: {STATE_FILE} is not an nf4lora trainer state")
+        raise _refuse(checkpoint, f"{STATE_FILE} is not an nf4lora trainer state")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
-        raise UsageError(f"--resume {checkpoint}: {STATE_FILE} lacks {', '.join(missing)}; use another checkpoint")
+        raise _refuse(checkpoint, f"{STATE_FILE} lacks {', '.join(missing)}")
     return state
 
 
 def check_compatible(config: TrainConfig, state: dict[str, Any], checkpoint: Path) -> None:
-    """Refuse to resume when a setting that shapes the trainable state or the data order has changed."""
+    """Refuse to resume when a setting that shapes the trainable state or the data order has changed, or one that
+    the checkpoint restores over the config (RESTORED_KEYS)."""
     saved = state["config"]
-    for key in RESUME_KEYS:
+    for key in (*RESUME_KEYS, *RESTORED_KEYS):
         if key in saved and saved[key] != getattr(config, key):
-            raise UsageError(f"--resume {checkpoint}: incompatible checkpoint, it was trained with {key}="
-                             f"{saved[key]!r} but this run has {key}={getattr(config, key)!r}; drop the flag or "
-                             f"start a new run")
+            raise UsageError(f"--resume {checkpoint}: {_conflict(key, saved[key], getattr(config, key))}; drop the "
+                             f"flag or start a new run")
+
+
+def _conflict(key: str, saved: Any, new: Any) -> str:
+    if key in RESTORED_KEYS:
+        return (f"the checkpoint restores {key}={saved!r} from its {RESTORED_KEYS[key]}, so {key}={new!r} would be "
+                f"ignored")
+    return f"incompatible checkpoint, it was trained with {key}={saved!r} but this run has {key}={new!r}"

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per line: training lines carry ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``epoch``, ``tokens``, ``tokens_per_s``, ``elapsed_s`` (and ``gpu_mem_gib`` on CUDA); evaluation lines carry
 ``step``, ``eval_loss`` and ``eval_ppl``. On resume the lines after the checkpoint's step are dropped, so the file
-always describes one consistent trajectory. tqdm and matplotlib are optional extras.
+always describes one consistent trajectory; the trimmed file replaces the old one in one rename, so a kill during a
+resume never loses the lines it keeps. tqdm and matplotlib are optional extras.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import publish_file
 from .config import UsageError
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,25 +31,23 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
             kept = [line for line, step in self._records() if step <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            publish_file(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
         self._file = self.path.open("a", encoding="utf-8")
 
     def _records(self) -> list[tuple[str, int]]:
         """(line, step) of every record in the file. A last line without its newline is one a killed run was
-        writing: it is dropped. Any other line that is not a JSON object with a step is refused."""
+        writing: it is dropped. Any other line that is not a JSON object with an integer step is refused."""
         lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
         records = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                records.append((line, int(record["step"])))
-            except (ValueError, TypeError, KeyError):
-                if number == len(lines):
-                    continue
-                raise UsageError(f"{self.path}: line {number} is not a metrics record (a JSON object with a "
-                                 f"step); repair or delete that line to resume") from None
+            step = _step_of(line)
+            if step is not None:
+                records.append((line, step))
+            elif number < len(lines):
+                raise UsageError(f"{self.path}: line {number} is not a metrics record (a JSON object with an "
+                                 f"integer step); repair or delete that line to resume")
         return records
 
     def write(self, record: dict[str, Any]) -> None:
@@ -56,6 +56,16 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None when it is not a JSON object with an integer step."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

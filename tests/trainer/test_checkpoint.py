@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nf4lora.trainer.checkpoint import (STATE_FILE, check_compatible, list_checkpoints, load_state, resolve_checkpoint,
-                                        rng_state, save_checkpoint, set_rng_state)
+from nf4lora.trainer.checkpoint import (MANIFEST_FILE, STATE_FILE, check_compatible, list_checkpoints, load_state,
+                                        resolve_checkpoint, rng_state, save_checkpoint, set_rng_state, write_manifest)
 from nf4lora.trainer.config import TrainConfig, UsageError
 
 
@@ -60,13 +60,16 @@ def test_rng_state_round_trip_replays_every_stream():
 def test_corrupt_state_file_is_a_usage_error(tmp_path):
     path = save_checkpoint(tmp_path, 1, write_adapter, dict(STATE))
     (path / STATE_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(UsageError, match="trainer_state.pt is 16 bytes but manifest.json recorded"):
+        load_state(path)
+    write_manifest(path)  # the same bytes as written by a broken or foreign writer: the unpickler refuses them
     with pytest.raises(UsageError, match="unreadable trainer_state.pt"):
         load_state(path)
 
 
 def test_compatibility_names_the_changed_setting(tmp_path):
     saved = {"config": TrainConfig(lora_r=8).to_dict()}
-    check_compatible(TrainConfig(lora_r=8, lr=1.0), saved, tmp_path)  # lr may change on resume
+    check_compatible(TrainConfig(lora_r=8, max_steps=99), saved, tmp_path)  # the run length may change on resume
     with pytest.raises(UsageError, match="trained with target_modules='all-linear' but this run has "
                                          "target_modules='q_proj'"):
         check_compatible(TrainConfig(lora_r=8, target_modules="q_proj"), saved, tmp_path)
@@ -208,7 +211,7 @@ def test_checkpoint_files_reach_the_disk_before_the_directory_is_renamed_into_pl
     final = save_checkpoint(tmp_path, 3, write_adapter_files, dict(STATE)).resolve()
     renamed = events.index(("rename", str(final)))
     synced = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
-    assert {*ADAPTER_FILES, STATE_FILE, ".checkpoint-3.tmp"} <= synced, events
+    assert {*ADAPTER_FILES, STATE_FILE, MANIFEST_FILE, ".checkpoint-3.tmp"} <= synced, events
 
 
 def test_the_rename_is_flushed_to_the_run_directory_after_it_happens(tmp_path, monkeypatch):
@@ -267,12 +270,14 @@ def _truncate(fraction):
 def test_truncated_or_foreign_state_files_are_refused_with_a_usage_error(tmp_path, damage):
     """A trainer_state.pt cut short anywhere (each cut raises a different exception inside torch.load), or a
     valid torch file that is not a trainer state or lacks a part a resume reads, is a one-line UsageError naming
-    the file, never a traceback."""
+    the file, never a traceback, even where the manifest agrees with it (written so by a broken or foreign
+    writer; the manifest alone refuses damage done after the save)."""
     state = {**STATE, "config": TrainConfig().to_dict(),
              "optimizer": {"state": {i: torch.randn(64, 64) for i in range(8)}}, "rng": rng_state()}
     path = save_checkpoint(tmp_path, 3, write_adapter, state)
     assert load_state(path)["step"] == 3
     damage(path / STATE_FILE)
+    write_manifest(path)
     with pytest.raises(UsageError, match=r"--resume .*checkpoint-3: .*trainer_state.pt") as exc:
         load_state(path)
     assert len(str(exc.value).splitlines()) == 1
@@ -286,9 +291,11 @@ REFUSED = {"model": "other/model", "quantization": "fp4", "blocksize": 128, "dou
            "optimizer": "adamw-8bit", "micro_batch": 8, "grad_accum": 4, "max_len": 64, "packing": True, "seed": 7,
            "data": "other.jsonl", "val_data": "val.jsonl", "val_fraction": 0.2, "record_format": "text",
            "template": "Q: {prompt}\nA: "}
-# What it may: run length, logging, the learning rate, where it runs.
-ALLOWED = {"lr": 1e-3, "max_steps": 99, "epochs": 3.0, "save_steps": 5, "eval_steps": 5, "logging_steps": 2,
-           "progress": False, "max_new_tokens": 0, "output_dir": "elsewhere", "device": "cpu", "dtype": "fp32"}
+# What it may: run length, the schedule's shape, clipping, logging, where it runs. (Not the learning rate, weight
+# decay or LoRA dropout: the checkpoint restores those, see test_checkpoint_audit.py.)
+ALLOWED = {"schedule": "cosine", "warmup_steps": 2, "max_grad_norm": 1.0, "max_steps": 99, "epochs": 3.0,
+           "save_steps": 5, "eval_steps": 5, "logging_steps": 2, "progress": False, "max_new_tokens": 0,
+           "output_dir": "elsewhere", "device": "cpu", "dtype": "fp32"}
 
 
 @pytest.mark.parametrize("key", list(REFUSED))
@@ -301,7 +308,7 @@ def test_resume_refuses_a_changed_setting_that_shapes_the_state_or_the_data_orde
         check_compatible(changed, saved, tmp_path)
 
 
-def test_resume_allows_changing_run_length_logging_and_learning_rate(tmp_path):
-    """The settings that do not shape the state (run length, logging, lr, device) may change on --resume."""
+def test_resume_allows_changing_run_length_schedule_logging_and_device(tmp_path):
+    """The settings that neither shape the state nor come back with it may change on --resume."""
     saved = {"config": TrainConfig(model="base/model", data="train.jsonl").to_dict()}
     check_compatible(TrainConfig(model="base/model", data="train.jsonl", **ALLOWED), saved, tmp_path)

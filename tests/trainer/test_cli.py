@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from nf4lora.trainer.checkpoint import write_manifest
 from nf4lora.trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +145,7 @@ def _narrow_one_lora_a(checkpoint):
     key = sorted(k for k in tensors if k.endswith("q_proj.lora_A.weight"))[0]
     tensors[key] = tensors[key][:4].contiguous()
     save_file(tensors, str(weights))
+    write_manifest(checkpoint)
     return "checkpoint-1/adapter_model.safetensors: key " + re.escape(f"{key} has shape (4, 64), expected (16, 64)")
 
 
@@ -151,7 +153,8 @@ def _cut_file(name, size):
     def cut(checkpoint):
         path = checkpoint / name
         path.write_bytes(path.read_bytes()[:size])
-        return f"checkpoint-1/{name} is not (a readable safetensors file|valid JSON)"
+        write_manifest(checkpoint)
+        return f"checkpoint-1/{name}( is not a readable safetensors file|: malformed JSON)"
     return cut
 
 
@@ -161,7 +164,8 @@ def _cut_file(name, size):
 def test_resume_from_a_checkpoint_with_a_damaged_adapter_is_one_line_exit_2(capsys, tmp_path, fast_flags, damage):
     """A checkpoint whose adapter does not fit the model (one LoRA A cut to rank 4) or is cut short (its weights
     or its config) is refused with one line naming the file and the problem, and the run directory is left as it
-    was."""
+    was. The manifest is rewritten to agree, as a broken writer would leave it, so that the adapter loader's own
+    checks are what refuses it (test_checkpoint_audit.py covers damage the manifest catches)."""
     out = tmp_path / "out"
     assert run_cli(capsys, "train", *fast_flags, "--output-dir", str(out))[0] == 0
     problem = damage(out / "checkpoint-1")
