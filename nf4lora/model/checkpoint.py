@@ -50,7 +50,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
     if os.path.exists(path):
         raise ValueError(f"{path} is a file; pass the model directory that holds config.json")
     if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise FileNotFoundError(f"model directory {path} does not exist; pass a Hugging Face model directory "
+                                f"(config.json + *.safetensors) or a hub id such as org/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 

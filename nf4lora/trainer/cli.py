@@ -3,7 +3,8 @@ and ``inspect``.
 
 Bad input (a missing path, a malformed data file, an invalid hyper-parameter, LoRA targets that match nothing, an
 incompatible ``--resume``, an occupied ``--output-dir``) ends with one line on stderr naming the problem and the fix,
-and exit code 2; argparse's own errors use code 2 as well. Ctrl-C during training exits with 130 after saving.
+and exit code 2; so do argparse's own errors (a mistyped choice, a missing flag). Ctrl-C during training exits with
+130 after saving.
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
-from .config import (BLOCKSIZES, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments, config_from_args,
-                     requested_resume)
+from .config import (BLOCKSIZES, DEMO_DEFAULTS, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments,
+                     config_from_args, requested_resume)
 from .loop import TrainingOOM
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a mistyped choice, a missing flag) in one line like the CLI's others: its default prints
+    the whole usage first, 25 lines for ``train``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -30,13 +40,17 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
-def _model_loading_flags(parser: argparse.ArgumentParser, quantization: str, dtype: str = "auto") -> None:
+def _model_loading_flags(parser: argparse.ArgumentParser, dtype: str = "auto", from_run: bool = False) -> None:
+    """With ``from_run`` the 4-bit format flags default to None: the command takes the format of the run that trained
+    its --adapter (``commands._fill_base_format``)."""
+    run = "that of the run that trained --adapter, else " if from_run else ""
     parser.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
-    parser.add_argument("--quantization", default=quantization, choices=QUANTIZATIONS,
-                        help=f"base weight format (default: {quantization})")
-    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="quantization blocksize")
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                        help="double quantization of the absmax constants")
+    parser.add_argument("--quantization", default=None if from_run else "nf4", choices=QUANTIZATIONS,
+                        help=f"base weight format (default: {run}nf4)")
+    parser.add_argument("--blocksize", type=int, default=None if from_run else 64, choices=BLOCKSIZES,
+                        help=f"quantization blocksize (default: {run}64)")
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None if from_run else True,
+                        help=f"double quantization of the absmax constants (default: {run}on)")
     parser.add_argument("--dtype", default=dtype, choices=DTYPES,
                         help=f"compute dtype and dtype of the unquantized tensors (default: {dtype})")
     parser.add_argument("--device", default="auto", choices=DEVICES)
@@ -45,17 +59,20 @@ def _model_loading_flags(parser: argparse.ArgumentParser, quantization: str, dty
 def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
-    parser = argparse.ArgumentParser(prog="nf4lora", description="QLoRA fine-tuning on NF4 Llama models")
+    parser = _Parser(prog="nf4lora", description="QLoRA fine-tuning on NF4 Llama models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    demo = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in DEMO_DEFAULTS.items())
     train = sub.add_parser("train", help="fine-tune a LoRA adapter on a 4-bit base (no flags: the embedded demo)",
                            description="Fine-tune a LoRA adapter on an NF4-quantized Llama. With no flags, trains "
-                                       "on a generated model and dataset, offline, in about two minutes on a CPU.")
+                                       "on a generated model and dataset, offline, in about two minutes on a CPU. "
+                                       "Without --model and --data the demo's own defaults replace those listed "
+                                       f"below: {demo} (explicit flags still win).")
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
     gen = sub.add_parser("generate", help="generate from a base model, optionally with an adapter")
-    _model_loading_flags(gen, "nf4")
+    _model_loading_flags(gen, from_run=True)
     gen.add_argument("--adapter", help="peft-format adapter directory")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -71,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=commands.generate_command)
 
     merge = sub.add_parser("merge", help="fold an adapter into the base and save a Hugging Face checkpoint")
-    _model_loading_flags(merge, "nf4")
+    _model_loading_flags(merge, from_run=True)
     merge.add_argument("--adapter", required=True, help="peft-format adapter directory")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--quantize", default="none", choices=("none", "nf4"),
@@ -80,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=commands.merge_command)
 
     quantize = sub.add_parser("quantize", help="save a bitsandbytes-format NF4 checkpoint")
-    _model_loading_flags(quantize, "nf4", dtype="bf16")
+    _model_loading_flags(quantize, dtype="bf16")
     quantize.add_argument("--out", required=True, help="output directory")
     quantize.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     quantize.set_defaults(func=commands.quantize_command)

@@ -1,10 +1,11 @@
 """The subcommands besides ``train``: ``generate``, ``merge``, ``quantize`` and ``inspect``.
 
-``merge`` folds the adapter into the base *as it was trained*: with the default ``--quantization nf4`` the base is
-loaded in NF4 like the trainer loads it, dequantized, and the LoRA update added, so the merged bf16 checkpoint
-reproduces the adapted model's outputs (up to bf16 rounding); ``--quantization none`` merges into the original
-full-precision weights instead. ``--quantize nf4`` re-quantizes the merged weights into a bitsandbytes-format 4-bit
-checkpoint, which rounds the small update against NF4's grid (the lora package warns).
+``merge`` folds the adapter into the base *as it was trained*: the base is loaded in the 4-bit format of the run
+that trained ``--adapter`` (its ``run_config.json``; NF4 with double quantization for an adapter from elsewhere),
+like the trainer loads it, dequantized, and the LoRA update added, so the merged bf16 checkpoint reproduces the
+adapted model's outputs (up to bf16 rounding); ``--quantization none`` merges into the original full-precision
+weights instead. ``generate`` loads the base the same way. ``--quantize nf4`` re-quantizes the merged weights into
+a bitsandbytes-format 4-bit checkpoint, which rounds the small update against NF4's grid (the lora package warns).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from nf4lora.jsonfile import read_json_object
 
 from .checkpoint import publish_directory
 from .config import TrainConfig, UsageError
@@ -37,13 +40,20 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
     return model, device
 
 
-def _attach_adapter(model: torch.nn.Module, adapter: str) -> None:
-    from nf4lora.lora import load_adapter
-
+def _check_adapter(adapter: str) -> None:
+    """Checked before the model loads (minutes for a 7B)."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {adapter}: no adapter_config.json there; pass a peft adapter directory "
                          f"(a run directory or one of its checkpoint-<step> directories)")
-    load_adapter(model, adapter)
+
+
+def _fill_base_format(args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """--quantization, --blocksize and --double-quant left unset take the values of ``run``, the settings of the
+    nf4lora run that trained --adapter, so that the adapter runs on (and merges into) the base it was trained on;
+    else TrainConfig's."""
+    for name in ("quantization", "blocksize", "double_quant"):
+        if getattr(args, name) is None:
+            setattr(args, name, run.get(name, TrainConfig.__dataclass_fields__[name].default))
 
 
 def _check_output(out: str, overwrite: bool, inputs: tuple[str, ...]) -> Path:
@@ -146,15 +156,16 @@ def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_t
     return new
 
 
-def _training_template(adapter: str | None) -> str | None:
-    """The prompt template of the nf4lora run an adapter came from (its run dir or one of its checkpoints)."""
+def _run_config(adapter: str | None) -> dict[str, Any]:
+    """The resolved settings of the nf4lora run an adapter came from (its run dir or one of its checkpoints), or
+    {} for an adapter from elsewhere."""
     if adapter is None:
-        return None
+        return {}
     for directory in (Path(adapter), Path(adapter).parent):
         path = directory / "run_config.json"
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8")).get("template")
-    return None
+            return read_json_object(path)
+    return {}
 
 
 def _check_generate_flags(args: argparse.Namespace) -> None:
@@ -172,15 +183,20 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from nf4lora.lora import load_adapter
     from nf4lora.model import load_tokenizer
 
     _check_generate_flags(args)
     prompts = _read_prompts(args)
-    template = args.template if args.template is not None else _training_template(args.adapter)
+    if args.adapter:
+        _check_adapter(args.adapter)
+    run = _run_config(args.adapter)
+    _fill_base_format(args, run)
+    template = args.template if args.template is not None else run.get("template")
     model, _ = _load(args)
     tokenizer = load_tokenizer(args.model)
     if args.adapter:
-        _attach_adapter(model, args.adapter)
+        load_adapter(model, args.adapter)
     model.eval()
     for prompt in prompts:
         text = template.format(prompt=prompt) if template else prompt
@@ -192,16 +208,18 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from nf4lora.lora import merge_and_unload
+    from nf4lora.lora import load_adapter, merge_and_unload
     from nf4lora.model import save_pretrained, save_quantized
 
+    _fill_base_format(args, _run_config(args.adapter))
     requantize = args.quantize == "nf4"
     if requantize and args.quantization != "nf4":
         raise UsageError(f"--quantize nf4 re-quantizes in the format the base was loaded in; pass --quantization nf4 "
                          f"(got {args.quantization})")
+    _check_adapter(args.adapter)
     out = _check_output(args.out, args.overwrite, (args.model, args.adapter))
     model, _ = _load(args)
-    _attach_adapter(model, args.adapter)
+    load_adapter(model, args.adapter)
     merge_and_unload(model, requantize=requantize)
     if not requantize:
         model.to(torch.bfloat16)
