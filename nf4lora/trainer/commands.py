@@ -24,7 +24,7 @@ from nf4lora.jsonfile import read_json_object
 
 from .checkpoint import publish_directory
 from .config import TrainConfig, UsageError
-from .job import resolve_device, resolve_dtype
+from .job import check_directory_path, resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -63,9 +63,7 @@ def _check_output(out: str, overwrite: bool, inputs: tuple[str, ...]) -> Path:
     never an input of the command nor a directory of something else.
     """
     path = Path(out)
-    blocker = next(p for p in (path, *path.parents) if p.exists())
-    if not blocker.is_dir():
-        raise UsageError(f"--out {path}: {blocker} is a file; pass a directory path")
+    check_directory_path(path, "--out")
     for source in map(Path, inputs):
         if source.exists() and path.resolve() in (source.resolve(), *source.resolve().parents):
             raise UsageError(f"--out {path} holds the input {source}; choose another directory")
@@ -168,6 +166,11 @@ def _run_config(adapter: str | None) -> dict[str, Any]:
     return {}
 
 
+def _training_template(run: dict[str, Any]) -> str | None:
+    """The prompt template a run trained with: none for plain-text records, which are trained on as they are."""
+    return None if run.get("record_format") == "text" else run.get("template")
+
+
 def _check_generate_flags(args: argparse.Namespace) -> None:
     """Checked before the model loads (minutes for a 7B), each named by its flag."""
     if args.max_new_tokens <= 0:
@@ -192,7 +195,7 @@ def generate_command(args: argparse.Namespace) -> int:
         _check_adapter(args.adapter)
     run = _run_config(args.adapter)
     _fill_base_format(args, run)
-    template = args.template if args.template is not None else run.get("template")
+    template = args.template if args.template is not None else _training_template(run)
     model, _ = _load(args)
     tokenizer = load_tokenizer(args.model)
     if args.adapter:

@@ -270,7 +270,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in _fields().items():
         kind = _kind(name)
         flag = f"--{_flag(name)}"
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        # a help that explains its own default (what None stands for) is not followed by "(default: None)"
+        stated = "(default: " in f.metadata["help"]
+        help_text = f.metadata["help"] if stated else f"{f.metadata['help']} (default: {f.default!r})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)

@@ -157,6 +157,7 @@ class Prepared:
     resume_state: dict[str, Any] | None
     resume_from: Path | None
     dropped: int
+    record_format: str  # the detected one, never "auto"
 
 
 def run_length(config: TrainConfig, per_epoch: int) -> tuple[int, int]:
@@ -173,12 +174,19 @@ def _default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def check_directory_path(path: Path, flag: str) -> None:
+    """Refuse an output directory ``path`` that is, or lies below, a file: checked before anything loads, as the
+    mkdir that would fail runs only once everything has."""
+    blocker = next(p for p in (path, *path.parents) if p.exists())
+    if not blocker.is_dir():
+        raise UsageError(f"{flag} {path}: {blocker} is a file; pass a directory path")
+
+
 def _check_run_dir(run_dir: Path, config: TrainConfig, resuming_here: bool) -> None:
-    if not run_dir.exists() or resuming_here:
+    if resuming_here:
         return
-    if not run_dir.is_dir():
-        raise UsageError(f"--output-dir {run_dir} is a file; pass a directory path")
-    if not any(run_dir.iterdir()):
+    check_directory_path(run_dir, "--output-dir")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if not (run_dir / RUN_MARKER).exists():
         raise UsageError(f"--output-dir {run_dir} is not empty and holds no nf4lora run; choose a new directory")
@@ -272,7 +280,8 @@ def prepare(config: TrainConfig) -> Prepared:
     elif val_records and record_format != "text":
         sample = split_prompt(val_records[0], record_format)
     return Prepared(run_dir, model_dir, generated, model, tokenizer, plan,
-                    val_rows, sample, total_steps, total_micro_batches, device, resume_state, resume_from, dropped)
+                    val_rows, sample, total_steps, total_micro_batches, device, resume_state, resume_from, dropped,
+                    record_format)
 
 
 def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
@@ -289,6 +298,8 @@ def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
         p.model_dir = target
     resolved = config.to_dict()
     resolved["resolved_model"] = str(p.model_dir)
+    # the detected format, so that generate knows whether training wrapped prompts in the template
+    resolved["record_format"] = p.record_format
     (p.run_dir / RUN_MARKER).write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
 
 
@@ -359,7 +370,8 @@ def _sample(p: Prepared, config: TrainConfig) -> dict[str, Any]:
     model = load_base(str(p.model_dir), config, p.device, resolve_dtype(config.dtype, p.device))
     load_adapter(model, str(p.run_dir))
     model.eval()
-    prompt_ids = p.tokenizer.encode(config.template.format(prompt=prompt), bos=True, eos=False)
+    text = prompt if p.record_format == "text" else config.template.format(prompt=prompt)  # as trained
+    prompt_ids = p.tokenizer.encode(text, bos=True, eos=False)
     out = generate(model, [prompt_ids], max_new_tokens=config.max_new_tokens, temperature=0.0,
                    eos_ids=p.tokenizer.eos_ids or None, seed=config.seed)
     completion = p.tokenizer.decode(out[0, len(prompt_ids):].tolist())

@@ -30,6 +30,11 @@ def bad_jsonl(tmp_path, text, name="bad.jsonl"):
     return str(path)
 
 
+def output_below_a_file(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    return ["--output-dir", str(tmp_path / "afile" / "run")]
+
+
 ERROR_CASES = {
     "missing model": (lambda t, f: ["--model", str(t / "nope")], r"--model .*nope does not exist"),
     "missing data": (lambda t, f: ["--data", str(t / "nope.jsonl")], r"data file .*nope.jsonl does not exist"),
@@ -53,6 +58,8 @@ ERROR_CASES = {
                        r"--template '\{prompt\} \{x\}' cannot be filled in \(KeyError: 'x'\); \{prompt\} is its only"),
     "template index": (lambda t, f: ["--template", "{prompt} {0}"], r"--template .* cannot be filled in \(IndexError"),
     "template brace": (lambda t, f: ["--template", "{prompt}}"], r"--template .* cannot be filled in \(ValueError"),
+    "output below a file": (lambda t, f: output_below_a_file(t),
+                            r"--output-dir .*afile/run: .*afile is a file; pass a directory path"),
 }
 
 

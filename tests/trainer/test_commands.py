@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -81,21 +83,47 @@ def test_quantize_writes_bitsandbytes_format_that_reloads_bit_exactly(tmp_path, 
     assert code == 2
 
 
-def test_generate_streams_the_same_tokens_as_model_generate(capsys, tmp_path, tiny_model_dir, trained):
+def _generated_text(model_dir, adapter, prompt_text, max_new_tokens=12):
+    """What greedy generation from ``prompt_text`` (BOS added) prints with the adapter on the NF4 base."""
     from nf4lora.lora import load_adapter
     from nf4lora.model import generate, load_model, load_tokenizer
 
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_adapter(load_model(str(model_dir), quantization="nf4", dtype=torch.float32), str(adapter))
+    ids = tokenizer.encode(prompt_text)
+    expected = generate(model.eval(), [ids], max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
+    return tokenizer.decode([t for t in expected if t not in tokenizer.eos_ids][:max_new_tokens])
+
+
+def test_generate_streams_the_same_tokens_as_model_generate(capsys, tmp_path, tiny_model_dir, trained):
     prompt = "Either party may terminate this Agreement"
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(trained), "--prompt", prompt,
                  "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f">>> {prompt}"
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = load_adapter(load_model(str(tiny_model_dir), quantization="nf4", dtype=torch.float32), str(trained))
-    ids = tokenizer.encode(DEFAULT_TEMPLATE.format(prompt=prompt))  # the training run's template by default
-    expected = generate(model.eval(), [ids], max_new_tokens=12)[0, len(ids):].tolist()
-    expected = [t for t in expected if t not in tokenizer.eos_ids][:12]
-    assert "\n".join(out[1:]) == tokenizer.decode(expected)
+    # the training run's template by default
+    assert "\n".join(out[1:]) == _generated_text(tiny_model_dir, trained, DEFAULT_TEMPLATE.format(prompt=prompt))
+
+
+def test_a_run_on_plain_text_records_generates_from_the_bare_prompt(capsys, tmp_path, tiny_model_dir):
+    """Plain-text records are trained on as they are, so neither the run's closing sample nor generate wraps the
+    prompt in the (unused) template; the run records the format it detected."""
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Note {i}: the lessee pays rent monthly."}) + "\n" for i in range(8)))
+    run = tmp_path / "run"
+    summary = run_train(TrainConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(run), max_steps=2,
+                                    micro_batch=2, max_len=64, progress=False, max_new_tokens=5, dtype="fp32",
+                                    sample_prompt="Note 3:"), log=lambda _: None)
+    assert json.loads((run / "run_config.json").read_text())["record_format"] == "text"
+    assert summary["sample"]["completion"] == _generated_text(tiny_model_dir, run, "Note 3:", 5)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run), "--prompt", "Note 3:",
+                 "--max-new-tokens", "5", "--dtype", "fp32"]) == 0
+    assert "\n".join(capsys.readouterr().out.splitlines()[1:]) == _generated_text(tiny_model_dir, run, "Note 3:", 5)
+
+
+def test_a_run_records_the_record_format_it_detected(trained):
+    assert json.loads((trained / "run_config.json").read_text())["record_format"] == "prompt-completion"
 
 
 def test_generate_reads_a_prompts_file_and_rejects_a_missing_adapter(capsys, tmp_path, tiny_model_dir):

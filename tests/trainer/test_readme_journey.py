@@ -19,6 +19,15 @@ def test_train_help_states_the_settings_of_the_no_flag_demo(capsys):
         assert f"--{name.replace('_', '-')} {value}" in text, name
 
 
+def test_train_help_states_each_default_once(capsys):
+    """A flag whose help says what its None default means (--model, --data, ...) gets no "(default: None)" after it."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag_help in re.split(r" --(?=[a-z])", text):
+        assert flag_help.count("(default:") <= 1, flag_help
+
+
 @pytest.mark.parametrize("argv,pattern", [
     (["train", "--optimizer", "adamw"], r"^nf4lora train: error: argument --optimizer: invalid choice: 'adamw' "
                                         r"\(choose from 'paged-adamw-32bit', .*\); see nf4lora train --help$"),
