@@ -158,7 +158,12 @@ def bench_rotating(fns: Sequence[Callable[[], object]], rep_ms: int = 200) -> fl
 
 
 def _capture(fns: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
-    """One CUDA graph replaying every fn in order (after a warm-up on a side stream, as capture needs)."""
+    """One CUDA graph replaying every fn in order (after a warm-up on a side stream, as capture needs).
+
+    Every fn's output stays alive until the capture ends: the graph's pool hands a block freed during capture to
+    the next allocation, so dropped outputs would all be one buffer, rewritten by every call and, where it fits
+    (a 4096 x 4096 dequantize writes 34 MB), timed from the L2 cache instead of DRAM.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -167,8 +172,8 @@ def _capture(fns: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+        outputs = [fn() for fn in fns]
+    del outputs
     return graph
 
 

@@ -17,7 +17,8 @@ ours (``nf4lora.kernels``), bitsandbytes (``bnb.functional`` / ``bnb.matmul_4bit
 
 ``alt_ms`` is the path not taken: dequantize + cuBLAS for M <= 16, the fused kernel for M = 4096.
 Reported per row: median ms, effective GB/s (packed + absmax + input + output bytes), % of the
-measured copy bandwidth, TFLOP/s, and speed ratios to each peer (> 1 means ours is faster).
+measured copy bandwidth, TFLOP/s, speed ratios to each peer (> 1 means ours is faster), and the check:
+"ok" or "FAIL" (``judge``), then the compared values; the run exits 1 if any row fails.
 Small ops are timed as CUDA-graph replays over enough weight copies to exceed the L2 cache.
 Prints a table, then one JSON line; writes benchmarks/results/<date>_kernels_<gpu>.{json,md}.
 """
@@ -61,8 +62,22 @@ COLUMNS = (
 )
 
 
+# bf16 outputs of fp32 accumulators against an fp32 product on the same dequantized weight: METHOD.md's band for
+# bf16 operands is 1e-3 to 1e-2 (ours measured 1.7e-3 to 2.7e-3 on the H200, bitsandbytes up to 3.7e-3)
+REL_TOL = 1e-2
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def judge(exact: dict[str, bool], errors: dict[str, float], info: dict | None = None) -> str:
+    """The check cell: "ok" when every ``exact`` comparison holds and every relative error is <= REL_TOL (NaN
+    fails), else "FAIL"; then every value, ``info``'s too (reported, not judged: the peers' own results)."""
+    ok = all(exact.values()) and all(err <= REL_TOL for err in errors.values())
+    values = {**exact, **errors, **(info or {})}
+    return ("ok" if ok else "FAIL") + ": " + ", ".join(
+        f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
 
 def q_bytes(q) -> int:
@@ -91,12 +106,14 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
 
     # ---- quantize -------------------------------------------------------------------
     ref = quantize_reference(w)
-    check = {
+    # bitsandbytes' CUDA double quantization rounds some 8-bit absmax codes differently from its CPU path, which
+    # the reference follows (nf4/blockwise.py), so its dequantized weights differ too: reported, not judged
+    check = judge({
         "bytes==reference": torch.equal(q.packed, ref.packed) and torch.equal(q.state.absmax, ref.state.absmax)
         and torch.equal(q.state.nested_absmax, ref.state.nested_absmax),
-        "packed==bnb": torch.equal(q.packed, bq.reshape(-1)),
-        "absmax==bnb": torch.equal(q.state.absmax, bstate.absmax),
-    }
+    }, {}, {
+        "packed==bnb": torch.equal(q.packed, bq.reshape(-1)), "absmax==bnb": torch.equal(q.state.absmax, bstate.absmax),
+    })
     if "quantize" in ops:
         ours = bench(lambda: quantize(w))
         theirs = bench(lambda: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
@@ -107,10 +124,8 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
         }))
 
     # ---- dequantize -----------------------------------------------------------------
-    check = {
-        "exact==reference": torch.equal(out, dequantize_reference(q, torch.bfloat16)),
-        "exact==bnb": torch.equal(out, bnb.functional.dequantize_4bit(bq, bstate)),
-    }
+    check = judge({"exact==reference": torch.equal(out, dequantize_reference(q, torch.bfloat16))}, {},
+                  {"exact==bnb": torch.equal(out, bnb.functional.dequantize_4bit(bq, bstate))})
     if "dequantize" in ops:
         ours = bench_rotating([lambda qi=qi: dequantize(qi, torch.bfloat16) for qi in qs])
         theirs = bench_rotating([lambda b=b: bnb.functional.dequantize_4bit(*b) for b in bqs])
@@ -129,7 +144,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
             y = nf4_linear(x, q)
             y_bnb = bnb.matmul_4bit(x, bq.t(), quant_state=bstate)
             y_ref = x.float() @ w_deq.T
-            check = {"rel_err": rel_err(y, y_ref), "bnb_rel_err": rel_err(y_bnb, y_ref)}
+            check = judge({}, {"rel_err": rel_err(y, y_ref)}, {"bnb_rel_err": rel_err(y_bnb, y_ref)})
             ours = bench_rotating([lambda qi=qi: nf4_linear(x, qi) for qi in qs])
             theirs = bench_rotating([lambda b=b: bnb.matmul_4bit(x, b[0].t(), quant_state=b[1]) for b in bqs])
             dense = bench_rotating([lambda wi=wi: F.linear(x, wi) for wi in w_copies])
@@ -153,12 +168,13 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
     ours_f = lambda xx: nf4_linear(xx, q)  # noqa: E731
     bnb_f = lambda xx: bnb.matmul_4bit(xx, bq.t(), quant_state=bstate)  # noqa: E731
     dense_f = lambda xx: F.linear(xx, w)  # noqa: E731
-    (gx,) = torch.autograd.grad(ours_f(x), x, g)
-    (gx_ref,) = torch.autograd.grad(F.linear(x, out), x, g)
+    y = ours_f(x)
+    (gx,) = torch.autograd.grad(y, x, g)
     with torch.no_grad():
-        y_fused = fused_matmul(x, q, block_m=128)
-        y_deq = dequant_matmul(x, q)
-    check = {"grad_rel_err": rel_err(gx, gx_ref), "fused_rel_err": rel_err(y_fused, y_deq)}
+        y_ref = x.float() @ w_deq.T
+        check = judge({}, {"rel_err": rel_err(y, y_ref), "grad_rel_err": rel_err(gx, g.float() @ w_deq)})
+        check_fwd = judge({}, {"rel_err": rel_err(dequant_matmul(x, q), y_ref),
+                               "fused_rel_err": rel_err(fused_matmul(x, q, block_m=128), y_ref)})
     bench(fwd_bwd(dense_f))  # untimed: brings the clocks up before the first large-M timing
     ours = bench(fwd_bwd(ours_f))
     theirs = bench(fwd_bwd(bnb_f))
@@ -172,8 +188,7 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
         "TFLOP/s": flops / ours / 1e9, "vs_bnb": theirs / ours, "vs_bf16": dense / ours, "check": check,
     }))
     rows.append(dict(op="fwd", shape=shape, M=LARGE_M, ours_ms=fwd_deq, bf16_ms=fwd_dense, alt_ms=fwd_fused, **{
-        "TFLOP/s": flops / 2 / fwd_deq / 1e9, "vs_bf16": fwd_dense / fwd_deq,
-        "check": {"fused/deq": fwd_fused / fwd_deq},
+        "TFLOP/s": flops / 2 / fwd_deq / 1e9, "vs_bf16": fwd_dense / fwd_deq, "check": check_fwd,
     }))
     return rows
 
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir)
         torch.cuda.empty_cache()
     write_results(family, rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True)
-    return 0
+    return 0 if all(row["check"].startswith("ok") for row in rows) else 1
 
 
 if __name__ == "__main__":
