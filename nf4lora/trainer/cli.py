@@ -1,10 +1,11 @@
 """The ``nf4lora`` console script: ``train`` (what ``python train.py`` runs), ``generate``, ``merge``, ``quantize``
 and ``inspect``.
 
-Bad input (a missing path, a malformed data file, an invalid hyper-parameter, LoRA targets that match nothing, an
-incompatible ``--resume``, an occupied ``--output-dir``) ends with one line on stderr naming the problem and the fix,
-and exit code 2; so do argparse's own errors (a mistyped choice, a missing flag). Ctrl-C during training exits with
-130 after saving.
+Bad input (a missing or unreadable path, an output directory that cannot be written, a malformed data file, an
+invalid hyper-parameter, LoRA targets that match nothing, an incompatible ``--resume``, an occupied ``--output-dir``)
+ends with one line on stderr naming the problem and the fix, and exit code 2; so do argparse's own errors (a
+mistyped choice, a missing flag). Training that cannot go on (out of memory, a non-finite loss, a full disk) ends
+with one line saying what was kept, and exit code 1. Ctrl-C during training exits with 130 after saving.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import NoReturn
 
 from .config import (BLOCKSIZES, DEMO_DEFAULTS, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments,
                      config_from_args, requested_resume)
-from .loop import TrainingOOM
+from .loop import TrainingFailed
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -115,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"nf4lora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingOOM as exc:
+    except TrainingFailed as exc:
         print(f"nf4lora {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

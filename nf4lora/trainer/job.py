@@ -8,17 +8,20 @@ Without ``--model`` a small Llama with seeded random weights and a sentencepiece
 texts is generated and written as a Hugging Face directory (``<run>/base_model``: ``config.json``,
 ``model.safetensors``, ``tokenizer.model``); without ``--data`` the bundled legal-clause dataset is used.
 
-Bad input never leaves a half-written run: data, tokenizer, model and LoRA targets are all loaded and checked
-before the run directory is created, and the generated base model is built in a temporary directory that is
-renamed into the run only then. Run directory layout: ``run_config.json``, ``metrics.jsonl``, ``checkpoint-<step>/``,
-``adapter_config.json`` + ``adapter_model.safetensors`` (final adapter), ``loss.png``, ``summary.json``,
-``base_model/`` (default job only).
+Bad input never leaves a half-written run: the device, the resume checkpoint, the output directory (writable?) and
+the model path are checked first, then data, tokenizer, model and LoRA targets are all loaded and checked, before
+the run directory is created; the generated base model is built in a temporary directory that is renamed into the
+run only then. The run's files are replaced atomically (``checkpoint.publish_file``): a crash leaves the previous
+version or the new one, never half a file. Run directory layout: ``run_config.json``, ``metrics.jsonl``,
+``checkpoint-<step>/``, ``adapter_config.json`` + ``adapter_model.safetensors`` (final adapter), ``loss.png``,
+``summary.json``, ``base_model/`` (default job only).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -28,15 +31,17 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import check_compatible, load_state, resolve_checkpoint, set_rng_state
+from .checkpoint import (STATE_FILE, check_compatible, load_state, publish_file, resolve_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
 from .data import (BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack, read_records,
                    split_prompt, split_validation)
 from .loop import LoopState, Trainer, lr_lambda
-from .metrics import MetricsLog, plot_loss
+from .metrics import MetricsLog, plot_loss, strict_dumps
 
 RUN_MARKER = "run_config.json"
+SUMMARY_FILE = "summary.json"
 BASE_DIR = "base_model"
 # The embedded default: ~3.7M parameters (vocab 1024), small enough for ~2 minutes of training on 2 CPU cores.
 DEFAULT_ARCH = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -174,18 +179,31 @@ def _default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The first directory that ``path.mkdir(parents=True)`` would create, or None when ``path`` exists."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
 def check_directory_path(path: Path, flag: str) -> None:
-    """Refuse an output directory ``path`` that is, or lies below, a file: checked before anything loads, as the
-    mkdir that would fail runs only once everything has."""
-    blocker = next(p for p in (path, *path.parents) if p.exists())
+    """Refuse an output directory ``path`` that is, or lies below, a file, or that could not be created or written
+    in: checked before anything loads, as the writes that would fail run only once everything has. (os.access
+    answers for root too: yes, except on a read-only file system.)"""
+    blocker = _nearest_existing(path)
     if not blocker.is_dir():
         raise UsageError(f"{flag} {path}: {blocker} is a file; pass a directory path")
+    if not os.access(blocker, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {blocker} is not writable; choose another {flag}")
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resuming_here: bool) -> None:
+    check_directory_path(run_dir, "--output-dir")
     if resuming_here:
         return
-    check_directory_path(run_dir, "--output-dir")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if not (run_dir / RUN_MARKER).exists():
@@ -205,13 +223,49 @@ def _load_records(config: TrainConfig) -> tuple[list[Record], list[Record]]:
     return split_validation(records, config.val_fraction, config.seed)
 
 
+def _check_model(model: str) -> None:
+    """Refuse a ``--model`` that is an nf4lora run or checkpoint rather than its base model, or that does not exist
+    (the model loader's own check, which for a hub id fetches only its config.json)."""
+    from nf4lora.model.checkpoint import resolve_model_dir
+
+    path = Path(model)
+    run = path.parent if (path / STATE_FILE).is_file() else path
+    if (run / RUN_MARKER).is_file():
+        what = "an nf4lora run directory" if run == path else f"a checkpoint of the nf4lora run {run}"
+        raise UsageError(f"--model {model} is {what}, not a base model; pass the base model it trained: "
+                         f"--model {_trained_base(run)}")
+    resolve_model_dir(model, ("config.json",))
+
+
+def _trained_base(run: Path) -> str:
+    """The base model of a run: its generated ``base_model/``, else the model its run_config.json records."""
+    from nf4lora.jsonfile import read_json_object
+
+    if (run / BASE_DIR).is_dir():
+        return str(run / BASE_DIR)
+    return str(read_json_object(run / RUN_MARKER).get("resolved_model", f"the resolved_model of {run / RUN_MARKER}"))
+
+
+def _check_resume_step(config: TrainConfig, resume_from: Path | None, state: dict[str, Any] | None,
+                       total_steps: int) -> None:
+    """Refuse to resume a run at or past its last step: it would train nothing and report success."""
+    if state is None or state["step"] < total_steps:
+        return
+    flag, value = ("--max-steps", config.max_steps) if config.max_steps else ("--epochs", config.epochs)
+    raise UsageError(f"--resume {resume_from}: the checkpoint is at step {state['step']} and this run ends at step "
+                     f"{total_steps}; raise {flag} (now {value}) to train further")
+
+
 def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """Token ids of a text piece without BOS/EOS (the example builder adds those itself)."""
     return lambda text: tokenizer.encode(text, bos=False, eos=False)
 
 
 def prepare(config: TrainConfig) -> Prepared:
-    """Load and check everything; raises UsageError (or ValueError from a loader) before writing anything."""
+    """Load and check everything; raises UsageError (or ValueError from a loader) before writing anything. The
+    quick checks (device, resume checkpoint, output directory, model path) run before the data is read and the base
+    is built or loaded, which takes minutes for a 7B model."""
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # LoRA init and dropout; a resumed run restores the RNG from its checkpoint
     resume_from = resume_state = None
     if config.resume is not None:
@@ -222,6 +276,8 @@ def prepare(config: TrainConfig) -> Prepared:
         resume_from.parent if resume_from is not None else _default_run_dir())
     resuming_here = resume_from is not None and resume_from.parent.resolve() == run_dir.resolve()
     _check_run_dir(run_dir, config, resuming_here)
+    if config.model is not None:
+        _check_model(config.model)
 
     train_records, val_records = _load_records(config)
     record_format = detect_format(train_records, config.record_format)
@@ -229,21 +285,18 @@ def prepare(config: TrainConfig) -> Prepared:
         detect_format(val_records, record_format)
 
     generated = None
-    if config.model is not None:
-        if not Path(config.model).exists() and (config.model.startswith((".", "/", "~")) or
-                                                config.model.count("/") != 1):
-            raise UsageError(f"--model {config.model} does not exist; pass a Hugging Face model directory "
-                             f"(config.json + *.safetensors) or a hub id such as org/name")
-        model_dir = Path(config.model)
-    elif resume_from is not None and (resume_from.parent / BASE_DIR / "config.json").is_file():
-        model_dir = resume_from.parent / BASE_DIR
-    else:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        generated = Path(tempfile.mkdtemp(prefix=".base_model-", dir=run_dir.parent))
-        texts = [" ".join(t for t in split_prompt(r, record_format) if t) for r in train_records]
-        model_dir = write_default_base(generated, texts, config.seed)
-
     try:
+        if config.model is not None:
+            model_dir = Path(config.model)
+        elif resume_from is not None and (resume_from.parent / BASE_DIR / "config.json").is_file():
+            model_dir = resume_from.parent / BASE_DIR
+        else:
+            # Next to the run, on its file system for the rename, but in a directory that exists already: the
+            # parents of the run directory are made only once every check has passed.
+            generated = Path(tempfile.mkdtemp(prefix=".base_model-", dir=_nearest_existing(run_dir.parent)))
+            texts = [" ".join(t for t in split_prompt(r, record_format) if t) for r in train_records]
+            model_dir = write_default_base(generated, texts, config.seed)
+
         from nf4lora.model import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir))
@@ -260,8 +313,8 @@ def prepare(config: TrainConfig) -> Prepared:
         plan = BatchPlan(rows, config.micro_batch, config.seed, pad, config.packing)
         total_steps, total_micro_batches = run_length(config, plan.per_epoch)
         config.check_warmup(total_steps)
+        _check_resume_step(config, resume_from, resume_state, total_steps)
 
-        device = resolve_device(config.device)
         model = load_base(str(model_dir), config, device, resolve_dtype(config.dtype, device))
         prepare_for_kbit_training(model, config.gradient_checkpointing)
         from nf4lora.lora import load_adapter
@@ -285,7 +338,21 @@ def prepare(config: TrainConfig) -> Prepared:
 
 
 def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
-    """The only place a run directory is created or cleared, after every check has passed."""
+    """The only place a run directory is created or cleared, after every check has passed. When it cannot be
+    written (permissions, a full disk) it is a one-line UsageError, and the directories made for it are removed."""
+    made = _outermost_missing(p.run_dir)
+    try:
+        _fill_run_dir(p, config)
+    except BaseException as exc:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UsageError(f"--output-dir {p.run_dir}: cannot write {exc.filename or p.run_dir} "
+                             f"({exc.strerror or exc}); choose another --output-dir") from None
+        raise
+
+
+def _fill_run_dir(p: Prepared, config: TrainConfig) -> None:
     if p.run_dir.exists() and config.overwrite and p.resume_from is None:
         for child in p.run_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -295,20 +362,31 @@ def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
         if target.exists():
             shutil.rmtree(target)
         p.generated_base.rename(target)
-        p.model_dir = target
+        p.model_dir, p.generated_base = target, None
     resolved = config.to_dict()
     resolved["resolved_model"] = str(p.model_dir)
     # the detected format, so that generate knows whether training wrapped prompts in the template
     resolved["record_format"] = p.record_format
-    (p.run_dir / RUN_MARKER).write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
+    publish_file(p.run_dir / RUN_MARKER, (json.dumps(resolved, indent=2) + "\n").encode("utf-8"))
 
 
-def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job; returns the summary (also written to ``summary.json``)."""
+def _publish_adapter(write_adapter: Callable[[Path], None], run_dir: Path) -> None:
+    """Write the final adapter next to the run's files, then replace each of them in one rename. Weights go first:
+    a crash in between leaves the new weights beside the previous config, which a resumed run shares (its LoRA
+    settings cannot change), and a fresh run's config never appears without weights."""
+    from nf4lora.lora.adapters import CONFIG_NAME
+
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
+        write_adapter(Path(tmp))
+        for path in sorted(Path(tmp).iterdir(), key=lambda f: f.name == CONFIG_NAME):
+            publish_file(run_dir / path.name, path.read_bytes())
+
+
+def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None,
+           log: Callable[[str], None]) -> Trainer:
+    """Optimizer, schedule and loss scaler (restored on resume), then the run directory, then the Trainer."""
     from nf4lora.lora import print_trainable_parameters, save_adapter
 
-    p = prepare(config)
     model = p.model
     print_trainable_parameters(model)
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -336,27 +414,42 @@ def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], 
     def write_adapter(directory: Path) -> None:
         save_adapter(model, str(directory), base_model_name_or_path=str(p.model_dir))
 
-    trainer = Trainer(config, model, optimizer, scheduler, p.plan, p.total_steps, p.run_dir, p.device,
-                      write_adapter, val_batches=val, total_micro_batches=p.total_micro_batches, state=state,
-                      on_step=on_step, scaler=scaler)
-    metrics = MetricsLog(p.run_dir, resume_step=state.step if p.resume_state is not None else None)
+    return Trainer(config, model, optimizer, scheduler, p.plan, p.total_steps, p.run_dir, p.device, write_adapter,
+                   val_batches=val, total_micro_batches=p.total_micro_batches, state=state, on_step=on_step,
+                   last_checkpoint=p.resume_from, scaler=scaler)
+
+
+def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole job; returns the summary (also written to ``summary.json``)."""
+    p = prepare(config)
+    try:
+        trainer = _start(p, config, on_step, log)
+    finally:
+        if p.generated_base is not None:  # not yet renamed into the run: a step before that failed
+            shutil.rmtree(p.generated_base, ignore_errors=True)
+    metrics = MetricsLog(p.run_dir, resume_step=trainer.state.step if p.resume_state is not None else None)
     try:
         summary = trainer.run(metrics)
     finally:
         metrics.close()
     summary["run_dir"] = str(p.run_dir)
     summary["base_model"] = str(p.model_dir)
+    finished = None
     if summary["interrupted"]:
         log(f"stopped at step {summary['steps']}/{p.total_steps}; checkpoint {summary['checkpoint']}; continue with "
             f"--resume {p.run_dir}")
     else:
-        write_adapter(p.run_dir)
+        finished = f"training finished and {trainer.last_checkpoint} holds the final adapter"
+        with trainer.writing("the final adapter", then=finished):
+            _publish_adapter(trainer.save_adapter, p.run_dir)
         summary["adapter"] = str(p.run_dir)
         plot = plot_loss(p.run_dir)
         summary["loss_plot"] = str(plot) if plot else None
         if p.sample is not None and config.max_new_tokens > 0:
             summary["sample"] = _sample(p, config)
-    (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with trainer.writing(SUMMARY_FILE, then=finished):
+        publish_file(p.run_dir / SUMMARY_FILE, (strict_dumps(summary, indent=2) + "\n").encode("utf-8"))
     _print_summary(summary, log)
     return summary
 

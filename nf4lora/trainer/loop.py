@@ -9,7 +9,13 @@ checkpoint stores the optimizer, scheduler and every RNG state after a completed
 same micro-batches with the same dropout masks and produces the same losses bit for bit on the same machine.
 
 With fp16 compute a dynamic loss scaler (``torch.amp.GradScaler``) scales the loss, unscales before clipping and
-skips steps whose gradients overflowed; bf16 and fp32 need none.
+skips steps whose gradients overflowed; bf16 and fp32 need none. Without a scaler nothing skips a step whose loss
+or gradient norm is not finite, and its update would make every LoRA weight NaN for good: the run stops before it,
+with :class:`TrainingFailed` naming the last complete checkpoint.
+
+A write into the run directory that fails (a full disk, a quota, a read-only mount) stops the run with one
+:class:`TrainingFailed` line: the cause, the space left, the last complete checkpoint and the ``--resume`` that
+continues from it (checkpoints are written atomically, so the previous one is whole).
 
 Ctrl-C: the first SIGINT asks the loop to stop after the current step, which then writes a checkpoint and
 returns; a second SIGINT interrupts at once. On CUDA out-of-memory in forward/backward, the paged optimizer's state
@@ -28,28 +34,50 @@ recorded run on the calling thread and anywhere from 0.40 to 0.69 ms on the work
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import threading
 import time
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Batch, BatchPlan
-from .metrics import MetricsLog, Progress, gpu_memory_gib, perplexity
+from .metrics import METRICS_FILE, MetricsLog, Progress, gpu_memory_gib, perplexity
 
 
 # Where backward runs (module docstring); benchmarks/train_backward_thread.py flips it to time both.
 BACKWARD_ON_CALLING_THREAD = True
+# A full disk fails each writer its own way (measured on a full tmpfs): Python's file writes raise OSError,
+# torch.save a RuntimeError ("unexpected pos 576 vs 534"), safetensors a SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
-class TrainingOOM(RuntimeError):
+class TrainingFailed(RuntimeError):
+    """Training cannot go on; the one-line message says why, what was kept and what to change."""
+
+
+class TrainingOOM(TrainingFailed):
     """Out of memory even after evicting optimizer state; the message says which flags to change."""
+
+
+@contextmanager
+def _reporting_write(what: str, run_dir: Path, then: str) -> Iterator[None]:
+    """Turn a failed write of ``what`` into ``run_dir`` into one TrainingFailed line: the cause, the space left on
+    that file system (the usual cause) and ``then``, what was kept and how to go on."""
+    try:
+        yield
+    except WRITE_ERRORS as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        free = shutil.disk_usage(run_dir).free // 2**20
+        raise TrainingFailed(f"could not write {what} in {run_dir} ({cause}; {free} MiB free there); {then}") from exc
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -113,7 +141,7 @@ class Trainer:
     state: LoopState = field(default_factory=LoopState)
     on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
     stop_requested: bool = False
-    last_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None  # the newest complete one; on resume, the one resumed from
     progress: Progress = field(default_factory=lambda: Progress(0, 0, enabled=False))
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only: dynamic loss scaling
 
@@ -176,6 +204,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
+        # A scaler skips such a step itself; without one the update would make every LoRA weight NaN for good.
+        if self.scaler is None and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise self._diverged(loss, grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step when the unscaled gradients hold inf/nan
             self.scaler.update()
@@ -212,12 +243,37 @@ class Trainer:
         loss = total / max(targets, 1)
         return {"step": self.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
 
+    def _diverged(self, loss: float, grad_norm: float) -> TrainingFailed:
+        return TrainingFailed(f"training diverged at step {self.state.step + 1}: loss {loss:.4g}, gradient norm "
+                              f"{grad_norm:.4g}; stopped before the update; {self._kept()}; lower --lr (now "
+                              f"{self.config.lr:g}) or --max-grad-norm (now {self.config.max_grad_norm:g}) and start "
+                              f"again")
+
+    def _kept(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved"
+        return f"the last complete checkpoint is {self.last_checkpoint}"
+
+    def writing(self, what: str, then: str | None = None) -> AbstractContextManager[None]:
+        """Context manager: a failed write of ``what`` into the run directory becomes one TrainingFailed line ending
+        with ``then``, by default what was kept and the ``--resume`` that continues from it."""
+        if then is None:
+            go_on = (f"continue with --resume {self.last_checkpoint}" if self.last_checkpoint is not None else
+                     "start the run again")
+            then = f"{self._kept()}; free space and {go_on}"
+        return _reporting_write(what, self.run_dir, then)
+
     def checkpoint(self) -> Path:
         state = {"config": self.config.to_dict(), "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_state()}
-        self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
+        with self.writing(f"checkpoint-{self.state.step}"):
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
         return self.last_checkpoint
+
+    def _write_metrics(self, metrics: MetricsLog, record: dict[str, Any]) -> None:
+        with self.writing(METRICS_FILE):
+            metrics.write(record)
 
     # --------------------------------------------------------------------------------------------------- run
     def run(self, metrics: MetricsLog) -> dict[str, Any]:
@@ -233,14 +289,14 @@ class Trainer:
                 last_loss = record["loss"]
                 step = record["step"]
                 if step % self.config.logging_steps == 0 or step == self.total_steps:
-                    metrics.write(record)
+                    self._write_metrics(metrics, record)
                 self.progress.update(record)
                 if self.on_step is not None:
                     self.on_step(self, record)
                 if (self.config.eval_steps and step % self.config.eval_steps == 0) or step == self.total_steps:
                     last_eval = self.evaluate()
                     if last_eval is not None:
-                        metrics.write(last_eval)
+                        self._write_metrics(metrics, last_eval)
                         self.progress.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
                                              f"perplexity {last_eval['eval_ppl']:.2f}")
                 periodic = self.config.save_steps and step % self.config.save_steps == 0

@@ -2,9 +2,11 @@
 
 ``metrics.jsonl`` holds one JSON object per line: training lines carry ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``epoch``, ``tokens``, ``tokens_per_s``, ``elapsed_s`` (and ``gpu_mem_gib`` on CUDA); evaluation lines carry
-``step``, ``eval_loss`` and ``eval_ppl``. On resume the lines after the checkpoint's step are dropped, so the file
-always describes one consistent trajectory; the trimmed file replaces the old one in one rename, so a kill during a
-resume never loses the lines it keeps. tqdm and matplotlib are optional extras.
+``step``, ``eval_loss`` and ``eval_ppl``. A value that is not a finite number (the infinite gradient norm of a step
+the fp16 loss scaler skipped, an overflowed eval loss) is written as ``null``, which strict readers (jq, JavaScript)
+accept where they refuse Python's ``NaN`` and ``Infinity``. On resume the lines after the checkpoint's step are
+dropped, so the file always describes one consistent trajectory; the trimmed file replaces the old one in one
+rename, so a kill during a resume never loses the lines it keeps. tqdm and matplotlib are optional extras.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class MetricsLog:
         return records
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -68,9 +70,27 @@ def _step_of(line: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def strict_dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` with every float that is not finite, at any depth, written as null."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl``. The NaN and Infinity of files written before null replaced them read as
+    None too, so old and new runs compare alike."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=lambda _: None) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def gpu_memory_gib() -> float | None:
@@ -127,8 +147,8 @@ def plot_loss(run_dir: Path) -> Path | None:
     except ImportError:
         return None
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")

@@ -36,7 +36,8 @@ def output_below_a_file(tmp_path):
 
 
 ERROR_CASES = {
-    "missing model": (lambda t, f: ["--model", str(t / "nope")], r"--model .*nope does not exist"),
+    "missing model": (lambda t, f: ["--model", str(t / "nope")], r"model directory .*nope does not exist; pass a "
+                                                                 r"Hugging Face model directory"),
     "missing data": (lambda t, f: ["--data", str(t / "nope.jsonl")], r"data file .*nope.jsonl does not exist"),
     "empty data": (lambda t, f: ["--data", bad_jsonl(t, "")], r"bad.jsonl is empty"),
     "malformed line": (lambda t, f: ["--data", bad_jsonl(t, '{"text": "a"}\n{oops\n')],
