@@ -23,7 +23,9 @@ Triton encodes the descriptor at every launch, 30-34 us a call against 19-25 us 
 machine's host (..._dequantize-tma_h200.md). So callers that a host-bound training step makes hundreds of times
 (``matmul_nf4``, the LoRA Function) pass ``bulk_store=False``. Loading the words as vectors (``n_words``, below)
 then gave 88.8% at the 7B MLP shapes, 93.1-93.2% at 70B and 89.7% at 4096x4096
-(..._dequantize-wide-loads_h200.md).
+(..._dequantize-wide-loads_h200.md). Those replays let every call write one output buffer, which at 4096x4096
+(34 MB) fits in L2; with each call writing its own, 4096x4096 runs at 81.2% and the larger shapes at 88.0% and
+92.4% (2026-11-29_kernels_h200.md).
 
 A tensor whose element count is not a multiple of 8 has its packed bytes copied to a word-aligned buffer
 first (small odd shapes only; weight matrices never need it).
