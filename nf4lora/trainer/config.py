@@ -26,7 +26,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 RECORD_FORMATS = ("auto", "text", "prompt-completion", "instruction")
 DEVICES = ("auto", "cpu", "cuda")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-SEED_LIMIT = 2**63  # torch.Generator takes seeds below 2**64, and epoch e of the data order uses seed + e
+SEED_LIMIT = 2**63  # torch.Generator takes seeds below 2**64, and version-1 data orders seed epoch e with seed + e
 DEFAULT_TEMPLATE = "### Clause:\n{prompt}\n\n### Summary:\n"
 
 # The embedded demo (neither --model nor --data) adapts a small *random* base, which wants a higher learning rate

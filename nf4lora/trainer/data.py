@@ -17,6 +17,7 @@ micro-batches is a pure function of (seed, micro-batch index), so resuming needs
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -30,6 +31,11 @@ import torch
 from .config import RECORD_FORMATS, UsageError
 
 IGNORE_INDEX = -100
+# How epoch e's order is seeded, by version (a checkpoint records the version it was trained with):
+# 1: seed + e, which gave seed 43's first epoch the order of seed 42's second (checkpoints saved without a version);
+# 2: a hash of (seed, e), so that runs of a seed sweep see unrelated orders.
+DATA_ORDERS = (1, 2)
+DATA_ORDER = 2
 SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet")
 CSV_CELL_LIMIT = 2**31 - 1  # characters; the largest a C long takes everywhere
 # Most specific first, so that a record which also carries its rendered ``text`` (tatsu-lab/alpaca) keeps its
@@ -319,22 +325,27 @@ def split_validation(records: list[Record], fraction: float, seed: int) -> tuple
 # -------------------------------------------------------------------------------------------------- batching
 
 class BatchPlan:
-    """Deterministic micro-batches: epoch ``e`` visits the rows in ``randperm(n, seed + e)`` order.
+    """Deterministic micro-batches: epoch ``e`` visits the rows in ``randperm(n)`` order, its generator seeded by
+    ``epoch_seed(seed, e, data_order)``.
 
     Micro-batch ``m`` is a pure function of ``m``, so the data position saved in a checkpoint is just the number
     of micro-batches consumed. The last micro-batch of an epoch may be smaller.
     """
 
-    def __init__(self, rows: Sequence[Example], micro_batch: int, seed: int, pad_id: int, packed: bool) -> None:
+    def __init__(self, rows: Sequence[Example], micro_batch: int, seed: int, pad_id: int, packed: bool,
+                 data_order: int = DATA_ORDER) -> None:
         if not rows:
             raise UsageError("no training examples left after tokenization; check --data and --max-len")
+        if data_order not in DATA_ORDERS:
+            raise ValueError(f"data_order {data_order!r} is not known; valid: {DATA_ORDERS}")
         self.rows, self.micro_batch, self.seed, self.pad_id, self.packed = rows, micro_batch, seed, pad_id, packed
+        self.data_order = data_order
         self.per_epoch = math.ceil(len(rows) / micro_batch)
         self._order: tuple[int, torch.Tensor] | None = None
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.data_order))
             self._order = (epoch, torch.randperm(len(self.rows), generator=generator))
         return self._order[1]
 
@@ -345,6 +356,13 @@ class BatchPlan:
 
     def epoch_of(self, index: int) -> float:
         return index / self.per_epoch
+
+
+def epoch_seed(seed: int, epoch: int, data_order: int = DATA_ORDER) -> int:
+    """The generator seed of epoch ``epoch``'s order (``DATA_ORDERS``); a 64-bit hash of both for version 2."""
+    if data_order == 1:
+        return seed + epoch
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest(), "little")
 
 
 def eval_batches(rows: Sequence[Example], micro_batch: int, pad_id: int, packed: bool) -> list[Batch]:

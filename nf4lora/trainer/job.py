@@ -35,8 +35,8 @@ from .checkpoint import (STATE_FILE, check_compatible, load_state, publish_file,
                          set_rng_state)
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
-from .data import (BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack, read_records,
-                   split_prompt, split_validation)
+from .data import (DATA_ORDER, BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack,
+                   read_records, split_prompt, split_validation)
 from .loop import LoopState, Trainer, lr_lambda
 from .metrics import MetricsLog, plot_loss, strict_dumps
 
@@ -310,7 +310,9 @@ def prepare(config: TrainConfig) -> Prepared:
                              f"{config.max_len}; raise --max-len")
         if config.packing:
             rows, val_rows = pack(rows, config.max_len), pack(val_rows, config.max_len)
-        plan = BatchPlan(rows, config.micro_batch, config.seed, pad, config.packing)
+        # a checkpoint saved before the order had versions was trained on version 1's
+        order = DATA_ORDER if resume_state is None else resume_state.get("data_order", 1)
+        plan = BatchPlan(rows, config.micro_batch, config.seed, pad, config.packing, order)
         total_steps, total_micro_batches = run_length(config, plan.per_epoch)
         config.check_warmup(total_steps)
         _check_resume_step(config, resume_from, resume_state, total_steps)

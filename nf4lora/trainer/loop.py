@@ -266,7 +266,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         state = {"config": self.config.to_dict(), "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_state()}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_state(),
+                 "data_order": self.plan.data_order}
         with self.writing(f"checkpoint-{self.state.step}"):
             self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
         return self.last_checkpoint
