@@ -37,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     add_backward_thread_option,
+    judge,
     bench,
     bench_rotating,
     copies_for,
     device_ceilings,
     environment,
     markdown_table,
+    rel_err,
     set_backward_thread,
     streaming_rate,
     write_results,
@@ -60,24 +62,6 @@ COLUMNS = (
     "op", "shape", "M", "ours_ms", "bnb_ms", "bf16_ms", "alt_ms", "GB/s", "%copy", "TFLOP/s",
     "vs_bnb", "vs_bf16", "check",
 )
-
-
-# bf16 outputs of fp32 accumulators against an fp32 product on the same dequantized weight: METHOD.md's band for
-# bf16 operands is 1e-3 to 1e-2 (ours measured 1.7e-3 to 2.7e-3 on the H200, bitsandbytes up to 3.7e-3)
-REL_TOL = 1e-2
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def judge(exact: dict[str, bool], errors: dict[str, float], info: dict | None = None) -> str:
-    """The check cell: "ok" when every ``exact`` comparison holds and every relative error is <= REL_TOL (NaN
-    fails), else "FAIL"; then every value, ``info``'s too (reported, not judged: the peers' own results)."""
-    ok = all(exact.values()) and all(err <= REL_TOL for err in errors.values())
-    values = {**exact, **errors, **(info or {})}
-    return ("ok" if ok else "FAIL") + ": " + ", ".join(
-        f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
 
 def q_bytes(q) -> int:

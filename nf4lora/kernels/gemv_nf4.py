@@ -53,7 +53,7 @@ GEMV's loop is 4.5-5.2 instructions per weight (6.1-7.4 with two rows) and the b
 (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md): M = 1 streams the 70B projections at
 1.72-1.76 TB/s (1.82-1.83x bf16 F.linear) and 4096x4096 at 1.70x bf16; M = 2 runs at 1.28-1.59x bf16; M = 3..16
 at 1.07-1.27x bf16 and 1.6-3.6x bitsandbytes. One launch for
-3 x 4096x4096 (q/k/v) took 0.018 against 0.028 ms for three (..._grouped_h200.md).
+3 x 4096x4096 (q/k/v) took 0.020 against 0.028 ms for three (2026-11-29_grouped_h200.md).
 """
 
 from __future__ import annotations
