@@ -111,16 +111,21 @@ def _fsync_tree(path: Path) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None],
                     state: dict[str, Any]) -> Path:
     """Write ``<run_dir>/checkpoint-<step>`` atomically, its manifest last; ``write_adapter(dir)`` saves the
-    peft-format adapter."""
+    peft-format adapter. A save that fails (a full disk) removes its partial copy, which would hold the space the
+    next attempt needs, and re-raises."""
     run_dir = Path(run_dir)
     for stale in run_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(stale)
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     tmp.mkdir(parents=True)
-    write_adapter(tmp)
-    torch.save({**state, "step": step, "manifest": MANIFEST_FILE}, tmp / STATE_FILE)
-    write_manifest(tmp)
+    try:
+        write_adapter(tmp)
+        torch.save({**state, "step": step, "manifest": MANIFEST_FILE}, tmp / STATE_FILE)
+        write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_directory(tmp, final)
     return final
 

@@ -28,6 +28,8 @@ def test_checkpoint_appears_complete_or_not_at_all(tmp_path):
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, 3, failing, dict(STATE))
     assert list_checkpoints(tmp_path) == [] and not (tmp_path / "checkpoint-3").exists()
+    # removed at once: on a full disk the partial copy would hold the space the next save needs
+    assert not list(tmp_path.glob(".checkpoint-*"))
     path = save_checkpoint(tmp_path, 3, write_adapter, dict(STATE))
     assert path == tmp_path / "checkpoint-3" and (path / STATE_FILE).is_file()
     assert not list(tmp_path.glob(".checkpoint-*"))  # the failed attempt's temp dir was cleaned up
