@@ -206,7 +206,7 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
     step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None
     static = static_cache or compile
     # sampled where the logits are: the head's device
-    generator = None if seed is None else torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
     sampling = (temperature, top_k, top_p, generator)
     return ids, _steps(model, cache, step, static, logits, positions[:, -1:], t, max_new_tokens, sampling, eos, pad_id)
 

@@ -329,7 +329,12 @@ class Llama(nn.Module):
         if logits_to_keep:
             h, pending = h[:, -logits_to_keep:], pending[:, -logits_to_keep:]
         _, normed = self.model.norm(pending, residual=h)
-        return self.lm_head(normed.to(self.lm_head.weight.device))
+        return self.lm_head(normed.to(_head_device(self.lm_head)))
+
+
+def _head_device(head: nn.Module) -> torch.device:
+    """Where the output head's weight lives: a LoRA-wrapped head keeps it in its base layer."""
+    return getattr(head, "base_layer", head).weight.device
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
