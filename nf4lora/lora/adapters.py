@@ -14,7 +14,9 @@ path under ``base_model.model.`` with the adapter name dropped::
     base_model.model.<module_to_save>.<param>                       modules_to_save
 
 One table (``peft_key_map``) maps each of these keys to the model parameter it comes from; saving
-reads it and loading requires the file's keys to equal it exactly, with equal shapes.
+reads it and loading requires the file's keys to equal it exactly, with equal shapes. The one other
+key loading accepts is a base weight that peft saved beside the adapter (``save_embedding_layers``:
+``<path>.base_layer.weight`` of a targeted ``lm_head``) and that equals the model's.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from torch import nn
 
 from nf4lora.jsonfile import read_json_object
 from nf4lora.lora.config import LoraConfig
-from nf4lora.lora.model import active_adapters, delete_adapter, inject_lora, set_adapter
+from nf4lora.lora.model import (
+    active_adapters, delete_adapter, inject_lora, set_adapter, without_unmatched_entries,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,9 +110,36 @@ def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = 
     """The ``LoraConfig`` stored in ``directory/adapter_config.json`` (peft's or ours)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist; expected a peft adapter directory with {CONFIG_NAME}")
+        subdirs = os.listdir(directory) if os.path.isdir(directory) else []
+        named = sorted(d for d in subdirs if os.path.isfile(os.path.join(directory, d, CONFIG_NAME)))
+        where = f"with {CONFIG_NAME}"
+        if named:
+            where = f"(peft saves a non-default adapter in a subfolder: this one has {named})"
+        raise ValueError(f"{path} does not exist; expected a peft adapter directory {where}")
     values = read_json_object(path)
     return LoraConfig.from_peft_dict(values, lora_dtype=lora_dtype)
+
+
+def _unchanged_base_keys(model: nn.Module, extra: dict[str, torch.Tensor], path: str) -> set[str]:
+    """The keys of ``extra`` (file tensors outside the adapter) that name a base parameter of ``model`` and hold
+    exactly its value.
+
+    peft saves the base weights of a targeted embedding layer or output head beside the adapter and loads
+    them over the base; equal ones change nothing. One that differs (a resized or retrained embedding) is an
+    error: this package loads adapters, never base weights.
+    """
+    base = {PEFT_PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    keys = set()
+    for key in extra.keys() & base.keys():
+        tensor, param = extra[key], base[key]
+        if tensor.dtype != param.dtype or tensor.shape != param.shape or not torch.equal(tensor, param.detach().cpu()):
+            raise ValueError(
+                f"{path}: key {key} holds a base weight that differs from the model's ({tensor.dtype} "
+                f"{tuple(tensor.shape)} vs {param.dtype} {tuple(param.shape)}); expected the base the adapter was "
+                "trained on (peft's save_embedding_layers)"
+            )
+        keys.add(key)
+    return keys
 
 
 def load_adapter(
@@ -119,9 +150,12 @@ def load_adapter(
 
     The file's keys must equal the ones the injected adapter expects (``peft_key_map``) and every
     shape must match; otherwise a ValueError names the missing and unexpected keys (or the shape)
-    and the model is left as it was. The adapter becomes the active one.
+    and the model is left as it was. The adapter becomes the active one. As in peft, list entries of
+    ``target_modules`` / ``modules_to_save`` that select no module are ignored (the key check covers
+    them), and base weights that peft saves beside the adapter (``save_embedding_layers``, e.g. of a
+    targeted ``lm_head``) are accepted when they equal the model's.
     """
-    config = read_adapter_config(directory, lora_dtype)
+    config = without_unmatched_entries(model, read_adapter_config(directory, lora_dtype))
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; expected peft's {WEIGHTS_NAME} next to {CONFIG_NAME}")
@@ -135,7 +169,8 @@ def load_adapter(
     try:
         expected = peft_key_map(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
+        extra = {k: tensors[k] for k in tensors.keys() - expected.keys()}
+        unexpected = sorted(extra.keys() - _unchanged_base_keys(model, extra, path))
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
         for key, param in expected.items():

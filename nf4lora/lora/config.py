@@ -48,10 +48,11 @@ _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
-# peft config keys that never change the adapter's math: metadata, or settings read only by a rejected option.
+# peft config keys that never change the adapter's math: metadata, settings read only by a rejected option, or
+# runtime_config (where DoRA's norm is computed while it initialises; peft does not write it).
 _PEFT_METADATA = (
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-    "megatron_core", "qalora_group_size",
+    "megatron_core", "qalora_group_size", "runtime_config",
 )
 
 

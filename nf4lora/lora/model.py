@@ -9,13 +9,17 @@ The configs of the injected adapters are kept on ``model.lora_configs`` (name ->
 
 Target matching follows peft: a list matches a module whose name equals an entry or ends with
 ``"." + entry``; a string is a regex that must match the whole name; ``"all-linear"`` is every
-``nn.Linear``/``NF4Linear`` except the output head. Unlike peft, a config that selects nothing is an
-error listing the linear modules that exist.
+``nn.Linear``/``NF4Linear`` except the output head. ``modules_to_save`` entries match as peft's do, by
+plain name suffix (``"norm"`` selects ``model.norm`` and every ``*_layernorm``), and the layers at or
+inside a module to save are never targeted (its full copy trains them). Unlike peft, a config that
+selects nothing, or a list entry that selects nothing, is an error listing what exists;
+``without_unmatched_entries`` drops such entries where the caller checks the outcome otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterator
@@ -60,14 +64,19 @@ def _inside_adapter(name: str) -> bool:
     return any(p in ("lora_A", "lora_B", "base_layer", "modules_to_save", "original_module") for p in parts)
 
 
-def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+def _module_names(model: nn.Module) -> list[str]:
+    """Names of the model's own modules (the root and the adapters' internals left out)."""
+    return [n for n, _ in model.named_modules() if n and not _inside_adapter(n)]
+
+
+def _target_names(model: nn.Module, config: LoraConfig, to_save: list[str]) -> list[str]:
+    """Names of the linear modules ``config`` targets, leaving out those at or inside ``to_save`` modules."""
     linear = linear_module_names(model)
     if config.target_modules == ALL_LINEAR:
         heads = _output_head_names(model)
         candidates = [n for n in linear if n not in heads]
     else:
-        named = dict(model.named_modules())
-        candidates = [n for n in named if not _inside_adapter(n) and n and _name_matches(n, config.target_modules)]
+        candidates = [n for n in _module_names(model) if _name_matches(n, config.target_modules)]
         not_linear = [n for n in candidates if n not in linear]
         if not_linear:
             raise ValueError(
@@ -82,23 +91,51 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
             raise ValueError(f"target_modules entries {unmatched} match no module; linear modules: {linear}")
     if config.exclude_modules:
         candidates = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
-    if config.modules_to_save:
-        candidates = [n for n in candidates if not _name_matches(n, config.modules_to_save)]
+    candidates = [n for n in candidates if not any(n == s or n.startswith(s + ".") for s in to_save)]
     if not candidates:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear module; linear modules: {linear}")
     return candidates
 
 
+def _saved_by(name: str, entry: str) -> bool:
+    """Whether modules_to_save ``entry`` selects module ``name``: a plain suffix match, as peft's ``_set_trainable``."""
+    return name.endswith(entry)
+
+
 def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``config.modules_to_save`` selects; an entry that selects none is an error."""
+    """Names of the modules ``config.modules_to_save`` selects; an entry that selects none, or a selected module
+    inside another, is an error."""
     patterns = config.modules_to_save or []
-    names = [n for n, _ in model.named_modules() if n and not _inside_adapter(n) and _name_matches(n, patterns)]
-    unmatched = [p for p in patterns if not any(_name_matches(n, [p]) for n in names)]
+    names = [n for n in _module_names(model) if any(_saved_by(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(_saved_by(n, p) for n in names)]
     if unmatched:
-        leaves = {n.rpartition(".")[2] for n, _ in model.named_modules() if n and not _inside_adapter(n)}
-        leaves = sorted(leaf for leaf in leaves if not leaf.isdigit())
+        leaves = sorted({leaf for n in _module_names(model) if not (leaf := n.rpartition(".")[2]).isdigit()})
         raise ValueError(f"modules_to_save entries {unmatched} match no module; module names end in: {leaves}")
+    for outer in names:
+        inner = next((n for n in names if n.startswith(outer + ".")), None)
+        if inner is not None:
+            raise ValueError(f"modules_to_save={patterns} selects {inner} inside {outer}; "
+                             "expected modules that do not contain one another")
     return names
+
+
+def without_unmatched_entries(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` without the ``target_modules`` / ``modules_to_save`` list entries that select no module of
+    ``model``, which peft ignores (a sequence-classification adapter lists both of peft's head names, "classifier"
+    and "score"). A list none of whose entries matches is kept, for ``inject_lora`` to report.
+
+    ``inject_lora`` refuses such entries, because a misspelt one would leave modules untrained; ``load_adapter``
+    drops them, because there the file's keys are checked against the injected adapter exactly.
+    """
+    names = _module_names(model)
+    changes = {}
+    if isinstance(config.target_modules, list):
+        kept = [p for p in config.target_modules if any(_name_matches(n, [p]) for n in names)]
+        changes["target_modules"] = kept or config.target_modules
+    if config.modules_to_save:
+        kept = [p for p in config.modules_to_save if any(_saved_by(n, p) for n in names)]
+        changes["modules_to_save"] = kept or config.modules_to_save
+    return dataclasses.replace(config, **changes)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -118,8 +155,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"adapter {adapter_name!r} is already injected; existing adapters: {sorted(configs)}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r} is not valid; expected a non-empty name without '.'")
-    targets = _target_names(model, config)
     to_save = _modules_to_save_names(model, config)
+    targets = _target_names(model, config, to_save)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
