@@ -37,7 +37,8 @@ class LoadOptions:
     """What `load_model` accepts as keyword options; names mirror transformers' `BitsAndBytesConfig` meanings.
 
     blocksize / double_quant / compute_dtype: the 4-bit format (bnb_4bit_use_double_quant, bnb_4bit_compute_dtype;
-    compute_dtype defaults to `dtype`). skip_modules: linear names (or name suffixes) kept dense, like
+    compute_dtype defaults to a pre-quantized checkpoint's bnb_4bit_compute_dtype, as in transformers, else to
+    `dtype`). skip_modules: linear names (or name suffixes) kept dense when quantizing a dense checkpoint, like
     llm_int8_skip_modules; `lm_head` by default. device_map: alias of `device`.
     """
 
@@ -74,15 +75,26 @@ def _skipped(name: str, skip_modules) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
 
 
-def _prequantized_type(config: LlamaConfig, source: str) -> str | None:
-    """The 4-bit type of a transformers + bitsandbytes checkpoint, or None for a dense one."""
+def _prequantized_format(config: LlamaConfig, source: str) -> tuple[str, torch.dtype | None] | None:
+    """(bnb_4bit_quant_type, bnb_4bit_compute_dtype or None) of a transformers + bitsandbytes 4-bit checkpoint, read
+    as transformers reads them (an absent quant type is fp4, BitsAndBytesConfig's default), or None for a dense one."""
     qc = config.extra.get("quantization_config")
     if not qc:
         return None
     if qc.get("quant_method") != "bitsandbytes" or not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise ValueError(f"{source}: quantization_config {qc.get('quant_method')!r} "
                          f"(load_in_8bit={qc.get('load_in_8bit')}) is not supported; valid: bitsandbytes 4-bit")
-    return qc.get("bnb_4bit_quant_type", "fp4")
+    quant_type, compute = qc.get("bnb_4bit_quant_type", "fp4"), qc.get("bnb_4bit_compute_dtype")
+    if quant_type not in QUANTIZATIONS[1:]:
+        raise ValueError(f"{source}: quantization_config has bnb_4bit_quant_type {quant_type!r}; valid: "
+                         f"{', '.join(QUANTIZATIONS[1:])}")
+    if compute is None:
+        return quant_type, None
+    try:
+        return quant_type, parse_dtype(compute)
+    except ValueError:
+        raise ValueError(f"{source}: quantization_config has bnb_4bit_compute_dtype {compute!r}; valid: "
+                         f"{sorted(_DTYPES)}") from None
 
 
 def plan_device_map(layer_bytes: list[int], head_bytes: int, free_bytes: list[int], headroom: float = 0.9) -> list[int]:
@@ -166,7 +178,8 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     """Load a Llama checkpoint (local HF directory or hub id) as a `Llama` in eval mode.
 
     quantization: None (dense), "nf4" or "fp4": linears of the decoder are quantized on `device` as they are read;
-    embeddings, norms and `skip_modules` stay in `dtype`. Pre-quantized bitsandbytes checkpoints load as stored.
+    embeddings, norms and `skip_modules` stay in `dtype`. Pre-quantized bitsandbytes checkpoints load as stored
+    (4-bit linears 4-bit, dense ones dense), with quantization None or their own type.
     device: "cpu", "cuda", "cuda:N", or "auto" to spread decoder layers over the visible GPUs by free memory.
     options: see `LoadOptions` (blocksize, double_quant, compute_dtype, skip_modules, gradient_checkpointing).
     The bos/eos/pad ids that generation_config.json sets replace config.json's, as in transformers' generate.
@@ -175,23 +188,26 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
         raise ValueError(f"quantization={quantization!r} is not supported; valid: {list(QUANTIZATIONS)}")
     opts = LoadOptions.from_kwargs(options)
     dtype = parse_dtype(dtype)
-    compute_dtype = parse_dtype(opts.compute_dtype) if opts.compute_dtype is not None else dtype
     if opts.device_map is not None:
         device = opts.device_map
     _check_device(device)
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir)
     config.update_from_generation_config(model_dir)
-    stored_type = _prequantized_type(config, model_dir)
+    stored_type, stored_compute_dtype = _prequantized_format(config, model_dir) or (None, None)
     if stored_type is not None and quantization not in (None, stored_type):
         raise ValueError(f"{model_dir} is pre-quantized as {stored_type}; quantization={quantization!r} cannot "
                          f"re-quantize it; valid: None or {stored_type!r}")
+    if stored_type is not None:
+        quantization = None  # the checkpoint says which linears are 4-bit; its dense ones stay dense
+    compute_dtype = parse_dtype(opts.compute_dtype) if opts.compute_dtype is not None else stored_compute_dtype or dtype
     index = checkpoint_index(model_dir)
     devices = _layer_devices(device, config, index, quantization is not None, opts, dtype)
     with torch.device("meta"):
         model = Llama(config)
-    reader = _CheckpointReader(model, config, index, devices, dtype, compute_dtype, quantization, opts, model_dir)
-    reader.load_all(stored_type)
+    reader = _CheckpointReader(model, config, index, devices, dtype, compute_dtype, quantization, opts, model_dir,
+                               stored_type)
+    reader.load_all()
     model.inv_freq = model.inv_freq.to(devices[0])
     model.gradient_checkpointing = opts.gradient_checkpointing
     return model.eval()
@@ -200,10 +216,11 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
 class _CheckpointReader:
     """Moves checkpoint tensors into a meta-built `Llama`, one at a time, checking names and shapes."""
 
-    def __init__(self, model, config, index, devices, dtype, compute_dtype, quantization, opts, model_dir):
+    def __init__(self, model, config, index, devices, dtype, compute_dtype, quantization, opts, model_dir,
+                 stored_type):
         self.model, self.config, self.index, self.devices = model, config, index, devices
         self.dtype, self.compute_dtype, self.quantization, self.opts = dtype, compute_dtype, quantization, opts
-        self.model_dir = model_dir
+        self.model_dir, self.stored_type = model_dir, stored_type
         self.consumed: set[str] = set()
         self.handles: dict[str, object] = {}
 
@@ -229,9 +246,12 @@ class _CheckpointReader:
             raise ValueError(f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}, but the config "
                              f"({self.model_dir}/config.json) needs {list(expected)}")
 
-    def load_all(self, stored_type: str | None) -> None:
+    def load_all(self) -> None:
         from safetensors import SafetensorError, safe_open
 
+        if self.stored_type is None and any(k.endswith(BNB_SUFFIXES) for k in self.index):
+            raise ValueError(f"{self.model_dir}: 4-bit quant_state tensors found but config.json has no "
+                             f"bitsandbytes quantization_config")
         with contextlib.ExitStack() as stack:
             for file in sorted({e.file for e in self.index.values()}):
                 try:  # read_safetensors_header mirrors safetensors' checks; this names the file should they differ
@@ -245,7 +265,7 @@ class _CheckpointReader:
                 if key not in self.index or key in self.consumed:  # absent, or a bias taken by its 4-bit linear
                     continue
                 module_name, _, pname = name.rpartition(".")
-                if pname == "weight" and module_name in linears and f"{key}.absmax" in self.index:
+                if pname == "weight" and module_name in linears and any(key + s in self.index for s in BNB_SUFFIXES):
                     self.load_prequantized(module_name)
                 elif pname == "weight" and module_name in linears and self.quantization and not _skipped(
                         module_name, self.opts.skip_modules):
@@ -254,9 +274,6 @@ class _CheckpointReader:
                     self.check_shape(key, param.shape)
                     t = self.read(key).to(self.device_of(key), self.dtype)
                     setattr(self.model.get_submodule(module_name), pname, nn.Parameter(t))
-        if stored_type is None and any(k.endswith(BNB_SUFFIXES) for k in self.index):
-            raise ValueError(f"{self.model_dir}: 4-bit quant_state tensors found but config.json has no "
-                             f"bitsandbytes quantization_config")
         self.finish()
 
     def finish(self) -> None:
@@ -309,6 +326,10 @@ class _CheckpointReader:
             qweight = from_bnb_state_dict(sd, prefix)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{self.index[prefix].file}: bad 4-bit state for {prefix!r}: {e}") from None
+        if qweight.state.quant_type != self.stored_type:  # transformers would build this layer as the config says
+            raise ValueError(f"{self.index[prefix].file}: tensor {prefix!r} is {qweight.state.quant_type}, but "
+                             f"config.json's quantization_config has bnb_4bit_quant_type {self.stored_type!r}; "
+                             f"valid: a config that matches its tensors")
         if tuple(qweight.shape) != tuple(linear.weight.shape):
             raise ValueError(f"{self.index[prefix].file}: tensor {prefix!r} has shape {list(qweight.shape)}, but "
                              f"the config needs {list(linear.weight.shape)}")
@@ -367,6 +388,21 @@ def save_pretrained(model: Llama, out_dir: str, max_shard_bytes: int | None = No
     write_checkpoint(out_dir, _checkpoint_tensors(model), config, max_shard_bytes)
 
 
+def _skip_modules(model: Llama) -> list[str]:
+    """llm_int8_skip_modules for `model`: its dense linears, each by attribute name (e.g. "lm_head") where no 4-bit
+    linear's name ends in it (transformers skips every module whose name ends in an entry), else by full name.
+
+    Never None: transformers reads None as "skip my defaults", which include the lm_head even when it is 4-bit.
+    """
+    quantized = [n for n, m in model.named_modules() if _is_quantized(m)]
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = set()
+    for name in dense:
+        short = name.rpartition(".")[2]
+        names.add(name if any(q.endswith(short) for q in quantized) else short)
+    return sorted(names)
+
+
 def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = None) -> None:
     """Write a 4-bit `model` in transformers + bitsandbytes' format (loadable by `from_pretrained` and by us)."""
     quantized = [m for m in model.modules() if _is_quantized(m)]
@@ -379,11 +415,10 @@ def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = Non
     quant_type, double_quant, compute_dtype = formats.pop()
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    dense = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": dense or None,
+        "llm_int8_skip_modules": _skip_modules(model),
     }
     write_checkpoint(out_dir, _checkpoint_tensors(model), config, max_shard_bytes)

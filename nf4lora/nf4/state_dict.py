@@ -19,11 +19,14 @@ import math
 import torch
 
 from .blockwise import num_blocks
-from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code
 from .tensor import QuantizedTensor, QuantState
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STATE_KEY = "quant_state.bitsandbytes__"
+# the quant_state JSON's fields, in bitsandbytes' order; its QuantState.from_dict refuses any other
+_FIELDS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 _BLOCKSIZES_TEXT = ", ".join(map(str, BLOCKSIZES))
 
 
@@ -110,6 +113,9 @@ def _read_meta(state_dict: dict, meta_key: str) -> dict:
         raise ValueError(f"{corrupt}: {exc!r}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{corrupt}: expected a JSON object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"{meta_key!r} has unknown field(s) {unknown}; valid: {', '.join(_FIELDS)}")
     return meta
 
 
@@ -148,6 +154,8 @@ def _nested_fields(state_dict: dict, prefix: str, meta: dict, meta_key: str, n_b
     nested_blocksize = _meta_field(
         meta, meta_key, "nested_blocksize", _is_blocksize, _BLOCKSIZES_TEXT, default=NESTED_BLOCKSIZE
     )
+    # bitsandbytes decodes the 8-bit absmax in nested_dtype; it only ever writes float32, the dtype we decode in
+    _meta_field(meta, meta_key, "nested_dtype", lambda v: v == "float32", "'float32'", default="float32")
     offset = _meta_field(meta, meta_key, "nested_offset", _is_finite_number, "a finite number")
     nested_absmax = _require_float32(state_dict, f"{prefix}.nested_absmax", (num_blocks(n_blocks, nested_blocksize),))
     return dict(
@@ -156,6 +164,19 @@ def _nested_fields(state_dict: dict, prefix: str, meta: dict, meta_key: str, n_b
         nested_code=_require_float32(state_dict, f"{prefix}.nested_quant_map", (256,)),
         nested_blocksize=nested_blocksize,
     )
+
+
+def _require_codebook(state_dict: dict, prefix: str, quant_type: str) -> torch.Tensor:
+    """`{prefix}.quant_map`, refused unless it is `quant_type`'s codebook: bitsandbytes decodes with the table of
+    quant_type and ignores quant_map, so any other map would decode differently there and here."""
+    key = f"{prefix}.quant_map"
+    code = _require_float32(state_dict, key, (16,))
+    expected = get_code(quant_type).to(code.device)
+    if not torch.equal(code, expected):
+        diff = float((code - expected).abs().max())
+        raise ValueError(f"{key} is not the {quant_type} codebook (differs by up to {diff:.3g}); valid: exactly "
+                         f"bitsandbytes' {quant_type} table, which is what bitsandbytes decodes it with")
+    return code
 
 
 def _check_absmax(absmax: torch.Tensor, key: str, double_quant: bool) -> None:
@@ -173,7 +194,8 @@ def _check_absmax(absmax: torch.Tensor, key: str, double_quant: bool) -> None:
 
 def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight") -> QuantizedTensor:
     """Rebuild a `QuantizedTensor` from the bitsandbytes entries under `prefix`; refuses a corrupt or mismatched
-    state (missing keys, wrong dtypes or shapes, bad quant_state fields, non-finite values) with a ValueError."""
+    state (missing or stray keys, wrong dtypes or shapes, bad or unknown quant_state fields, non-finite values, a
+    quant_map that is not its quant_type's codebook) with a ValueError naming the key."""
     found = [qt for qt in QUANT_TYPES if f"{prefix}.{_STATE_KEY}{qt}" in state_dict]
     if len(found) != 1:
         raise ValueError(
@@ -188,6 +210,10 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     packed = _require(state_dict, prefix)
     absmax = _require(state_dict, f"{prefix}.absmax")
     double_quant = "nested_offset" in meta
+    stray = [f"{prefix}.{k}" for k in _NESTED_KEYS if f"{prefix}.{k}" in state_dict]
+    if stray and not double_quant:
+        raise ValueError(f"{prefix} has {', '.join(stray)} but no nested_offset in {meta_key!r}; valid: both nested "
+                         f"tensors and nested_offset (double quantization), or none of them")
     _check_absmax(absmax, f"{prefix}.absmax", double_quant)
     state = QuantState(
         absmax=absmax,
@@ -195,7 +221,7 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
         dtype=_DTYPES[dtype_name],
         blocksize=blocksize,
         quant_type=found[0],
-        code=_require_float32(state_dict, f"{prefix}.quant_map", (16,)),
+        code=_require_codebook(state_dict, prefix, found[0]),
     )
     if double_quant:
         nested = _nested_fields(state_dict, prefix, meta, meta_key, num_blocks(shape.numel(), blocksize))
