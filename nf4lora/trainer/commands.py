@@ -35,8 +35,9 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
 
     device = resolve_device(args.device)
     quantization = None if args.quantization == "none" else args.quantization
-    model = load_model(args.model, quantization=quantization, dtype=resolve_dtype(args.dtype, device), device=device,
-                       blocksize=args.blocksize, double_quant=args.double_quant)
+    dtype = resolve_dtype(args.dtype, device)  # --dtype is the compute dtype, a pre-quantized checkpoint's too
+    model = load_model(args.model, quantization=quantization, dtype=dtype, device=device, blocksize=args.blocksize,
+                       double_quant=args.double_quant, compute_dtype=dtype)
     return model, device
 
 

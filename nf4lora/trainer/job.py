@@ -125,12 +125,13 @@ def _inject(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def load_base(model_dir: str, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The base model with NF4/FP4 (or unquantized) linear weights and ``dtype`` compute."""
+    """The base model with NF4/FP4 (or unquantized) linear weights and ``dtype`` compute, also for a pre-quantized
+    checkpoint whose quantization_config names another compute dtype (``--dtype`` decides)."""
     from nf4lora.model import load_model
 
     quantization = None if config.quantization == "none" else config.quantization
     return load_model(model_dir, quantization=quantization, dtype=dtype, device=device,
-                      blocksize=config.blocksize, double_quant=config.double_quant)
+                      blocksize=config.blocksize, double_quant=config.double_quant, compute_dtype=dtype)
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

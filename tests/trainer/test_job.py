@@ -246,3 +246,22 @@ def test_resume_at_an_arbitrary_step_reproduces_the_whole_run_and_its_final_stat
                    if "state1" in e)
     for key in ("step", "tokens", "optimizer", "scheduler", "scaler", "rng"):
         assert _same(resumed[key], uninterrupted[key]), key
+
+
+def test_dtype_sets_the_compute_dtype_of_a_prequantized_base(tmp_path, tiny_model_dir):
+    """A bitsandbytes-format checkpoint records bnb_4bit_compute_dtype; the trainer's and the commands' --dtype
+    still decide what the NF4 layers compute in."""
+    import argparse
+
+    from nf4lora.model import load_model, save_quantized
+    from nf4lora.trainer.commands import _load
+    from nf4lora.trainer.config import TrainConfig
+    from nf4lora.trainer.job import load_base
+
+    saved = tmp_path / "bnb4"
+    save_quantized(load_model(str(tiny_model_dir), quantization="nf4", compute_dtype=torch.bfloat16), str(saved))
+    base = load_base(str(saved), TrainConfig(model=str(saved)), torch.device("cpu"), torch.float32)
+    args = argparse.Namespace(model=str(saved), quantization="nf4", dtype="fp32", device="cpu", blocksize=64,
+                              double_quant=True)
+    for model in (base, _load(args)[0]):
+        assert {m.compute_dtype for m in model.modules() if type(m).__name__ == "NF4Linear"} == {torch.float32}
