@@ -5,12 +5,17 @@ Both kinds expose `.encode(text) -> list[int]`, `.decode(ids) -> str`, `.bos_id`
 `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`, `add_eos_token`),
 `generation_config.json` (`bos_token_id`, `eos_token_id` int or list, `pad_token_id`), then the tokenizer itself.
 Llama has no pad token; `pad_id` then falls back to `eos_id`, which is safe because padded positions are masked.
+Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers. Intentional
+differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
+ignores them unless the tokenizer class rewrites its post-processor), leading whitespace in a sentencepiece text keeps
+sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special tokens.
 `tokenizer.json` needs the optional `tokenizers` package (`pip install nf4lora[tokenizers]`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
 from nf4lora.jsonfile import read_json_object
@@ -48,6 +53,7 @@ class _SpecialTokens:
         self.eos_ids = tuple(dict.fromkeys(i for i in [self.eos_id, *extra] if i is not None))
         self.add_bos = tok_cfg.get("add_bos_token")
         self.add_eos = tok_cfg.get("add_eos_token")
+        self.legacy = tok_cfg.get("legacy")
 
     def ids(self) -> tuple:
         return self.bos_id, self.eos_id, self.pad_id, self.eos_ids
@@ -77,6 +83,14 @@ class SentencePieceTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.eos_ids = special.ids()
         self.add_bos = True if special.add_bos is None else special.add_bos
         self.add_eos = bool(special.add_eos)
+        # Like transformers, "<s>", "</s>", "<unk>" written in the text are those tokens (sentencepiece alone would
+        # spell them out), and the text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
+        self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        configured = (self.bos_id, self.eos_id, self.pad_id)
+        self.special_ids.update(i for i in configured if i is not None and i < self.vocab_size)
+        pieces = sorted((self.sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")")
+        self._legacy = bool(special.legacy)
 
     @property
     def vocab_size(self) -> int:
@@ -84,16 +98,29 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS/EOS per the config unless `bos`/`eos` say otherwise."""
-        ids = self.sp.encode(text)
+        ids = []
+        for k, part in enumerate(self._special_re.split(text)):
+            if k % 2:
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                ids += self._encode_plain(part, after_special=k > 0)
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         if (self.add_eos if eos is None else eos) and self.eos_id is not None:
             ids = [*ids, self.eos_id]
         return ids
 
+    def _encode_plain(self, text: str, after_special: bool) -> list[int]:
+        """sentencepiece's ids of `text`, which holds no special token; after one, without the dummy-prefix space
+        unless `legacy` (transformers' trick: encode behind "<unk>" spelt out, then drop that)."""
+        if not after_special or self._legacy:
+            return self.sp.encode(text)
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        return self.sp.encode(unk + text)[len(self.sp.encode(unk)):]
+
     def decode(self, ids) -> str:
-        """Text of `ids`; control tokens (BOS, EOS, pad) decode to nothing."""
-        return self.sp.decode([int(i) for i in ids])
+        """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
 
 
 class HFTokenizer:
@@ -119,12 +146,16 @@ class HFTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
-        """Token ids of `text`: the post-processor's specials, then BOS/EOS forced on or off where asked."""
-        ids = self.tok.encode(text, add_special_tokens=True).ids
+        """Token ids of `text`: the post-processor's specials, then BOS/EOS forced on or off where asked.
+
+        Only the ids the post-processor added are ever dropped: a BOS or EOS written literally in `text` (split out
+        as one id, as transformers does) stays."""
+        enc = self.tok.encode(text, add_special_tokens=True)
+        ids, added = enc.ids, [s is None for s in enc.sequence_ids]
         want_bos = self.add_bos if bos is None else bos
         want_eos = self.add_eos if eos is None else eos
-        has_bos = bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
-        has_eos = bool(ids) and self.eos_id is not None and ids[-1] == self.eos_id
+        has_bos = bool(ids) and added[0] and ids[0] == self.bos_id
+        has_eos = len(ids) > has_bos and added[-1] and ids[-1] == self.eos_id  # not the BOS when bos == eos
         if want_bos is not None and self.bos_id is not None and want_bos != has_bos:
             ids = [self.bos_id, *ids] if want_bos else ids[1:]
         if want_eos is not None and self.eos_id is not None and want_eos != has_eos:

@@ -117,8 +117,8 @@ def test_sentencepiece_encodes_like_transformers_llama_tokenizer(llama_sp_dir):
     vocab = {tok.sp.id_to_piece(i): i for i in range(tok.vocab_size)}
     hf = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), add_bos_token=True)
     assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
-    # no leading whitespace (transformers' Metaspace adds no dummy prefix before one) and no special-token text
-    # (transformers splits "<s>" out as BOS; sentencepiece, like us, encodes it as plain text)
+    # no leading whitespace (transformers' Metaspace adds no dummy prefix before one, sentencepiece and we do);
+    # special-token text is covered in test_tokenizer_audit.py
     texts = ["Hello world", "trailing spaces  ", "The lazy fox 123 café 東京 😀", "a", "",
              "Hi\nthere  two\ttab", "Llamas spit 4-bit weights!", "ünïcödé ÅÆØ ½ ﬁ"]
     for text in texts:
