@@ -54,6 +54,16 @@ def kernel_mode() -> str:
     return mode
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on ``device`` while it is enabled there, else None.
+
+    Note: autocast reaches neither the Triton kernels nor the in-place and mixed-dtype ops inside the custom
+    autograd Functions, so their entry points cast their inputs to this dtype themselves, as ``F.linear`` would be
+    cast, and run with autocast off; forward and backward then see one dtype on every path.
+    """
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 @contextlib.contextmanager
 def use_kernels(mode: str) -> Iterator[None]:
     """Force ``mode`` (``auto``, ``triton`` or ``reference``) for calls made inside the block.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from nf4lora.kernels.dispatch import FLOAT_DTYPES, kernel_mode, use_kernels, use_triton
+from nf4lora.kernels.dispatch import FLOAT_DTYPES, autocast_dtype, kernel_mode, use_kernels, use_triton
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
 from nf4lora.nf4.blockwise import check_float_input
 from nf4lora.nf4.tensor import QuantizedTensor
@@ -161,9 +161,14 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
 
     x: (..., K) fp32/fp16/bf16; qweight: ``QuantizedTensor`` of shape (N, K) on x's device; bias: (N,) fp32/fp16/bf16
     or None.
-    Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it).
+    Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it); under
+    ``torch.autocast`` it is autocast's dtype, to which x and bias are cast first (``dispatch.autocast_dtype``).
     """
     _check_linear_args(x, qweight, bias)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_linear(x.to(dtype), qweight, None if bias is None else bias.to(dtype))
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return NF4LinearFunction.apply(x, bias, qweight)
     # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from nf4lora.kernels.dispatch import autocast_dtype
+
 
 class LoraAddFunction(torch.autograd.Function):
     """y + scaling * (x_lora @ A.T) @ B.T as one addmm: in place into y (marked dirty) unless y is a view."""
@@ -75,8 +77,11 @@ def lora_add(y: torch.Tensor, x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b
 
     x_lora: (..., K) in y.dtype; lora_a: (r, K) and lora_b: (N, r) in y.dtype (cast by the caller,
     so that autograd returns their gradients in the parameters' dtype). Returns the result, which
-    is ``y`` itself when it was updated in place.
+    is ``y`` itself when it was updated in place. Under ``torch.autocast`` the matmuls still run in y.dtype.
     """
+    if autocast_dtype(y.device) is not None:
+        with torch.autocast(y.device.type, enabled=False):
+            return lora_add(y, x_lora, lora_a, lora_b, scaling)
     if not (x_lora.dtype == lora_a.dtype == lora_b.dtype == y.dtype):
         raise TypeError(
             f"lora_add needs one compute dtype, got y {y.dtype}, x {x_lora.dtype}, A {lora_a.dtype}, B {lora_b.dtype}"
@@ -94,8 +99,9 @@ def lora_add_reference(
 
 
 def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * B @ A``: (N, K) float32, the change a merge adds to the base weight."""
-    return (lora_b.float() @ lora_a.float()) * scaling
+    """``scaling * B @ A``: (N, K) float32, the change a merge adds to the base weight (and DoRA's norm reads)."""
+    with torch.autocast(lora_a.device.type, enabled=False):  # autocast would round this fp32 product to bf16
+        return (lora_b.float() @ lora_a.float()) * scaling
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from nf4lora.kernels import dequantize
-from nf4lora.kernels.dispatch import kernel_mode, use_kernels
+from nf4lora.kernels.dispatch import autocast_dtype, kernel_mode, use_kernels
 from nf4lora.nf4.tensor import QuantizedTensor
 
 
@@ -132,8 +132,16 @@ def lora_linear(
     all in one compute dtype (x.dtype). lora_a: (r, K) and lora_b: (N, r) in any float dtype (their
     storage dtype, fp32 by default): the matmuls run in x.dtype and their gradients come back in
     theirs. Pass ``x_lora=x`` (the same object) when there is no dropout, so that grad_x comes out
-    of a single GEMM. Returns (..., N) in x.dtype.
+    of a single GEMM. Returns (..., N) in x.dtype; under ``torch.autocast``, x, x_lora, bias and a dense weight are
+    cast to autocast's dtype first and the result is in that dtype (``dispatch.autocast_dtype``).
     """
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            casts = [xc if x_lora is x else x_lora.to(dtype)]
+            casts += [t if t is None or isinstance(t, QuantizedTensor) else t.to(dtype) for t in (weight, bias)]
+            return lora_linear(xc, *casts, lora_a, lora_b, scaling)
     dense = weight if isinstance(weight, torch.Tensor) else None
     wrong = {
         name: t.dtype for name, t in (("x_lora", x_lora), ("bias", bias), ("weight", dense))

@@ -153,8 +153,8 @@ class LoraLinear(nn.Module):
         return self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The base layer and adapter ``name`` in one node, in the base's compute dtype; out in x's dtype as the
-        base layer's own output is."""
+        """The base layer and adapter ``name`` in one node, in the base's compute dtype; out in the dtype of the base
+        layer's own output (x's dtype for NF4Linear, the compute dtype for nn.Linear, which autocast may change)."""
         dtype = x.dtype
         x = self._compute_input(x)
         dropout = self.lora_dropout[name]
@@ -162,7 +162,7 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         y = lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
-        return output_in_dtype(y, dtype)
+        return y if isinstance(base, nn.Linear) else output_in_dtype(y, dtype)
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base output plus earlier adapters) plus adapter ``name``'s LoRA or DoRA term."""
