@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import torch
 
+from nf4lora.jsonfile import read_json_object
+
 from .config import RESUME_KEYS, TrainConfig, UsageError
 
 STATE_FILE = "trainer_state.pt"
@@ -192,8 +194,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _load_failure(exc: Exception) -> str:
-    """Why ``torch.load`` failed, in one line. A weights-only refusal names what it refused rather than
-    repeating torch's advice to load the file unsafely."""
+    """Why a checkpoint file could not be read, in one line. A weights-only refusal of ``torch.load`` names what it
+    refused rather than repeating torch's advice to load the file unsafely."""
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
     if refused:
         return f"it holds a pickled {refused.group(1)}, and a resume loads only tensors and plain values"
@@ -210,11 +212,10 @@ def _read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]] | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest ({type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        manifest = read_json_object(path)
+    except (OSError, ValueError) as exc:
+        raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest ({_load_failure(exc)})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise _refuse(checkpoint, f"{MANIFEST_FILE} is not a checkpoint manifest (expected a JSON object with "
                                   f"\"format\": {MANIFEST_FORMAT})")
     files = manifest.get("files")
