@@ -91,6 +91,9 @@ class SentencePieceTokenizer:
         pieces = sorted((self.sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")")
         self._legacy = bool(special.legacy)
+        # transformers' trick for the text after a special token: encode it behind "<unk>" spelt out, drop those ids
+        self._unk_text = self.sp.id_to_piece(self.sp.unk_id())
+        self._unk_text_ids = len(self.sp.encode(self._unk_text))
 
     @property
     def vocab_size(self) -> int:
@@ -112,11 +115,10 @@ class SentencePieceTokenizer:
 
     def _encode_plain(self, text: str, after_special: bool) -> list[int]:
         """sentencepiece's ids of `text`, which holds no special token; after one, without the dummy-prefix space
-        unless `legacy` (transformers' trick: encode behind "<unk>" spelt out, then drop that)."""
+        unless `legacy`."""
         if not after_special or self._legacy:
             return self.sp.encode(text)
-        unk = self.sp.id_to_piece(self.sp.unk_id())
-        return self.sp.encode(unk + text)[len(self.sp.encode(unk)):]
+        return self.sp.encode(self._unk_text + text)[self._unk_text_ids:]
 
     def decode(self, ids) -> str:
         """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces) decode to nothing."""
