@@ -23,27 +23,26 @@ class _NanGrad(torch.autograd.Function):
         return torch.full_like(grad, math.nan)
 
 
+def _check_with_unfused(unfused_weight) -> float:
+    """bench_lora.check on fake peers: peft and ours are F.linear on a random w, the unfused path uses
+    ``unfused_weight(w)``."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    peers = {
+        "peft": (lambda x: F.linear(x, w), [w]),
+        "ours": (lambda x: F.linear(x, w), [w]),
+        "ours_unfused": (lambda x: F.linear(x, unfused_weight(w)), [w]),
+    }
+    x = torch.randn(2, 4, requires_grad=True)
+    return bench_lora.check(peers, x, torch.randn(2, 3))
+
+
 def test_check_returns_nan_when_the_last_gradient_is_nan():
     # builtin max() keeps its first operand when the other is NaN: the NaN weight gradient of the unfused path,
     # compared last, used to vanish and the check passed at 0.0
-    torch.manual_seed(0)
-    w = torch.randn(3, 4, requires_grad=True)
-    peers = {
-        "peft": (lambda x: F.linear(x, w), [w]),
-        "ours": (lambda x: F.linear(x, w), [w]),
-        "ours_unfused": (lambda x: F.linear(x, _NanGrad.apply(w)), [w]),
-    }
-    x = torch.randn(2, 4, requires_grad=True)
-    assert math.isnan(bench_lora.check(peers, x, torch.randn(2, 3)))
+    assert math.isnan(_check_with_unfused(_NanGrad.apply))
 
 
 def test_check_is_the_largest_relative_error_over_output_and_gradients():
-    torch.manual_seed(0)
-    w = torch.randn(3, 4, requires_grad=True)
-    peers = {
-        "peft": (lambda x: F.linear(x, w), [w]),
-        "ours": (lambda x: F.linear(x, w), [w]),
-        "ours_unfused": (lambda x: F.linear(x, 1.01 * w), [w]),  # y, grad_x and grad_w all 1% off
-    }
-    x = torch.randn(2, 4, requires_grad=True)
-    assert bench_lora.check(peers, x, torch.randn(2, 3)) == pytest.approx(0.01, rel=1e-4)
+    # y, grad_x and grad_w all 1% off
+    assert _check_with_unfused(lambda w: 1.01 * w) == pytest.approx(0.01, rel=1e-4)

@@ -31,6 +31,13 @@ def full_state():
             "scaler": None, "rng": rng_state()}
 
 
+def assert_refused_in_one_line(checkpoint, pattern):
+    """load_state refuses ``checkpoint`` with a one-line UsageError matching ``pattern``."""
+    with pytest.raises(UsageError, match=pattern) as exc:
+        load_state(checkpoint)
+    assert len(str(exc.value).splitlines()) == 1
+
+
 def flip_a_bit(path):
     """Flip one bit in the middle of a file: in trainer_state.pt, inside the marked tensor's data."""
     data = bytearray(path.read_bytes())
@@ -61,10 +68,8 @@ def test_a_damaged_checkpoint_file_is_refused_in_one_line_naming_it(tmp_path, na
     checkpoint = save_checkpoint(tmp_path / "run ü 1", 3, write_adapter, full_state())
     assert torch.equal(load_state(checkpoint)["optimizer"]["state"][0]["exp_avg"], MARKED)
     damage(checkpoint / name)
-    with pytest.raises(UsageError, match=rf"^--resume .*run ü 1/checkpoint-3: {name} {problem}; use another "
-                                         rf"checkpoint$") as exc:
-        load_state(checkpoint)
-    assert len(str(exc.value).splitlines()) == 1
+    assert_refused_in_one_line(checkpoint, rf"^--resume .*run ü 1/checkpoint-3: {name} {problem}; use another "
+                                           rf"checkpoint$")
 
 
 def test_the_manifest_records_the_size_and_sha256_of_every_checkpoint_file(tmp_path):
@@ -102,10 +107,8 @@ def _edit_files(edit):
 def test_a_malformed_manifest_is_refused_in_one_line_naming_it(tmp_path, damage):
     checkpoint = save_checkpoint(tmp_path, 3, write_adapter, full_state())
     damage(checkpoint)
-    with pytest.raises(UsageError, match=r"^--resume .*checkpoint-3: manifest.json is not a checkpoint manifest "
-                                         r"\(.+\); use another checkpoint$") as exc:
-        load_state(checkpoint)
-    assert len(str(exc.value).splitlines()) == 1
+    assert_refused_in_one_line(checkpoint, r"^--resume .*checkpoint-3: manifest.json is not a checkpoint manifest "
+                                           r"\(.+\); use another checkpoint$")
 
 
 def test_a_checkpoint_that_lost_its_manifest_is_refused(tmp_path):
