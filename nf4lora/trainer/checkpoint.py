@@ -153,8 +153,14 @@ def publish_file(path: Path, data: bytes) -> None:
     data goes to a temp file that is flushed, renamed over ``path``, and the rename flushed."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
-    _fsync(tmp, os.O_RDONLY)
-    os.replace(tmp, path)
+    move_file_into_place(tmp, path)
+
+
+def move_file_into_place(written: Path, path: Path) -> None:
+    """Replace ``path`` with the complete file ``written`` (on the same file system) in one rename: flushed to disk
+    first, and the rename flushed after."""
+    _fsync(written, os.O_RDONLY)
+    os.replace(written, path)
     _fsync_dir(path.parent)
 
 

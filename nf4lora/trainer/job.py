@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import (STATE_FILE, check_compatible, load_state, publish_file, resolve_checkpoint,
-                         set_rng_state)
+from .checkpoint import (STATE_FILE, check_compatible, load_state, move_file_into_place, publish_file,
+                         resolve_checkpoint, set_rng_state)
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
 from .data import (DATA_ORDER, BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack,
@@ -374,15 +374,16 @@ def _fill_run_dir(p: Prepared, config: TrainConfig) -> None:
 
 
 def _publish_adapter(write_adapter: Callable[[Path], None], run_dir: Path) -> None:
-    """Write the final adapter next to the run's files, then replace each of them in one rename. Weights go first:
-    a crash in between leaves the new weights beside the previous config, which a resumed run shares (its LoRA
-    settings cannot change), and a fresh run's config never appears without weights."""
+    """Write the final adapter next to the run's files (same file system), then move each file over its old copy in
+    one rename, without copying it. Weights go first: a crash in between leaves the new weights beside the previous
+    config, which a resumed run shares (its LoRA settings cannot change), and a fresh run's config never appears
+    without weights."""
     from nf4lora.lora.adapters import CONFIG_NAME
 
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
         write_adapter(Path(tmp))
         for path in sorted(Path(tmp).iterdir(), key=lambda f: f.name == CONFIG_NAME):
-            publish_file(run_dir / path.name, path.read_bytes())
+            move_file_into_place(path, run_dir / path.name)
 
 
 def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None,
