@@ -39,6 +39,7 @@ def _check_mode(mode: str, source: str) -> str:
 _ENV_MODES: dict[str, str] = {}  # $NF4LORA_KERNELS value -> parsed mode
 _PROCESS: dict[str, object] = {}  # triton_available, interpreting
 _PROPERTIES: dict[int, object] = {}  # GPU index -> torch.cuda.get_device_properties
+_AUTOCAST_TYPES: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
 
 
 def kernel_mode() -> str:
@@ -61,7 +62,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     autograd Functions, so their entry points cast their inputs to this dtype themselves, as ``F.linear`` would be
     cast, and run with autocast off; forward and backward then see one dtype on every path.
     """
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    kind = device.type
+    available = _AUTOCAST_TYPES.get(kind)
+    if available is None:  # torch raises when asked about autocast on a device type without it (meta)
+        available = _AUTOCAST_TYPES[kind] = torch.amp.is_autocast_available(kind)
+    return torch.get_autocast_dtype(kind) if available and torch.is_autocast_enabled(kind) else None
 
 
 @contextlib.contextmanager

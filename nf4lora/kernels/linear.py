@@ -179,13 +179,18 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
 def nf4_linear_parts(x: torch.Tensor, qweights: list[QuantizedTensor]) -> list[torch.Tensor]:
     """``[nf4_linear(x, W) for W in qweights]`` (no bias), as one fused launch where it can be.
 
-    x: (..., K); qweights: ``QuantizedTensor`` (N_p, K). Returns [(..., N_p)] in x.dtype, views of one buffer
-    on the fused path. That path takes the Triton route with 1 or 2 rows of x, no autograd to x, and weights
-    that ``gemv_nf4.parts_supported`` accepts; anything else makes one ``nf4_linear`` call per weight.
+    x: (..., K); qweights: ``QuantizedTensor`` (N_p, K). Returns [(..., N_p)] in x.dtype (autocast's dtype under
+    ``torch.autocast``, as ``nf4_linear``), views of one buffer on the fused path. That path takes the Triton
+    route with 1 or 2 rows of x, no autograd to x, and weights that ``gemv_nf4.parts_supported`` accepts;
+    anything else makes one ``nf4_linear`` call per weight.
     """
     _check_x(x)
     if isinstance(qweights, QuantizedTensor):
         raise TypeError("qweights must be a list of QuantizedTensor, got QuantizedTensor")
+    dtype = autocast_dtype(x.device)
+    if dtype is not None and x.dtype in FLOAT_DTYPES:  # as nf4_linear casts; another dtype goes on to its refusal
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_linear_parts(x.to(dtype), qweights)
     x2d = x.reshape(-1, x.shape[-1])
     if use_triton(x.device) and not (torch.is_grad_enabled() and x.requires_grad):
         from nf4lora.kernels.gemv_nf4 import fused_matmul_parts, parts_supported

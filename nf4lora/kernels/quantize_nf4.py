@@ -175,12 +175,19 @@ class _Tables(NamedTuple):
     ascending: bool  # the sort order is the identity (NF4), so the kernel skips its lookup
 
 
+def _code_key(code: torch.Tensor) -> tuple[int, ...]:
+    """``code`` (C,) float32 as its bit patterns: the tables' cache key. As Python floats -0.0 == 0.0, so a
+    codebook and its copy with a zero's sign flipped would share one entry and the second record the first's code."""
+    return tuple(code.view(torch.int32).tolist())
+
+
 @functools.lru_cache(maxsize=64)
-def _lookup_tables(code_values: tuple[float, ...], device: torch.device) -> _Tables:
-    """The codebook ``code_values`` and its search tables on ``device``. The 16-code tables are read
-    like a codebook, one entry per lane. Cached so that quantizing a model's layers does not rebuild
-    them (a 65536-entry search for 256 codes) and copy them to the device for every weight."""
-    code = torch.tensor(code_values, dtype=torch.float32)  # float32 values round-trip through Python floats
+def _lookup_tables(code_bits: tuple[int, ...], device: torch.device) -> _Tables:
+    """The codebook whose float32 bit patterns are ``code_bits`` (``_code_key``) and its search tables on
+    ``device``. The 16-code tables are read like a codebook, one entry per lane. Cached so that quantizing a
+    model's layers does not rebuild them (a 65536-entry search for 256 codes) and copy them to the device for
+    every weight."""
+    code = torch.tensor(code_bits, dtype=torch.int32).view(torch.float32)
     if code.numel() == 256:
         table = blockwise.bin_table(code).to(device=device, dtype=torch.int32)
         return _Tables(code.to(device), table, code.to(device), ascending=False)
@@ -193,13 +200,13 @@ def _lookup_tables(code_values: tuple[float, ...], device: torch.device) -> _Tab
 @functools.lru_cache(maxsize=8)
 def _nested_tables(device: torch.device) -> _Tables:
     """The double quantization's 256-code tables (hashing their 256 values once per device, not per call)."""
-    return _lookup_tables(tuple(codebook.dynamic_map(signed=True).tolist()), device)
+    return _lookup_tables(_code_key(codebook.dynamic_map(signed=True)), device)
 
 
 @functools.lru_cache(maxsize=16)
 def _named_tables(quant_type: str, device: torch.device) -> _Tables:
     """The tables of a named codebook ("nf4", "fp4"), without building and hashing its values on every call."""
-    return _lookup_tables(tuple(codebook.get_code(quant_type).tolist()), device)
+    return _lookup_tables(_code_key(codebook.get_code(quant_type)), device)
 
 
 def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None):
@@ -241,7 +248,7 @@ def quantize_triton(
         tables = _named_tables(quant_type, w.device)
     else:
         code, quant_type = codebook.resolve_code(quant_type, code)
-        tables = _lookup_tables(tuple(code.tolist()), w.device)
+        tables = _lookup_tables(_code_key(code), w.device)
     # the kernel reads w flat through its data pointer, so a contiguous w needs no reshaped view
     packed, absmax = _launch(w if w.is_contiguous() else w.contiguous(), tables, blocksize, offset=None)
     # The state's codebooks are the cached device tensors, shared by every weight quantized with them:
