@@ -31,21 +31,29 @@ STATIC_CACHE_MULTIPLE = 256
 GRAPH_MIN_NEW_TOKENS = 8
 
 
-def _as_batch(prompts, attention_mask, pad_id: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (B, T) int64, mask (B, T) bool) from a (B, T) or (T,) tensor with its optional 0/1 mask, one token
-    list, or a list of token lists (left-padded with pad_id). Refuses, in one line, what generate cannot continue:
-    empty rows, rows ending in padding, token ids outside [0, vocab_size)."""
+def _as_batch(prompts, attention_mask, pad_id: int, pad_marks_padding: bool, vocab_size: int,
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T) int64, mask (B, T) bool) from a (B, T) or (T,) tensor with its optional 0/1 mask of the same
+    shape (without one: padding where it holds pad_id if `pad_marks_padding`, else none), one token list, or a list
+    of token lists (left-padded with pad_id). Refuses, in one line, what generate cannot continue: empty rows, rows
+    ending in padding, token ids outside [0, vocab_size)."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() not in (1, 2):
             raise ValueError(f"prompts must be (batch, seq) or (seq,), got shape {tuple(prompts.shape)}")
         if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
             raise ValueError(f"prompts must hold integer token ids, got {prompts.dtype}")
         ids = prompts.to(device, torch.long)
-        ids = ids[None] if ids.dim() == 1 else ids
-        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+        if attention_mask is not None:
+            mask = attention_mask.to(device).bool()
+        else:
+            mask = ids != pad_id if pad_marks_padding else torch.ones_like(ids, dtype=torch.bool)
+        if ids.dim() == 1:
+            ids, mask = ids[None], mask[None] if mask.dim() == 1 else mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal input_ids shape {tuple(ids.shape)}")
     else:
+        if attention_mask is not None:  # it would be ignored: the lists' own lengths say where the padding goes
+            raise ValueError("attention_mask goes with a tensor of prompts; token lists get theirs from their lengths")
         rows = _token_rows(prompts)
         width = max(map(len, rows), default=0)
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
@@ -57,7 +65,8 @@ def _as_batch(prompts, attention_mask, pad_id: int, vocab_size: int, device) -> 
     if empty:
         raise ValueError(f"prompt row(s) {empty} are empty; each needs at least one token")
     if not mask[:, -1].all():
-        raise ValueError(f"attention_mask row(s) {(~mask[:, -1]).nonzero().flatten().tolist()} end in padding; "
+        given = "attention_mask" if attention_mask is not None else f"prompt (pad_id={pad_id} marks padding)"
+        raise ValueError(f"{given} row(s) {(~mask[:, -1]).nonzero().flatten().tolist()} end in padding; "
                          f"generate continues each row from its last column, so pad on the left")
     check_token_ids(ids[mask], vocab_size)
     return ids, mask
@@ -74,17 +83,37 @@ def _token_rows(prompts) -> list[list[int]]:
                          f"{str(prompts)[:80]}") from None
 
 
-def _check_arguments(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, as_flags: bool = False) -> None:
+    """The one set of rules for the decoding arguments of `generate` and of the `nf4lora generate` command:
+    max_new_tokens an int >= 1; temperature a finite number >= 0 (0 = greedy); top_k an int >= 1, None for no cut;
+    top_p a number in (0, 1], None for no cut. NaN fails every rule.
+
+    Raises one ValueError line: naming every argument (`need ...; got max_new_tokens=0, ...`), or with `as_flags`
+    the first bad one as the flag that set it (`--top-k -3 must be >= 0 (0 = no top-k cut)`), where top_k 0 is the
+    flag's spelling of no cut.
+    """
     def is_int(x) -> bool:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
-    # written as `not (valid)` so that NaN, which fails every comparison, is refused too
-    if not (is_int(max_new_tokens) and max_new_tokens >= 1 and isinstance(temperature, numbers.Real)
-            and temperature >= 0 and (top_k is None or is_int(top_k) and top_k >= 1)
-            and (top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1)):
-        raise ValueError(f"need max_new_tokens >= 1 and top_k >= 1 (ints), temperature >= 0, 0 < top_p <= 1; got "
-                         f"max_new_tokens={max_new_tokens!r}, temperature={temperature!r}, top_k={top_k!r}, "
-                         f"top_p={top_p!r}")
+    unset = "" if as_flags else " or None"  # a flag has no None: --top-k 0 and --top-p 1 cut nothing
+    # (argument, value, valid, what it must be); each test is written so that NaN, which fails every comparison,
+    # fails it
+    rules = (
+        ("max_new_tokens", max_new_tokens, is_int(max_new_tokens) and max_new_tokens >= 1, ">= 1 (an int)"),
+        ("temperature", temperature, isinstance(temperature, numbers.Real) and 0 <= temperature < float("inf"),
+         "a finite number >= 0 (0 = greedy)"),
+        ("top_k", top_k, top_k is None or is_int(top_k) and top_k >= (0 if as_flags else 1),
+         ">= 0 (0 = no top-k cut)" if as_flags else ">= 1 (an int) or None"),
+        ("top_p", top_p, top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1, f"in (0, 1]{unset}"),
+    )
+    bad = [(name, value, must) for name, value, valid, must in rules if not valid]
+    if not bad:
+        return
+    if as_flags:
+        name, value, must = bad[0]
+        raise ValueError(f"--{name.replace('_', '-')} {value} must be {must}")
+    raise ValueError(f"need {', '.join(f'{name} {must}' for name, _, _, must in rules)}; got "
+                     f"{', '.join(f'{name}={value!r}' for name, value, _, _ in rules)}")
 
 
 def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -110,7 +139,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     scaling, then top-k, then top-p filtering (transformers' order)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scores = filter_logits(logits.float() / temperature, top_k, top_p)
+    scores = logits.float()
+    # Shifted so that the best score is 0 (softmax and both filters are blind to a shift): a tiny temperature then
+    # sends the others to -inf, where it overflowed the best one to inf and softmax gave NaN.
+    scores = filter_logits((scores - scores.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -147,8 +179,9 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     """Continue `prompts` and return (B, T + n) int64: the (left-padded) prompts followed by n <= max_new_tokens
     new tokens per row, `pad_id` after a row's EOS.
 
-    prompts: (B, T) int64 tensor (left-padded, with `attention_mask` (B, T) 0/1), a list of token-id lists, or
-    one token-id list or (T,) tensor for a single prompt.
+    prompts: (B, T) int64 tensor (left-padded, with `attention_mask` (B, T) 0/1; without one, as in transformers,
+    the tokens equal to a pad_id that is set (argument or config) and is no EOS id are padding), a list of token-id
+    lists, or one token-id list or (T,) tensor (with a (T,) mask) for a single prompt.
     temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with `seed`.
     eos_ids: an int or ids that end a row (default: the config's eos_token_id). pad_id defaults to the config's
     pad_token_id, else the first EOS id, else 0.
@@ -179,13 +212,15 @@ def generate_stream(model: Llama, prompts, max_new_tokens: int = 128, temperatur
 def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed, attention_mask,
            static_cache, cuda_graph, compile) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
-    _check_arguments(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p)
     config = model.config
     eos = config.eos_token_ids if eos_ids is None else tuple(torch.as_tensor(eos_ids).reshape(-1).long().tolist())
-    if pad_id is None:
-        pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    given_pad = pad_id if pad_id is not None else config.pad_token_id
+    pad_id = given_pad if given_pad is not None else (eos[0] if eos else 0)
+    # as transformers' generate infers a missing mask: from a pad id that was set and does not also end rows
+    pad_marks_padding = given_pad is not None and given_pad not in eos
     device = model.model.embed_tokens.weight.device
-    ids, mask = _as_batch(prompts, attention_mask, pad_id, config.vocab_size, device)
+    ids, mask = _as_batch(prompts, attention_mask, pad_id, pad_marks_padding, config.vocab_size, device)
     b, t = ids.shape
     if cuda_graph is None:
         cuda_graph = (device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS

@@ -75,7 +75,8 @@ def _inference_kernels(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: k[i], v[i] (B, n_kv_heads, max_len, head_dim).
+    """Preallocated keys/values for every layer: k[i], v[i] (B, n_kv_heads, max_len, head_dim) in `dtype`, which
+    must be the model's (`Llama.forward` refuses another: the decode kernels and SDPA take one dtype).
 
     `key_mask` (B, max_len) bool marks slots holding real tokens (False for left padding). `seen` counts the slots
     written by calls that let the model choose the slots (`cache_position=None`). Fixed shapes make a decode step
@@ -88,7 +89,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=devices[0])
         self.has_padding = False
-        self.max_len = max_len
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
         self.seen = 0
 
     def set_padding(self, attention_mask: torch.Tensor) -> None:
@@ -262,10 +263,11 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, on each layer's device."""
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return KVCache(self.config, batch_size, max_len, dtype, [layer.device for layer in self.model.layers])
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, in the model's dtype, on each
+        layer's device."""
+        return KVCache(self.config, batch_size, max_len, self.model.embed_tokens.weight.dtype,
+                       [layer.device for layer in self.model.layers])
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
                 cache_position=None, logits_to_keep: int = 0):
@@ -294,9 +296,14 @@ class Llama(nn.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with a KV cache; pack for training, not decoding")
+            dtype = self.model.embed_tokens.weight.dtype
+            if (b, dtype) != (cache.batch_size, cache.dtype):
+                raise ValueError(f"KV cache holds {cache.batch_size} rows of {cache.dtype}; this call has {b} rows of "
+                                 f"the model's {dtype}; build the cache with model.new_cache(batch_size, max_len)")
             if attention_mask is not None:
-                if attention_mask.dim() != 2:
-                    raise ValueError(f"with a cache attention_mask must be (B, L), got {tuple(attention_mask.shape)}")
+                if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] > cache.max_len:
+                    raise ValueError(f"with a cache attention_mask must be (B, L) = ({b}, at most {cache.max_len}), "
+                                     f"got {tuple(attention_mask.shape)}")
                 cache.set_padding(attention_mask.to(cache.key_mask.device))
             mask, is_causal, cache_position, n_keys = _mask_with_cache(cache, cache_position, t, device)
             kv_slots = list(zip(cache.k, cache.v))
