@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -150,10 +151,15 @@ def write_manifest(directory: Path) -> None:
 
 def publish_file(path: Path, data: bytes) -> None:
     """Replace the file ``path`` with ``data`` so that a crash leaves the old content or the new, never a mix: the
-    data goes to a temp file that is flushed, renamed over ``path``, and the rename flushed."""
+    data goes to a temp file that is flushed, renamed over ``path``, and the rename flushed. A write that fails (a
+    full disk) removes its partial temp file and re-raises."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    move_file_into_place(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        move_file_into_place(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def move_file_into_place(written: Path, path: Path) -> None:
@@ -197,6 +203,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UsageError(f"--resume {path}: no {STATE_FILE} there and no checkpoint-<step> directories; point it "
                          f"at a checkpoint or at a run directory that has one")
     return checkpoints[-1]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint to resume from, read and verified once (:func:`read_resume`): the CLI takes the run's saved
+    config from ``state`` and the job everything else, without reading and hashing the files a second time."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+def read_resume(path: str | Path) -> Resume:
+    """The checkpoint that ``--resume path`` names (:func:`resolve_checkpoint`) with its verified state
+    (:func:`load_state`)."""
+    checkpoint = resolve_checkpoint(path)
+    return Resume(checkpoint, load_state(checkpoint))
 
 
 def _load_failure(exc: Exception) -> str:

@@ -32,16 +32,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import load_state, resolve_checkpoint
+    from .checkpoint import read_resume
     from .job import run_train
 
-    resume = requested_resume(args)
-    saved = load_state(resolve_checkpoint(resume))["config"] if resume else None
-    summary = run_train(config_from_args(args, saved))
+    path = requested_resume(args)
+    resume = read_resume(path) if path else None  # read and verified here once: the config comes from its state
+    summary = run_train(config_from_args(args, resume.state["config"] if resume else None), resume=resume)
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
-def _model_loading_flags(parser: argparse.ArgumentParser, dtype: str = "auto", from_run: bool = False) -> None:
+# --dtype of merge and quantize: the rule of commands.written_dtype
+WRITTEN_DTYPE_HELP = ("dtype of the tensors written unquantized (embeddings, norms, output head), which a 4-bit "
+                      "checkpoint also records as its compute dtype; auto = bf16 on every device")
+
+
+def _model_loading_flags(parser: argparse.ArgumentParser, dtype: str = "auto", from_run: bool = False,
+                         dtype_help: str = "compute dtype and dtype of the unquantized tensors") -> None:
     """With ``from_run`` the 4-bit format flags default to None: the command takes the format of the run that trained
     its --adapter (``commands._fill_base_format``)."""
     run = "that of the run that trained --adapter, else " if from_run else ""
@@ -53,7 +59,7 @@ def _model_loading_flags(parser: argparse.ArgumentParser, dtype: str = "auto", f
     parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None if from_run else True,
                         help=f"double quantization of the absmax constants (default: {run}on)")
     parser.add_argument("--dtype", default=dtype, choices=DTYPES,
-                        help=f"compute dtype and dtype of the unquantized tensors (default: {dtype})")
+                        help=f"{dtype_help} (default: {dtype})")
     parser.add_argument("--device", default="auto", choices=DEVICES)
 
 
@@ -83,22 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
                           "--adapter, else none")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=commands.generate_command)
 
     merge = sub.add_parser("merge", help="fold an adapter into the base and save a Hugging Face checkpoint")
-    _model_loading_flags(merge, from_run=True)
+    _model_loading_flags(merge, from_run=True, dtype_help=f"{WRITTEN_DTYPE_HELP}; with auto a CPU computes the "
+                                                         f"merge in fp32, rounded once when written")
     merge.add_argument("--adapter", required=True, help="peft-format adapter directory")
     merge.add_argument("--out", required=True, help="output directory")
     merge.add_argument("--quantize", default="none", choices=("none", "nf4"),
-                       help="none: bf16 safetensors; nf4: a bitsandbytes-format 4-bit checkpoint")
+                       help="none: dense safetensors; nf4: a bitsandbytes-format 4-bit checkpoint")
     merge.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     merge.set_defaults(func=commands.merge_command)
 
     quantize = sub.add_parser("quantize", help="save a bitsandbytes-format NF4 checkpoint")
-    _model_loading_flags(quantize, dtype="bf16")
+    _model_loading_flags(quantize, dtype="bf16", dtype_help=WRITTEN_DTYPE_HELP)
     quantize.add_argument("--out", required=True, help="output directory")
     quantize.add_argument("--overwrite", action="store_true", help="replace the checkpoint already in --out")
     quantize.set_defaults(func=commands.quantize_command)

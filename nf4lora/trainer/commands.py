@@ -6,6 +6,10 @@ like the trainer loads it, dequantized, and the LoRA update added, so the merged
 adapted model's outputs (up to bf16 rounding); ``--quantization none`` merges into the original full-precision
 weights instead. ``generate`` loads the base the same way. ``--quantize nf4`` re-quantizes the merged weights into
 a bitsandbytes-format 4-bit checkpoint, which rounds the small update against NF4's grid (the lora package warns).
+
+What ``merge`` and ``quantize`` write follows one rule (``written_dtype``): the tensors left unquantized are stored
+in ``--dtype``, and a 4-bit checkpoint records it as its compute dtype; ``auto`` writes bf16 on every device. A merge
+computes in the dtype that ``auto`` picks for the device (fp32 on a CPU) and rounds once, when it writes.
 """
 
 from __future__ import annotations
@@ -24,21 +28,41 @@ from nf4lora.jsonfile import read_json_object
 
 from .checkpoint import publish_directory
 from .config import TrainConfig, UsageError
-from .job import check_directory_path, resolve_device, resolve_dtype
+from .job import TORCH_DTYPES, check_directory_path, resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
+def _load(args: argparse.Namespace, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, torch.device]:
+    """The base as --model and the format flags say, in ``dtype`` (default: --dtype resolved for the device)."""
     from nf4lora.model import load_model
 
     device = resolve_device(args.device)
     quantization = None if args.quantization == "none" else args.quantization
-    dtype = resolve_dtype(args.dtype, device)  # --dtype is the compute dtype, a pre-quantized checkpoint's too
+    # --dtype is the compute dtype, a pre-quantized checkpoint's too
+    dtype = dtype or resolve_dtype(args.dtype, device)
     model = load_model(args.model, quantization=quantization, dtype=dtype, device=device, blocksize=args.blocksize,
                        double_quant=args.double_quant, compute_dtype=dtype)
     return model, device
+
+
+def written_dtype(name: str) -> torch.dtype:
+    """The dtype in which merge and quantize store the tensors they leave unquantized (embeddings, norms, the output
+    head), and that a 4-bit checkpoint records as its compute dtype: --dtype ``name``, where auto is bf16 on every
+    device, so that one command writes the same checkpoint on a CPU and on a GPU."""
+    return torch.bfloat16 if name == "auto" else TORCH_DTYPES[name]
+
+
+def _store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the float tensors of ``model`` to ``dtype`` (4-bit weights stay packed) and make it the compute dtype
+    of its 4-bit layers, which ``save_quantized`` records."""
+    from nf4lora.nf4.linear import NF4Linear
+
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            module.compute_dtype = dtype
 
 
 def _check_adapter(adapter: str) -> None:
@@ -173,15 +197,11 @@ def _training_template(run: dict[str, Any]) -> str | None:
 
 
 def _check_generate_flags(args: argparse.Namespace) -> None:
-    """Checked before the model loads (minutes for a 7B), each named by its flag."""
-    if args.max_new_tokens <= 0:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be > 0")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k} must be >= 0 (0 = no top-k cut)")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p {args.top_p} must be in (0, 1]")
+    """Checked before the model loads (minutes for a 7B), each named by its flag: the sampling flags by the rules
+    (and messages) of ``nf4lora.model.generate`` itself."""
+    from nf4lora.model.generate import check_sampling_arguments
+
+    check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p, as_flags=True)
     if args.template is not None:
         TrainConfig(template=args.template)  # the template rules (and messages) of the run that trains adapters
 
@@ -225,11 +245,12 @@ def merge_command(args: argparse.Namespace) -> int:
     model, _ = _load(args)
     load_adapter(model, args.adapter)
     merge_and_unload(model, requantize=requantize)
-    if not requantize:
-        model.to(torch.bfloat16)
+    dtype = written_dtype(args.dtype)
+    _store_unquantized_in(model, dtype)
     save = save_quantized if requantize else save_pretrained
     _write_checkpoint(out, lambda directory: save(model, directory), args.model)
-    print(f"merged {'4-bit NF4' if requantize else 'bf16'} checkpoint written to {out}")
+    stored = str(dtype).removeprefix("torch.")
+    print(f"merged {f'4-bit NF4 (the rest {stored})' if requantize else stored} checkpoint written to {out}")
     return 0
 
 
@@ -239,7 +260,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     if args.quantization == "none":
         raise UsageError("quantize --quantization none would write nothing new; use nf4 or fp4")
     out = _check_output(args.out, args.overwrite, (args.model,))
-    model, _ = _load(args)
+    model, _ = _load(args, written_dtype(args.dtype))  # quantized from the weights as read in that dtype
     _write_checkpoint(out, lambda directory: save_quantized(model, directory), args.model)
     print(f"{args.quantization.upper()} checkpoint (bitsandbytes format, blocksize {args.blocksize}, double quant "
           f"{'on' if args.double_quant else 'off'}) written to {out}")

@@ -69,7 +69,9 @@ class TrainConfig:
     max_len: int = _opt(256, "maximum tokens per sequence; longer examples are truncated")
     packing: bool = _opt(False, "pack several short examples per sequence, attention kept within each example")
     output_dir: str | None = _opt(None, "run directory (default: runs/<timestamp>)")
-    overwrite: bool = _opt(False, "allow writing into an output directory that already holds a run")
+    overwrite: bool = _opt(False, "replace the run that --output-dir holds; its files are kept aside (in a hidden "
+                                  ".replaced-* directory there) until the new run saves its first checkpoint, and "
+                                  "put back if it stops before that")
     # LoRA
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --use-rslora)")

@@ -12,7 +12,10 @@ Bad input never leaves a half-written run: the device, the resume checkpoint, th
 the model path are checked first, then data, tokenizer, model and LoRA targets are all loaded and checked, before
 the run directory is created; the generated base model is built in a temporary directory that is renamed into the
 run only then. The run's files are replaced atomically (``checkpoint.publish_file``): a crash leaves the previous
-version or the new one, never half a file. Run directory layout: ``run_config.json``, ``metrics.jsonl``,
+version or the new one, never half a file. ``--overwrite`` never loses the old run to a new one that fails: its files
+are moved into a hidden ``.replaced-*`` directory inside the run directory when the new run is created there, deleted
+once the new run has saved its first checkpoint, and moved back if the new run stops before that (an error, Ctrl-C);
+a process killed in between leaves them in that directory. Run directory layout: ``run_config.json``, ``metrics.jsonl``,
 ``checkpoint-<step>/``, ``adapter_config.json`` + ``adapter_model.safetensors`` (final adapter), ``loss.png``,
 ``summary.json``, ``base_model/`` (default job only).
 """
@@ -31,14 +34,14 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import (STATE_FILE, check_compatible, load_state, move_file_into_place, publish_file,
-                         resolve_checkpoint, set_rng_state)
+from .checkpoint import (STATE_FILE, Resume, check_compatible, move_file_into_place, publish_file, read_resume,
+                         set_rng_state)
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
 from .data import (DATA_ORDER, BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack,
                    read_records, split_prompt, split_validation)
 from .loop import LoopState, Trainer, lr_lambda
-from .metrics import MetricsLog, plot_loss, strict_dumps
+from .metrics import PLOT_FILE, MetricsLog, plot_loss, strict_dumps
 
 RUN_MARKER = "run_config.json"
 SUMMARY_FILE = "summary.json"
@@ -164,6 +167,7 @@ class Prepared:
     resume_from: Path | None
     dropped: int
     record_format: str  # the detected one, never "auto"
+    replaced: Path | None = None  # where --overwrite moved the old run's files until the new run's first checkpoint
 
 
 def run_length(config: TrainConfig, per_epoch: int) -> tuple[int, int]:
@@ -199,6 +203,10 @@ def check_directory_path(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {blocker} is a file; pass a directory path")
     if not os.access(blocker, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {blocker} is not writable; choose another {flag}")
+
+
+def _resumes_in_place(run_dir: Path, resume_from: Path | None) -> bool:
+    return resume_from is not None and resume_from.parent.resolve() == run_dir.resolve()
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resuming_here: bool) -> None:
@@ -262,21 +270,24 @@ def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     return lambda text: tokenizer.encode(text, bos=False, eos=False)
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
     """Load and check everything; raises UsageError (or ValueError from a loader) before writing anything. The
     quick checks (device, resume checkpoint, output directory, model path) run before the data is read and the base
-    is built or loaded, which takes minutes for a 7B model."""
+    is built or loaded, which takes minutes for a 7B model. ``resume``: the checkpoint ``config.resume`` names,
+    already read by the caller (the CLI, for its saved config), so that its files are read and hashed once; without
+    it the checkpoint is read here."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # LoRA init and dropout; a resumed run restores the RNG from its checkpoint
+    if resume is None and config.resume is not None:
+        resume = read_resume(config.resume)
+    assert (resume is None) == (config.resume is None), "resume is the checkpoint that config.resume names"
     resume_from = resume_state = None
-    if config.resume is not None:
-        resume_from = resolve_checkpoint(config.resume)
-        resume_state = load_state(resume_from)
+    if resume is not None:
+        resume_from, resume_state = resume.checkpoint, resume.state
         check_compatible(config, resume_state, resume_from)
     run_dir = Path(config.output_dir) if config.output_dir else (
         resume_from.parent if resume_from is not None else _default_run_dir())
-    resuming_here = resume_from is not None and resume_from.parent.resolve() == run_dir.resolve()
-    _check_run_dir(run_dir, config, resuming_here)
+    _check_run_dir(run_dir, config, _resumes_in_place(run_dir, resume_from))
     if config.model is not None:
         _check_model(config.model)
 
@@ -341,8 +352,9 @@ def prepare(config: TrainConfig) -> Prepared:
 
 
 def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
-    """The only place a run directory is created or cleared, after every check has passed. When it cannot be
-    written (permissions, a full disk) it is a one-line UsageError, and the directories made for it are removed."""
+    """The only place a run directory is created or its old run moved aside (--overwrite), after every check has
+    passed. When it cannot be written (permissions, a full disk) it is a one-line UsageError, and the directories
+    made for it are removed."""
     made = _outermost_missing(p.run_dir)
     try:
         _fill_run_dir(p, config)
@@ -356,9 +368,9 @@ def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
 
 
 def _fill_run_dir(p: Prepared, config: TrainConfig) -> None:
-    if p.run_dir.exists() and config.overwrite and p.resume_from is None:
-        for child in p.run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    replacing = config.overwrite and not _resumes_in_place(p.run_dir, p.resume_from)
+    if replacing and p.run_dir.is_dir() and any(p.run_dir.iterdir()):
+        _move_old_run_aside(p)
     p.run_dir.mkdir(parents=True, exist_ok=True)
     if p.generated_base is not None:
         target = p.run_dir / BASE_DIR
@@ -371,6 +383,43 @@ def _fill_run_dir(p: Prepared, config: TrainConfig) -> None:
     # the detected format, so that generate knows whether training wrapped prompts in the template
     resolved["record_format"] = p.record_format
     publish_file(p.run_dir / RUN_MARKER, (json.dumps(resolved, indent=2) + "\n").encode("utf-8"))
+
+
+def _move_old_run_aside(p: Prepared) -> None:
+    """Move the files of the run that --overwrite replaces into a new hidden directory inside the run directory,
+    ``p.replaced`` once all are there. The files move rather than the directory itself, which may be a mount point
+    or the working directory; each move is a rename within one file system."""
+    replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=p.run_dir))
+    try:
+        _move_children(p.run_dir, replaced)
+    except BaseException:  # Ctrl-C among the renames: the moved files go back, so the run stays whole
+        _move_children(replaced, p.run_dir)
+        replaced.rmdir()
+        raise
+    p.replaced = replaced
+
+
+def _move_children(source: Path, target: Path) -> None:
+    for child in list(source.iterdir()):
+        if child != target:
+            os.replace(child, target / child.name)
+
+
+def _drop_replaced_run(p: Prepared) -> None:
+    """The new run holds a checkpoint: the run it replaces goes."""
+    replaced, p.replaced = p.replaced, None
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def _restore_replaced_run(p: Prepared) -> None:
+    """The new run stopped before its first checkpoint: its files go and the replaced run's come back."""
+    replaced, p.replaced = p.replaced, None
+    for child in list(p.run_dir.iterdir()):
+        if child != replaced:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _move_children(replaced, p.run_dir)
+    replaced.rmdir()
 
 
 def _publish_adapter(write_adapter: Callable[[Path], None], run_dir: Path) -> None:
@@ -420,18 +469,25 @@ def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[st
 
     return Trainer(config, model, optimizer, scheduler, p.plan, p.total_steps, p.run_dir, p.device, write_adapter,
                    val_batches=val, total_micro_batches=p.total_micro_batches, state=state, on_step=on_step,
-                   last_checkpoint=p.resume_from, scaler=scaler)
+                   last_checkpoint=p.resume_from, scaler=scaler, on_checkpoint=lambda _: _drop_replaced_run(p))
 
 
 def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job; returns the summary (also written to ``summary.json``)."""
-    p = prepare(config)
+              log: Callable[[str], None] = print, resume: Resume | None = None) -> dict[str, Any]:
+    """Run the whole job; returns the summary (also written to ``summary.json``). ``resume``: see :func:`prepare`."""
+    p = prepare(config, resume)
     try:
-        trainer = _start(p, config, on_step, log)
+        return _run(p, config, on_step, log)
     finally:
         if p.generated_base is not None:  # not yet renamed into the run: a step before that failed
             shutil.rmtree(p.generated_base, ignore_errors=True)
+        if p.replaced is not None:
+            _restore_replaced_run(p)
+
+
+def _run(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    trainer = _start(p, config, on_step, log)
     metrics = MetricsLog(p.run_dir, resume_step=trainer.state.step if p.resume_state is not None else None)
     try:
         summary = trainer.run(metrics)
@@ -448,7 +504,8 @@ def run_train(config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], 
         with trainer.writing("the final adapter", then=finished):
             _publish_adapter(trainer.save_adapter, p.run_dir)
         summary["adapter"] = str(p.run_dir)
-        plot = plot_loss(p.run_dir)
+        with trainer.writing(PLOT_FILE, then=finished):
+            plot = plot_loss(p.run_dir)
         summary["loss_plot"] = str(plot) if plot else None
         if p.sample is not None and config.max_new_tokens > 0:
             summary["sample"] = _sample(p, config)

@@ -124,7 +124,8 @@ class Trainer:
     """Runs optimizer steps ``state.step + 1 .. total_steps`` over the first ``total_micro_batches`` of ``plan``.
 
     ``save_adapter(dir)`` writes the peft-format adapter of ``model``. ``on_step(trainer, record)`` is called after
-    each optimizer step (tests use it to request a stop, as Ctrl-C does).
+    each optimizer step (tests use it to request a stop, as Ctrl-C does), ``on_checkpoint(path)`` after each
+    checkpoint is complete (the job then drops the run that --overwrite replaces).
     """
 
     config: TrainConfig
@@ -144,6 +145,7 @@ class Trainer:
     last_checkpoint: Path | None = None  # the newest complete one; on resume, the one resumed from
     progress: Progress = field(default_factory=lambda: Progress(0, 0, enabled=False))
     scaler: torch.amp.GradScaler | None = None  # fp16 compute only: dynamic loss scaling
+    on_checkpoint: Callable[[Path], None] | None = None
 
     def __post_init__(self) -> None:
         if self.total_micro_batches is None:
@@ -270,6 +272,8 @@ class Trainer:
                  "data_order": self.plan.data_order}
         with self.writing(f"checkpoint-{self.state.step}"):
             self.last_checkpoint = save_checkpoint(self.run_dir, self.state.step, self.save_adapter, state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.last_checkpoint)
         return self.last_checkpoint
 
     def _write_metrics(self, metrics: MetricsLog, record: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ rename, so a kill during a resume never loses the lines it keeps. tqdm and matpl
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -138,7 +139,9 @@ class Progress:
 
 
 def plot_loss(run_dir: Path) -> Path | None:
-    """Write ``loss.png`` (train and eval loss against step); None when matplotlib is not installed."""
+    """Write ``loss.png`` (train and eval loss against step); None when matplotlib is not installed. The image is
+    rendered in memory and replaces the previous one in one rename (``publish_file``), so a failure leaves that one
+    whole."""
     try:
         import matplotlib
 
@@ -158,9 +161,11 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     fig.tight_layout()
-    path = run_dir / PLOT_FILE
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    path = run_dir / PLOT_FILE
+    publish_file(path, png.getvalue())
     return path
 
 
