@@ -64,3 +64,20 @@ def kernel_launches(monkeypatch) -> KernelLaunches:
 
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
     return launched
+
+
+@pytest.fixture
+def split_k_counts(monkeypatch) -> list[int]:
+    """The number of K chunks of each split-K launch of ``gemv_nf4`` during the test, in order."""
+    from nf4lora.kernels import gemv_nf4
+
+    counts = []
+    real = gemv_nf4._split_k_buffers
+
+    def record(*args):
+        buffers = real(*args)
+        counts.append(buffers[1])
+        return buffers
+
+    monkeypatch.setattr(gemv_nf4, "_split_k_buffers", record)
+    return counts

@@ -145,22 +145,11 @@ def test_fused_kernels_read_any_16_value_codebook(poisoned, device, M, code, dty
 
 
 @pytest.mark.parametrize("M", [1, 2, 3])
-def test_split_k_cases_cut_k_and_sum_every_chunk_once(device, monkeypatch, M):
+def test_split_k_cases_cut_k_and_sum_every_chunk_once(device, split_k_counts, M):
     """The (24, 2112) weight of the split-K cases above is really cut into chunks of K on either kernel (3 on the
     GEMV, 9 on the tile kernel), so those cases test the cross-program sum; it takes each chunk once, the bias once."""
-    from nf4lora.kernels import gemv_nf4
-
-    splits = []
-    real = gemv_nf4._split_k_buffers
-
-    def record(*args):
-        buffers = real(*args)
-        splits.append(buffers[1])
-        return buffers
-
-    monkeypatch.setattr(gemv_nf4, "_split_k_buffers", record)
     q = quantize_ref(torch.randn(24, 2112))
     x, bias = torch.randn(M, 2112), torch.randn(24) * 100
     out = fused_matmul(x.to(device), q.to(device), bias.to(device))
-    assert splits == [3 if M < 3 else 9]
+    assert split_k_counts == [3 if M < 3 else 9]
     assert rel_err(out, reference(x, q, bias)) < TOLERANCE[torch.float32]

@@ -3,6 +3,10 @@
 import torch
 
 from nf4lora.kernels import use_kernels
+from nf4lora.nf4.blockwise import quantize_blockwise
+from nf4lora.nf4.codebook import dynamic_map
+from nf4lora.optim.adamw import state_layout, state_views
+from nf4lora.optim.fused_adamw import QBLOCK, Segment
 
 # ragged on purpose: sizes that are not multiples of 256 (8-bit blocks) or of a page, one below min_8bit_size
 SHAPES = [(33, 170), (5000,), (3,), (70, 130)]
@@ -76,3 +80,30 @@ def run_with_and_without_plan(make_optimizer, script, steps: int, device="cpu", 
                 optimizer.step()
         runs.append((params, optimizer))
     return runs
+
+
+def random_segments(layout, device, dtype, eight_bit: bool, seed: int = 0, zero_block: bool = False) -> list[Segment]:
+    """AdamW segments over fresh parameters with random gradients and non-trivial states (two scalar rows,
+    alternating), the same ones for the same seed. ``layout``: (parameter numel, segment start, segment numel) each;
+    ``zero_block`` zeroes the first 256-element block of exp_avg where a segment is longer than 300 (8-bit: absmax
+    0, index 0)."""
+    g = torch.Generator().manual_seed(seed)
+    segments = []
+    for i, (total, start, n) in enumerate(layout):
+        param = torch.randn(total, generator=g).to(device=device, dtype=dtype)
+        grad = (torch.randn(total, generator=g) * 0.1).to(device=device, dtype=dtype)
+        state = state_views(torch.zeros(state_layout(n, eight_bit)[1], dtype=torch.uint8, device=device), n,
+                            eight_bit)
+        m, v = torch.randn(n, generator=g) * 0.01, torch.rand(n, generator=g) * 1e-3
+        if eight_bit:
+            if zero_block and n > 300:
+                m[:256] = 0.0
+            for name, value, signed in (("1", m, True), ("2", v, False)):
+                codes, absmax = quantize_blockwise(value, dynamic_map(signed), QBLOCK)
+                state["state" + name].copy_(codes)
+                state["absmax" + name].copy_(absmax)
+        else:
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        segments.append(Segment(param, grad, start, n, state, i % 2))
+    return segments

@@ -7,35 +7,16 @@ from nf4lora.kernels import use_kernels
 from nf4lora.nf4.blockwise import dequantize_blockwise, quantize_blockwise
 from nf4lora.nf4.codebook import dynamic_map
 from nf4lora.optim import AdamW
-from nf4lora.optim.adamw import state_layout, state_views
 from nf4lora.optim.fused_adamw import QBLOCK, Segment, adamw_update, step_scalars
+from optim_helpers import random_segments
 
 # segment sizes: a partial 256-block, several program blocks with a ragged tail, a single element
 SIZES = [1000, 2048 * 3 + 77, 1]
 
 
-def _segments(device, dtype, eight_bit, seed=0):
-    """Segments over fresh params with random grads and random non-trivial states (two scalar rows)."""
-    g = torch.Generator().manual_seed(seed)
-    segments = []
-    for i, n in enumerate(SIZES):
-        param = torch.randn(n, generator=g).to(device=device, dtype=dtype)
-        grad = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
-        buffer = torch.zeros(state_layout(n, eight_bit)[1], dtype=torch.uint8, device=device)
-        state = state_views(buffer, n, eight_bit)
-        m, v = torch.randn(n, generator=g) * 0.01, torch.rand(n, generator=g) * 1e-3
-        if eight_bit:
-            if n > 300:
-                m[:256] = 0.0  # an all-zero block: absmax 0, index 0
-            for name, value, signed in (("1", m, True), ("2", v, False)):
-                idx, absmax = quantize_blockwise(value, dynamic_map(signed), QBLOCK)
-                state["state" + name].copy_(idx)
-                state["absmax" + name].copy_(absmax)
-        else:
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
-        segments.append(Segment(param, grad, 0, n, state, i % 2))
-    return segments
+def _segments(device, dtype, eight_bit):
+    """Whole-parameter segments of SIZES, one 8-bit exp_avg block all zero where a segment is long enough."""
+    return random_segments([(n, 0, n) for n in SIZES], device, dtype, eight_bit, zero_block=True)
 
 
 SCALARS = [step_scalars(1e-2, 0.9, 0.999, 1e-8, 0.05, 7), step_scalars(3e-3, 0.8, 0.99, 1e-6, 0.0, 1)]

@@ -7,6 +7,7 @@ import torch
 
 from nf4lora.trainer.config import TrainConfig
 from nf4lora.trainer.corpus import legal_clauses, train_tokenizer
+from nf4lora.trainer.job import run_train
 
 TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256)
@@ -45,3 +46,13 @@ def tiny_config(tiny_model_dir, data_file, tmp_path):
     return TrainConfig(model=str(tiny_model_dir), data=str(data_file), output_dir=str(tmp_path / "run"),
                        max_steps=6, micro_batch=4, grad_accum=2, lr=5e-3, max_len=192, val_fraction=0.1,
                        progress=False, max_new_tokens=8, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, data_file):
+    """A finished one-step fp32 run on the tiny model (its adapter and run_config.json); tests only read it."""
+    run = tmp_path_factory.mktemp("trained_run") / "run"
+    run_train(TrainConfig(model=str(tiny_model_dir), data=str(data_file), output_dir=str(run), max_steps=1,
+                          micro_batch=2, max_len=192, progress=False, max_new_tokens=0, dtype="fp32"),
+              log=lambda _: None)
+    return run

@@ -7,17 +7,11 @@ import pytest
 from safetensors import safe_open
 
 from nf4lora.trainer.cli import main
-from nf4lora.trainer.config import TrainConfig
-from nf4lora.trainer.job import run_train
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_model_dir, data_file):
-    run = tmp_path_factory.mktemp("dtype_adapter") / "run"
-    run_train(TrainConfig(model=str(tiny_model_dir), data=str(data_file), output_dir=str(run), max_steps=1,
-                          micro_batch=2, max_len=192, progress=False, max_new_tokens=0, dtype="fp32"),
-              log=lambda _: None)
-    return run
+@pytest.fixture
+def adapter(trained_run):
+    return trained_run
 
 
 def unquantized_dtypes(checkpoint):

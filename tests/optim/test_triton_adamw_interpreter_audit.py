@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from nf4lora.kernels import use_kernels
-from nf4lora.nf4.blockwise import quantize_blockwise
-from nf4lora.nf4.codebook import dynamic_map
-from nf4lora.optim.adamw import state_layout, state_views
-from nf4lora.optim.fused_adamw import QBLOCK, Segment, adamw_update, step_scalars
+from nf4lora.optim.fused_adamw import adamw_update, step_scalars
+from optim_helpers import random_segments
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked-off lanes
 
@@ -19,25 +17,9 @@ SCALARS = [step_scalars(1e-2, 0.9, 0.999, 1e-8, 0.05, 7), step_scalars(3e-3, 0.8
 LAYOUT = [(1, 0, 1), (3000, 512, 2049), (300, 0, 300), (5 * 2048 + 3, 0, 5 * 2048 + 3), (4000, 2048, 1000)]
 
 
-def _segments(dtype: torch.dtype, eight_bit: bool, seed: int) -> list[Segment]:
+def _segments(dtype: torch.dtype, eight_bit: bool, seed: int):
     """Fresh parameters, gradients and non-trivial states for ``LAYOUT`` (the same ones for the same seed)."""
-    g = torch.Generator().manual_seed(seed)
-    segments = []
-    for i, (total, start, n) in enumerate(LAYOUT):
-        param = torch.randn(total, generator=g).to(dtype)
-        grad = (torch.randn(total, generator=g) * 0.1).to(dtype)
-        state = state_views(torch.zeros(state_layout(n, eight_bit)[1], dtype=torch.uint8), n, eight_bit)
-        m, v = torch.randn(n, generator=g) * 0.01, torch.rand(n, generator=g) * 1e-3
-        if eight_bit:
-            for name, value, signed in (("1", m, True), ("2", v, False)):
-                codes, absmax = quantize_blockwise(value, dynamic_map(signed), QBLOCK)
-                state["state" + name].copy_(codes)
-                state["absmax" + name].copy_(absmax)
-        else:
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
-        segments.append(Segment(param, grad, start, n, state, i % 2))
-    return segments
+    return random_segments(LAYOUT, "cpu", dtype, eight_bit, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16 parameters: the gpu-marked optim test
