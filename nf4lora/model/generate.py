@@ -83,10 +83,12 @@ def _token_rows(prompts) -> list[list[int]]:
                          f"{str(prompts)[:80]}") from None
 
 
-def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, as_flags: bool = False) -> None:
+def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed=None,
+                             as_flags: bool = False) -> None:
     """The one set of rules for the decoding arguments of `generate` and of the `nf4lora generate` command:
     max_new_tokens an int >= 1; temperature a finite number >= 0 (0 = greedy); top_k an int >= 1, None for no cut;
-    top_p a number in (0, 1], None for no cut. NaN fails every rule.
+    top_p a number in (0, 1], None for no cut; seed an int that torch's generators take ([-2**63, 2**64)), or None.
+    NaN fails every rule.
 
     Raises one ValueError line: naming every argument (`need ...; got max_new_tokens=0, ...`), or with `as_flags`
     the first bad one as the flag that set it (`--top-k -3 must be >= 0 (0 = no top-k cut)`), where top_k 0 is the
@@ -105,6 +107,7 @@ def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, as_flags
         ("top_k", top_k, top_k is None or is_int(top_k) and top_k >= (0 if as_flags else 1),
          ">= 0 (0 = no top-k cut)" if as_flags else ">= 1 (an int) or None"),
         ("top_p", top_p, top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1, f"in (0, 1]{unset}"),
+        ("seed", seed, seed is None or is_int(seed) and -(2**63) <= seed < 2**64, f"an int in [-2**63, 2**64){unset}"),
     )
     bad = [(name, value, must) for name, value, valid, must in rules if not valid]
     if not bad:
@@ -212,7 +215,7 @@ def generate_stream(model: Llama, prompts, max_new_tokens: int = 128, temperatur
 def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed, attention_mask,
            static_cache, cuda_graph, compile) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
-    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed)
     config = model.config
     eos = config.eos_token_ids if eos_ids is None else tuple(torch.as_tensor(eos_ids).reshape(-1).long().tolist())
     given_pad = pad_id if pad_id is not None else config.pad_token_id

@@ -201,7 +201,8 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
     (and messages) of ``nf4lora.model.generate`` itself."""
     from nf4lora.model.generate import check_sampling_arguments
 
-    check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p, as_flags=True)
+    check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             as_flags=True)
     if args.template is not None:
         TrainConfig(template=args.template)  # the template rules (and messages) of the run that trains adapters
 

@@ -165,6 +165,9 @@ def test_bad_generation_arguments_are_named(checkpoints):
     model = load_model(checkpoints("gqa"), dtype=torch.float32)
     with pytest.raises(ValueError, match="need max_new_tokens >= 1"):
         generate(model, [[1, 2]], max_new_tokens=0)
+    for seed in (True, 1.5, 2**64):  # torch raised an overflow or a type error naming no argument
+        with pytest.raises(ValueError, match=rf"seed an int in \[-2\*\*63, 2\*\*64\) or None; got .*seed={seed!r}"):
+            generate(model, [[1, 2]], temperature=0.7, seed=seed)
     with pytest.raises(ValueError, match=r"prompt row\(s\) \[0\] are empty"):
         generate(model, [[]])
     with pytest.raises(ValueError, match="prompts hold no rows"):

@@ -30,7 +30,7 @@ def test_the_command_refuses_exactly_what_generate_refuses():
     for values in itertools.product(MAX_NEW_TOKENS, TEMPERATURES, TOP_KS, TOP_PS):
         max_new_tokens, temperature, top_k, top_p = values
         flags = argparse.Namespace(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   template=None)
+                                   seed=0, template=None)
         by_flag = refusal(_check_generate_flags, flags)
         by_argument = refusal(check_sampling_arguments, max_new_tokens, temperature, top_k or None, top_p)
         assert (by_flag is None) == (by_argument is None), (values, by_flag, by_argument)
@@ -40,9 +40,10 @@ def test_the_command_refuses_exactly_what_generate_refuses():
     ("--max-new-tokens", 0, "max_new_tokens", ">= 1 (an int)"),
     ("--temperature", math.inf, "temperature", "a finite number >= 0 (0 = greedy)"),
     ("--top-p", 1.5, "top_p", "in (0, 1]"),
+    ("--seed", 2**64, "seed", "an int in [-2**63, 2**64)"),  # torch's generators overflowed on it after loading
 ])
 def test_a_flag_and_its_argument_are_refused_with_the_same_requirement(flag, value, argument, requirement):
-    arguments = {"max_new_tokens": 4, "temperature": 1.0, "top_k": None, "top_p": None, argument: value}
+    arguments = {"max_new_tokens": 4, "temperature": 1.0, "top_k": None, "top_p": None, "seed": 0, argument: value}
     by_argument = refusal(check_sampling_arguments, **arguments)
     assert f"{argument} {requirement}" in by_argument and f"{argument}={value!r}" in by_argument
     flags = argparse.Namespace(**{**arguments, "top_k": 0, "top_p": arguments["top_p"] or 1.0, "template": None})
