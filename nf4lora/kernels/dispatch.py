@@ -97,8 +97,8 @@ def triton_available() -> bool:
 def use_triton(device: torch.device) -> bool:
     """Whether an op on ``device`` should run its Triton kernel under the active mode.
 
-    ``triton`` on a machine without the package, or on a CPU tensor outside the interpreter, raises instead of
-    silently falling back, since a forced mode that is ignored would make tests pass without testing anything.
+    ``triton`` on a machine without the package, on a CPU tensor outside the interpreter, or on any other device
+    (meta), raises instead of silently falling back, since a forced mode that is ignored would make tests pass without testing anything.
     """
     mode = kernel_mode()
     if mode == "reference":
@@ -109,6 +109,9 @@ def use_triton(device: torch.device) -> bool:
         if device.type == "cpu" and not interpreting():
             raise ValueError(f"{ENV_VAR}='triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is "
                              "imported; move the tensor to the GPU or use 'auto' or 'reference'")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{ENV_VAR}='triton' has no kernels for {device.type} tensors; valid: cuda (cpu under "
+                             "TRITON_INTERPRET=1), or use 'auto' or 'reference'")
         return True
     return device.type == "cuda" and triton_available()
 

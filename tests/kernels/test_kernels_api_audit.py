@@ -90,6 +90,17 @@ def test_forced_triton_on_a_cpu_tensor_outside_the_interpreter_raises(monkeypatc
         dispatch.use_triton(torch.device("cpu"))
 
 
+def test_forced_triton_on_a_meta_tensor_raises_in_one_line():
+    """Shape inference on a model built on the meta device takes the reference in auto mode; a forced Triton path
+    has no kernel for it (it failed inside Triton, naming no device)."""
+    q = quantize_ref(torch.randn(8, 64)).to("meta")
+    x = torch.randn(3, 64, device="meta", dtype=torch.float16)
+    with use_kernels("triton"), pytest.raises(ValueError, match=one_line(
+            r"NF4LORA_KERNELS='triton' has no kernels for meta tensors; valid: cuda \(cpu under TRITON_INTERPRET=1\), "
+            r"or use 'auto' or 'reference'")):
+        nf4_linear(x, q)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17])  # the GEMV, the tile kernel, dequantize + GEMM
 def test_every_mode_agrees_on_an_odd_number_of_outputs(rows):
     q = quantize_ref(torch.randn(7, 64))
