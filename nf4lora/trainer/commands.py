@@ -28,7 +28,7 @@ from nf4lora.jsonfile import read_json_object
 
 from .checkpoint import publish_directory
 from .config import TrainConfig, UsageError
-from .job import TORCH_DTYPES, check_directory_path, resolve_device, resolve_dtype
+from .job import TORCH_DTYPES, check_directory_path, refuse_inputs_inside, resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -89,9 +89,7 @@ def _check_output(out: str, overwrite: bool, inputs: tuple[str, ...]) -> Path:
     """
     path = Path(out)
     check_directory_path(path, "--out")
-    for source in map(Path, inputs):
-        if source.exists() and path.resolve() in (source.resolve(), *source.resolve().parents):
-            raise UsageError(f"--out {path} holds the input {source}; choose another directory")
+    refuse_inputs_inside(path, "--out", inputs)
     if not path.exists() or not any(path.iterdir()):
         return path
     if not (path / "config.json").is_file():

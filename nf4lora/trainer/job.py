@@ -209,9 +209,17 @@ def _resumes_in_place(run_dir: Path, resume_from: Path | None) -> bool:
     return resume_from is not None and resume_from.parent.resolve() == run_dir.resolve()
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig, resuming_here: bool) -> None:
+def refuse_inputs_inside(path: Path, flag: str, inputs) -> None:
+    """Refuse an output directory ``path`` (given as ``flag``) that is, or holds, one of the existing ``inputs``:
+    replacing what it holds would remove or move them away."""
+    for source in map(Path, inputs):
+        if source.exists() and path.resolve() in (source.resolve(), *source.resolve().parents):
+            raise UsageError(f"{flag} {path} holds the input {source}; choose another directory")
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig, resume_from: Path | None) -> None:
     check_directory_path(run_dir, "--output-dir")
-    if resuming_here:
+    if _resumes_in_place(run_dir, resume_from):
         return
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
@@ -220,6 +228,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resuming_here: bool) -> N
     if not config.overwrite:
         raise UsageError(f"--output-dir {run_dir} already holds a run; pass --overwrite to replace it, "
                          f"--resume {run_dir} to continue it, or choose another --output-dir")
+    # --overwrite moves the old run's files aside, and with them any input of this run that they hold
+    inputs = (config.model, config.data, config.val_data, resume_from)
+    refuse_inputs_inside(run_dir, "--output-dir", [i for i in inputs if i is not None])
 
 
 def _load_records(config: TrainConfig) -> tuple[list[Record], list[Record]]:
@@ -287,7 +298,7 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
         check_compatible(config, resume_state, resume_from)
     run_dir = Path(config.output_dir) if config.output_dir else (
         resume_from.parent if resume_from is not None else _default_run_dir())
-    _check_run_dir(run_dir, config, _resumes_in_place(run_dir, resume_from))
+    _check_run_dir(run_dir, config, resume_from)
     if config.model is not None:
         _check_model(config.model)
 

@@ -101,3 +101,25 @@ def test_resuming_another_run_into_an_overwritten_one_replaces_it(tmp_path, old_
               log=lambda _: None)
     assert list_checkpoints(run) == [run / "checkpoint-2"]
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [2]
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data"])
+def test_an_input_inside_the_run_it_would_replace_is_refused_in_one_line(capsys, tmp_path, old_run, flag):
+    """--overwrite moves the old run's files aside, so an input among them would vanish from under the new run (the
+    end-of-run sample could not reload a --model moved away); it is refused before anything moves."""
+    config, trained = old_run
+    run = copy_of(trained, tmp_path)
+    inputs = {"--model": run / "base", "--data": run / "data" / "clauses.jsonl"}
+    shutil.copytree(config.model, inputs["--model"])
+    inputs["--data"].parent.mkdir()
+    shutil.copyfile(config.data, inputs["--data"])
+    before = files(run)
+    argv = ["train", "--model", config.model, "--data", config.data, "--output-dir", str(run), "--overwrite",
+            "--max-steps", "1", "--micro-batch", "2", "--max-len", "192", "--no-progress", "--max-new-tokens", "0",
+            "--dtype", "fp32"]
+    argv[argv.index(flag) + 1] = str(inputs[flag])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--output-dir {run} holds the input {inputs[flag]}; choose another directory")
+    assert len(err.splitlines()) == 1
+    assert files(run) == before
