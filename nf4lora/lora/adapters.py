@@ -6,6 +6,7 @@ path under ``base_model.model.`` with the adapter name dropped::
 
     base_model.model.<path>.lora_A.weight             (r, in)
     base_model.model.<path>.lora_B.weight             (out, r)
+    base_model.model.<path>.lora_B.bias               (out,)        lora_bias=True only
     base_model.model.<path>.lora_magnitude_vector     (out,)        DoRA only
     base_model.model.<path>.base_layer.bias           (out,)        bias="lora_only" or "all"
     base_model.model.<other>.bias                                   bias="all"
@@ -57,10 +58,11 @@ def peft_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str, n
 
 
 def _adapter_key(name: str, adapter_name: str) -> str | None:
-    """peft's key for parameter ``name`` if it is the adapter's: a LoRA/DoRA weight or a modules_to_save copy's."""
+    """peft's key for parameter ``name`` if it is the adapter's: a LoRA weight or bias, a DoRA magnitude or a
+    modules_to_save copy's."""
     a = re.escape(adapter_name)
-    if m := re.fullmatch(rf"(.+)\.(lora_A|lora_B)\.{a}\.weight", name):
-        return f"{m[1]}.{m[2]}.weight"
+    if m := re.fullmatch(rf"(.+)\.(lora_A|lora_B)\.{a}\.(weight|bias)", name):
+        return f"{m[1]}.{m[2]}.{m[3]}"
     if m := re.fullmatch(rf"(.+)\.lora_magnitude_vector\.{a}\.weight", name):
         return f"{m[1]}.lora_magnitude_vector"
     if m := re.fullmatch(rf"(.+)\.modules_to_save\.{a}\.(.+)", name):
@@ -73,9 +75,10 @@ def _bias_key(model: nn.Module, name: str, adapter_name: str, bias_mode: str) ->
 
     ``"lora_only"``: the base bias of every layer holding the adapter. ``"all"``: every ``.bias`` except other
     adapters' modules_to_save copies, ``original_module`` ones included, under its name with the adapter name
-    dropped where it is second to last (peft's ``_remove_adapter_name_from_state_dict_key``).
+    dropped where it is second to last (peft's ``_remove_adapter_name_from_state_dict_key``). LoRA biases on B
+    are the adapter's own parameters (``_adapter_key``), never a bias mode's.
     """
-    if not (name == "bias" or name.endswith(".bias")):
+    if not (name == "bias" or name.endswith(".bias")) or re.search(r"(^|\.)lora_B\.", name):
         return None
     if bias_mode == "lora_only" and name.endswith(".base_layer.bias"):
         return name if adapter_name in model.get_submodule(name.removesuffix(".base_layer.bias")).lora_A else None
@@ -103,7 +106,9 @@ def save_adapter(
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     save_file({k: v.cpu() for k, v in tensors.items()}, weights_path, metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config.to_peft_dict(base_model_name_or_path), f, indent=2, sort_keys=True)
+        # Top-level keys sorted, as peft writes them; the pattern dicts keep their order, because the first key that
+        # applies wins (peft sorts them too, so an adapter whose keys overlap comes back with other ranks).
+        json.dump(dict(sorted(config.to_peft_dict(base_model_name_or_path).items())), f, indent=2)
 
 
 def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = torch.float32) -> LoraConfig:

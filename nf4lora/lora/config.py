@@ -5,9 +5,23 @@ round-trips through :meth:`LoraConfig.to_peft_dict` / :meth:`LoraConfig.from_pef
 field is ours and is not written: ``lora_dtype``, the storage dtype of the LoRA parameters (fp32
 by default, as in peft).
 
+Beyond the common fields it implements, with peft's semantics:
+
+- ``rank_pattern`` / ``alpha_pattern``: per-module ``r`` / ``lora_alpha``. A key applies to a module whose
+  name it matches as a regex, either whole or from just after one of its dots to its end (``"q_proj"``,
+  ``"layers.0.self_attn.q_proj"``, ``"^model.layers.0.*"``); the first key that applies, in the dict's order,
+  wins (peft's ``get_pattern_key``; see ``pattern_key_matches``). ``for_module(name)`` resolves them; the
+  scaling follows per module (rsLoRA included).
+- ``layers_to_transform`` (an int or a list) / ``layers_pattern``: only modules in those decoder layers
+  are adapted; an empty list means every layer. Only with a list of ``target_modules``; an entry that is a
+  module's full name is adapted whatever its layer. The layer index is read as peft's
+  ``check_target_module_exists`` reads it (see ``layer_index``).
+- ``lora_bias``: a trainable bias on ``lora_B``, saved as ``<path>.lora_B.bias``; the output gains
+  ``scaling * bias``, and a merge folds that into the base bias (a base without a bias cannot merge it).
+
 peft options that would change the adapter's math and that this package does not implement
-(per-module rank/alpha patterns, ``fan_in_fan_out``, a LoRA bias on B, layer selection), and any
-option this package does not know that is set, are rejected on load rather than silently ignored.
+(``fan_in_fan_out``, ``layer_replication``, ``target_parameters``, other initialisations and variants), and
+any option this package does not know that is set, are rejected on load rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -26,11 +40,6 @@ ALL_LINEAR = "all-linear"
 # peft config keys that are accepted when they hold their default (no effect); anything else is an error.
 _PEFT_INERT_DEFAULTS: dict[str, Any] = {
     "fan_in_fan_out": False,
-    "lora_bias": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "layers_pattern": None,
     "layer_replication": None,
     "target_parameters": None,
     "use_qalora": False,
@@ -68,8 +77,12 @@ class LoraConfig:
     vector. init_lora_weights: ``True`` (A Kaiming-uniform a=sqrt(5), B zeros), ``"gaussian"``
     (A ~ N(0, 1/r), B zeros) or ``False`` (A and B both random, so a fresh adapter changes the
     output; for tests). modules_to_save: suffixes of modules trained in full and saved.
-    exclude_modules: suffixes (or a regex) never targeted. lora_dtype: storage dtype of A, B and
-    the DoRA magnitude.
+    exclude_modules: suffixes (or a regex) never targeted. rank_pattern / alpha_pattern: key -> r /
+    lora_alpha for the modules the key matches (see the module docstring). layers_to_transform: a
+    layer index or a list of them (None or []: every layer); layers_pattern: the name (or names, as
+    regexes) of the module list holding the layers, e.g. ``"layers"`` (None: the first ``.<name>.<i>.``).
+    lora_bias: a trainable bias on B. lora_dtype: storage dtype of A, B (and its bias) and the DoRA
+    magnitude.
     """
 
     r: int = 8
@@ -82,6 +95,11 @@ class LoraConfig:
     init_lora_weights: bool | str = True
     modules_to_save: list[str] | None = None
     exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    lora_bias: bool = False
     lora_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -97,7 +115,7 @@ class LoraConfig:
             self.target_modules = _name_list("target_modules", self.target_modules)
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is out of range; expected a number 0 <= p < 1")
-        for flag in ("use_rslora", "use_dora"):
+        for flag in ("use_rslora", "use_dora", "lora_bias"):
             # a JSON string such as "false" would otherwise switch the option on
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} is not a bool; expected True or False")
@@ -115,11 +133,76 @@ class LoraConfig:
             self.exclude_modules = _name_list("exclude_modules", self.exclude_modules)
         if not isinstance(self.lora_dtype, torch.dtype) or not self.lora_dtype.is_floating_point:
             raise ValueError(f"lora_dtype={self.lora_dtype!r} is not a floating dtype; expected e.g. torch.float32")
+        self._check_patterns()
+        self._check_layer_selection()
+        if self.lora_bias and (self.use_dora or self.init_lora_weights == "gaussian"):
+            raise ValueError(
+                f"lora_bias=True is not supported with use_dora={self.use_dora}, "
+                f"init_lora_weights={self.init_lora_weights!r}; expected use_dora=False and init_lora_weights "
+                "True or False (as peft)"
+            )
+
+    def _check_patterns(self) -> None:
+        # null (peft's fields are Optional) means no override, as in peft
+        self.rank_pattern = {} if self.rank_pattern is None else self.rank_pattern
+        self.alpha_pattern = {} if self.alpha_pattern is None else self.alpha_pattern
+        for field, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise ValueError(f"{field}={patterns!r} is not a dict; expected {{module-name key: value}}")
+            for key, value in patterns.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"{field} key {key!r} is not valid; expected a non-empty module name or regex")
+                _check_regex(f"{field} key", key)
+                if field == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"rank_pattern[{key!r}]={value!r} is not a valid rank; expected a positive int")
+                if field == "alpha_pattern" and (not _is_number(value) or not math.isfinite(value)):
+                    raise ValueError(f"alpha_pattern[{key!r}]={value!r} is not a finite number; expected an int or "
+                                     "float")
+
+    def _check_layer_selection(self) -> None:
+        """peft's rules: both need a list of target_modules, and a layers_pattern needs layers_to_transform."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if isinstance(layers, (list, tuple)):
+            layers = self.layers_to_transform = list(layers)
+        valid = layers is None or _is_index(layers) or (isinstance(layers, list) and all(map(_is_index, layers)))
+        if not valid:
+            raise ValueError(f"layers_to_transform={layers!r} is not valid; expected None, a layer index >= 0 or a "
+                             "list of them")
+        if isinstance(pattern, str):
+            _check_regex("layers_pattern", pattern)
+        elif pattern is not None:
+            pattern = self.layers_pattern = _name_list("layers_pattern", pattern)
+            for p in pattern:
+                _check_regex("layers_pattern", p)
+        for field, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+            if value is not None and isinstance(self.target_modules, str):
+                raise ValueError(f"{field}={value!r} needs target_modules as a list of names (as peft), got "
+                                 f"target_modules={self.target_modules!r}")
+        if pattern and layers is None:
+            raise ValueError(f"layers_pattern={pattern!r} without layers_to_transform selects nothing; expected "
+                             "layers_to_transform too (as peft)")
 
     @property
     def scaling(self) -> float:
-        """The factor on ``B @ A``: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
+        """The factor on ``B @ A``: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (the defaults; a module's
+        own follows ``for_module``)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def layer_indices(self) -> list[int] | None:
+        """The decoder layers to adapt, or None for every one (peft reads an empty list as every layer)."""
+        layers = self.layers_to_transform
+        return [layers] if isinstance(layers, int) else (layers or None)
+
+    def for_module(self, module_name: str) -> LoraConfig:
+        """This config with ``r`` and ``lora_alpha`` resolved for module ``module_name`` (e.g.
+        ``model.layers.0.self_attn.q_proj``) by ``rank_pattern`` / ``alpha_pattern``, and those emptied: what
+        ``LoraLinear`` builds that module's adapter from."""
+        return dataclasses.replace(
+            self, r=_pattern_value(self.rank_pattern, module_name, self.r),
+            lora_alpha=_pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
+            rank_pattern={}, alpha_pattern={},
+        )
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` content that ``peft.PeftModel.from_pretrained`` reads."""
@@ -139,6 +222,11 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "init_lora_weights": self.init_lora_weights,
             "modules_to_save": self.modules_to_save,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
+            "lora_bias": self.lora_bias,
             **_PEFT_INERT_DEFAULTS,
         }
 
@@ -164,6 +252,34 @@ class LoraConfig:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def pattern_key_matches(key: str, module_name: str) -> bool:
+    """Whether ``rank_pattern`` / ``alpha_pattern`` key ``key`` applies to ``module_name`` (peft's ``get_pattern_key``:
+    the key, as a regex, matches the whole name or the part after one of its dots)."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value of the first key of ``patterns`` that applies to ``module_name``, else ``default``."""
+    return next((value for key, value in patterns.items() if pattern_key_matches(key, module_name)), default)
+
+
+def layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The decoder-layer index in ``module_name``, read as peft's ``check_target_module_exists`` reads it: the first
+    ``<p>.<digits>.`` for a pattern p of ``layers_pattern`` (tried in order), or, without one, the first
+    ``.<name>.<digits>.`` (so ``model.layers.3.mlp.experts.0.up_proj`` is in layer 3). None where there is none."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    else:
+        found = (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_name) for p in patterns)
+        match = next((m for m in found if m is not None), None)
+    return None if match is None else int(match["idx"])
 
 
 def _check_regex(field: str, pattern: str) -> None:

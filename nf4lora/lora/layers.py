@@ -2,15 +2,16 @@
 
 The module tree mirrors peft's ``lora.Linear`` so state-dict names map 1:1:
 ``base_layer``, ``lora_A.<adapter>`` (``nn.Linear(in, r, bias=False)``), ``lora_B.<adapter>``
-(``nn.Linear(r, out, bias=False)``), ``lora_dropout.<adapter>`` and, with DoRA,
-``lora_magnitude_vector.<adapter>.weight`` (out,). ``ModulesToSave`` mirrors peft's wrapper
+(``nn.Linear(r, out)``, with a bias (out,) only for ``lora_bias=True``), ``lora_dropout.<adapter>``
+and, with DoRA, ``lora_magnitude_vector.<adapter>.weight`` (out,). ``ModulesToSave`` mirrors peft's wrapper
 (``original_module`` plus a trainable copy per adapter under ``modules_to_save.<adapter>``).
 
 Several adapters can live on one layer; ``active_adapters`` (a list, usually one name) selects
 which ones run. ``disable_adapters`` bypasses all of them. ``merge``/``unmerge`` fold the active
 adapters into a dense base weight and back (fp32 arithmetic, cast once to the weight dtype, so the
-round trip is exact up to that rounding). An NF4 base cannot be merged in place: its merged weight
-is produced densely by ``merged_weight`` and installed by ``nf4lora.lora.model.merge_and_unload``.
+round trip is exact up to that rounding); a LoRA bias folds into the base bias the same way. An NF4
+base cannot be merged in place: its merged weight (and bias) is produced densely by ``merged_weight``
+(``merged_bias``) and installed by ``nf4lora.lora.model.merge_and_unload``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class DoraMagnitude(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear base plus named LoRA adapters: ``y = base(x) + scaling * dropout(x) @ A.T @ B.T``.
+    """A frozen linear base plus named LoRA adapters: ``y = base(x) + scaling * (dropout(x) @ A.T @ B.T + b)``,
+    b being B's bias (``lora_bias=True``) or nothing.
 
     base_layer: ``nn.Linear`` or ``NF4Linear`` with weight (out, in). Input x (..., in): in the
     weight's dtype for ``nn.Linear``, any float dtype for ``NF4Linear`` (cast to its compute dtype).
@@ -88,13 +90,17 @@ class LoraLinear(nn.Module):
         return self.base_layer.weight.device
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        """Create adapter ``name`` (A (r, in), B (out, r) in ``config.lora_dtype``) and initialise it."""
+        """Create adapter ``name`` (A (r, in), B (out, r) and B's bias (out,) in ``config.lora_dtype``) and initialise
+        it. ``config`` holds this module's own r and alpha (``LoraConfig.for_module``), without patterns."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; existing: {sorted(self.lora_A)}")
-        kw = {"bias": False, "dtype": config.lora_dtype, "device": self._weight_device()}
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError(f"config has rank_pattern={config.rank_pattern}, alpha_pattern={config.alpha_pattern}; "
+                             "expected config.for_module(<this module's name>), which resolves them")
+        kw = {"dtype": config.lora_dtype, "device": self._weight_device()}
         # uninitialised here: reset_adapter draws the values
-        self.lora_A[name] = nn.utils.skip_init(nn.Linear, self.in_features, config.r, **kw)
-        self.lora_B[name] = nn.utils.skip_init(nn.Linear, config.r, self.out_features, **kw)
+        self.lora_A[name] = nn.utils.skip_init(nn.Linear, self.in_features, config.r, bias=False, **kw)
+        self.lora_B[name] = nn.utils.skip_init(nn.Linear, config.r, self.out_features, bias=config.lora_bias, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.r[name] = config.r
         self.scaling[name] = config.scaling
@@ -106,7 +112,8 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, name: str, init: bool | str) -> None:
         """peft's initialisations: True (A Kaiming-uniform a=sqrt(5), B = 0), "gaussian" (A ~ N(0, 1/r), B = 0),
-        False (A and B both Kaiming-uniform a=sqrt(5), so the adapter changes outputs from the start).
+        False (A and B both Kaiming-uniform a=sqrt(5), so the adapter changes outputs from the start). B's bias, if
+        any, is 0, or for False ``nn.Linear``'s default U(-1/sqrt(r), 1/sqrt(r)), which peft leaves there.
 
         The values are drawn on the CPU from torch's default generator and then copied to the adapter's device, as
         peft does (it initialises before moving to the base's device): one seed gives the same adapters whether
@@ -120,10 +127,16 @@ class LoraLinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(a_init, a=math.sqrt(5))
         a.copy_(a_init)
+        bias = self.lora_B[name].bias
         if init is False:
             b.copy_(nn.init.kaiming_uniform_(torch.empty(b.shape, dtype=b.dtype), a=math.sqrt(5)))
+            if bias is not None:
+                bound = 1 / math.sqrt(self.r[name])
+                bias.copy_(nn.init.uniform_(torch.empty(bias.shape, dtype=bias.dtype), -bound, bound))
         else:
             b.zero_()
+            if bias is not None:
+                bias.zero_()
 
     def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(out,) fp32 row norms of ``W + scaling * B @ A`` for adapter ``name``, detached; W defaults to the base."""
@@ -159,9 +172,13 @@ class LoraLinear(nn.Module):
         x = self._compute_input(x)
         dropout = self.lora_dropout[name]
         x_lora = x if isinstance(dropout, nn.Identity) else dropout(x)
-        base = self.base_layer
+        base, lora_b_bias = self.base_layer, self.lora_B[name].bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        y = lora_linear(x, x_lora, base.weight, base.bias, lora_a, lora_b, self.scaling[name])
+        bias = base.bias
+        if lora_b_bias is not None:  # rides in the node's bias (an (N,) add; its gradient flows back through it)
+            lora_term = self.scaling[name] * lora_b_bias.to(x.dtype)
+            bias = lora_term if bias is None else bias + lora_term
+        y = lora_linear(x, x_lora, base.weight, bias, lora_a, lora_b, self.scaling[name])
         return y if isinstance(base, nn.Linear) else output_in_dtype(y, dtype)
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -171,7 +188,9 @@ class LoraLinear(nn.Module):
         dropout = self.lora_dropout[name]
         x_lora = dropout(x.to(dtype))
         if name not in self.lora_magnitude_vector:
-            return lora_add(y, x_lora, lora_a, lora_b, self.scaling[name])
+            y = lora_add(y, x_lora, lora_a, lora_b, self.scaling[name])
+            lora_b_bias = self.lora_B[name].bias
+            return y if lora_b_bias is None else y + self.scaling[name] * lora_b_bias.to(dtype)
         if self.training and isinstance(dropout, nn.Dropout):
             base_nobias = base_matmul(self.base_layer, x_lora)
         elif self.base_layer.bias is not None:
@@ -188,6 +207,24 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapters {self.merged_adapters} are merged into the base already; unmerge() first")
         base = dense_weight(self.base_layer.weight, torch.float32)
         return self._fold(self._adapter_names(adapter_names), base)[0].to(dtype)
+
+    def merged_bias(
+        self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor | None:
+        """(out,) base bias in ``dtype`` with the LoRA biases of ``adapter_names`` (default: the active ones) folded
+        in, beside ``merged_weight``; None for a base without a bias (``check_mergeable`` refuses LoRA biases there)."""
+        names = self._adapter_names(adapter_names)
+        self.check_mergeable(names)
+        bias = self.base_layer.bias
+        return None if bias is None else self._fold_bias(names, bias.detach().float()).to(dtype)
+
+    def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
+        """Raise if adapters ``adapter_names`` (default: the active ones) hold a LoRA bias and the base layer has no
+        bias to fold it into (peft refuses that merge too)."""
+        biased = [n for n in self._adapter_names(adapter_names) if self.lora_B[n].bias is not None]
+        if biased and self.base_layer.bias is None:
+            raise ValueError(f"adapters {biased} have a LoRA bias (lora_bias=True) and the base layer has no bias to "
+                             "merge it into; expected a base with a bias, or the adapters left unmerged")
 
     def _adapter_names(self, adapter_names: list[str] | None) -> list[str]:
         """The requested adapters, deduplicated; None means the active ones this layer holds."""
@@ -214,9 +251,18 @@ class LoraLinear(nn.Module):
                 w = (self.lora_magnitude_vector[name].weight.detach().float() / norms[name])[:, None] * w
         return w, norms
 
+    def _fold_bias(self, names: list[str], bias: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """fp32 ``bias`` plus (``sign=-1``: minus) ``scaling * b`` for each adapter of ``names`` with a LoRA bias b."""
+        for name in names:
+            lora_b_bias = self.lora_B[name].bias
+            if lora_b_bias is not None:
+                bias = bias + sign * self.scaling[name] * lora_b_bias.detach().float()
+        return bias
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Fold ``adapter_names`` (default: active) into the dense base weight, in fp32, cast once.
+        """Fold ``adapter_names`` (default: active) into the dense base weight (and LoRA biases into its bias), in
+        fp32, cast once.
 
         Adapters merged before stay merged (the weight is rebuilt from the unmerged base)."""
         if self.is_nf4:
@@ -225,10 +271,13 @@ class LoraLinear(nn.Module):
                 "use nf4lora.lora.merge_and_unload(model, requantize=False|True) or merged_weight()"
             )
         names = self._adapter_names(self.merged_adapters + self._adapter_names(adapter_names))
+        self.check_mergeable(names)  # before unmerge: a refusal changes nothing
         self.unmerge()
-        weight = self.base_layer.weight
+        weight, bias = self.base_layer.weight, self.base_layer.bias
         w, self._merge_norms = self._fold(names, weight.float())
         weight.copy_(w.to(weight.dtype))
+        if bias is not None:
+            bias.copy_(self._fold_bias(names, bias.float()).to(bias.dtype))
         self.merged_adapters = names
 
     @torch.no_grad()
@@ -236,8 +285,9 @@ class LoraLinear(nn.Module):
         """Undo ``merge`` in reverse order (exact up to the rounding to the weight dtype)."""
         if not self.merged_adapters:
             return
-        weight = self.base_layer.weight
+        weight, bias = self.base_layer.weight, self.base_layer.bias
         w = weight.float()
+        unmerged = self.merged_adapters[::-1]
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -246,9 +296,14 @@ class LoraLinear(nn.Module):
                 w = w / (self.lora_magnitude_vector[name].weight.float() / self._merge_norms.pop(name))[:, None]
             w = w - delta
         weight.copy_(w.to(weight.dtype))
+        if bias is not None:
+            bias.copy_(self._fold_bias(unmerged, bias.float(), sign=-1.0).to(bias.dtype))
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={self.r[n]}{' dora' if n in self.lora_magnitude_vector else ''}" for n in self.r)
+        adapters = ", ".join(
+            f"{n}: r={self.r[n]}{' dora' if n in self.lora_magnitude_vector else ''}"
+            f"{' lora_bias' if self.lora_B[n].bias is not None else ''}" for n in self.r
+        )
         return f"in={self.in_features}, out={self.out_features}, adapters=[{adapters}], active={self.active_adapters}"
 
 

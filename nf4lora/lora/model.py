@@ -9,10 +9,13 @@ The configs of the injected adapters are kept on ``model.lora_configs`` (name ->
 
 Target matching follows peft: a list matches a module whose name equals an entry or ends with
 ``"." + entry``; a string is a regex that must match the whole name; ``"all-linear"`` is every
-``nn.Linear``/``NF4Linear`` except the output head. ``modules_to_save`` entries match as peft's do, by
-plain name suffix (``"norm"`` selects ``model.norm`` and every ``*_layernorm``), and the layers at or
-inside a module to save are never targeted (its full copy trains them). Unlike peft, a config that
-selects nothing, or a list entry that selects nothing, is an error listing what exists;
+``nn.Linear``/``NF4Linear`` except the output head. With ``layers_to_transform``, a list's suffix matches
+count only in those layers (as ``config.layer_index`` reads them), full-name matches everywhere, as in peft.
+``modules_to_save`` entries match as peft's do, by plain name suffix (``"norm"`` selects ``model.norm``
+and every ``*_layernorm``), and the layers at or inside a module to save are never targeted (its full
+copy trains them). Each adapted module gets the r and alpha that ``rank_pattern`` / ``alpha_pattern``
+give it (``LoraConfig.for_module``). Unlike peft, a config that selects nothing, or a list entry, layer
+index or pattern key that selects nothing, is an error listing what exists (peft ignores or warns);
 ``without_unmatched_entries`` drops such entries where the caller checks the outcome otherwise.
 """
 
@@ -27,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from nf4lora.lora.config import ALL_LINEAR, LoraConfig
+from nf4lora.lora.config import ALL_LINEAR, LoraConfig, layer_index, pattern_key_matches
 from nf4lora.lora.layers import LoraLinear, ModulesToSave, is_linear
 from nf4lora.nf4.linear import NF4Linear
 
@@ -89,12 +92,44 @@ def _target_names(model: nn.Module, config: LoraConfig, to_save: list[str]) -> l
         ]
         if unmatched:
             raise ValueError(f"target_modules entries {unmatched} match no module; linear modules: {linear}")
+        unmatched_layers = _unmatched_layers(config, candidates) if candidates else []
+        if unmatched_layers:
+            found = sorted({i for n in candidates if (i := layer_index(n, config.layers_pattern)) is not None})
+            raise ValueError(
+                f"layers_to_transform={config.layers_to_transform!r} holds layers {unmatched_layers} where "
+                f"target_modules matches no module; target_modules matches in layers {found} "
+                f"(read with layers_pattern={config.layers_pattern!r})"
+            )
+        candidates = [n for n in candidates if _in_transformed_layer(n, config)]
     if config.exclude_modules:
         candidates = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
     candidates = [n for n in candidates if not any(n == s or n.startswith(s + ".") for s in to_save)]
     if not candidates:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear module; linear modules: {linear}")
     return candidates
+
+
+def _in_transformed_layer(name: str, config: LoraConfig) -> bool:
+    """Whether layer selection keeps module ``name``, which a list of target_modules matches: peft keeps one named
+    in full by an entry, or one in a layer of ``layers_to_transform`` (every one when that is None or [])."""
+    layers = config.layer_indices
+    return layers is None or name in config.target_modules or layer_index(name, config.layers_pattern) in layers
+
+
+def _unmatched_layers(config: LoraConfig, matched: list[str]) -> list[int]:
+    """The ``layers_to_transform`` indices in which no module of ``matched`` lies (peft adapts nothing there)."""
+    found = {layer_index(n, config.layers_pattern) for n in matched}
+    return [i for i in config.layer_indices or () if i not in found]
+
+
+def _unmatched_pattern_keys(config: LoraConfig, targets: list[str]) -> dict[str, list[str]]:
+    """``rank_pattern`` / ``alpha_pattern`` keys (by field) that apply to none of ``targets`` (peft warns)."""
+    unmatched = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = [k for k in getattr(config, field) if not any(pattern_key_matches(k, n) for n in targets)]
+        if keys:
+            unmatched[field] = keys
+    return unmatched
 
 
 def _saved_by(name: str, entry: str) -> bool:
@@ -124,18 +159,33 @@ def without_unmatched_entries(model: nn.Module, config: LoraConfig) -> LoraConfi
     ``model``, which peft ignores (a sequence-classification adapter lists both of peft's head names, "classifier"
     and "score"). A list none of whose entries matches is kept, for ``inject_lora`` to report.
 
+    Likewise the ``layers_to_transform`` indices (of a list) where the targets have no module, and the
+    ``rank_pattern`` / ``alpha_pattern`` keys that apply to no targeted module, which peft ignores too.
+
     ``inject_lora`` refuses such entries, because a misspelt one would leave modules untrained; ``load_adapter``
-    drops them, because there the file's keys are checked against the injected adapter exactly.
+    drops them, because there the file's keys are checked against the injected adapter exactly. Errors that
+    ``inject_lora`` would raise for the config that is left, it raises here.
     """
     names = _module_names(model)
     changes = {}
     if isinstance(config.target_modules, list):
         kept = [p for p in config.target_modules if any(_name_matches(n, [p]) for n in names)]
         changes["target_modules"] = kept or config.target_modules
+        if isinstance(config.layers_to_transform, list):
+            unmatched = _unmatched_layers(config, [n for n in names if _name_matches(n, changes["target_modules"])])
+            kept_layers = [i for i in config.layers_to_transform if i not in unmatched]
+            changes["layers_to_transform"] = kept_layers or config.layers_to_transform
     if config.modules_to_save:
         kept = [p for p in config.modules_to_save if any(_saved_by(n, p) for n in names)]
         changes["modules_to_save"] = kept or config.modules_to_save
-    return dataclasses.replace(config, **changes)
+    config = dataclasses.replace(config, **changes)
+    if config.rank_pattern or config.alpha_pattern:
+        targets = _target_names(model, config, _modules_to_save_names(model, config))
+        config = dataclasses.replace(config, **{
+            field: {k: v for k, v in getattr(config, field).items() if k not in keys}
+            for field, keys in _unmatched_pattern_keys(config, targets).items()
+        })
+    return config
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -157,12 +207,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"adapter_name={adapter_name!r} is not valid; expected a non-empty name without '.'")
     to_save = _modules_to_save_names(model, config)
     targets = _target_names(model, config, to_save)
+    unmatched_keys = _unmatched_pattern_keys(config, targets)
+    if unmatched_keys:
+        raise ValueError(f"pattern keys {unmatched_keys} apply to no targeted module; targeted modules: {targets}")
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
-            module.add_adapter(adapter_name, config)
+            module.add_adapter(adapter_name, config.for_module(name))
         else:
-            _set_submodule(model, name, LoraLinear(module, adapter_name, config))
+            _set_submodule(model, name, LoraLinear(module, adapter_name, config.for_module(name)))
     for name in to_save:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSave):
@@ -214,16 +267,17 @@ def _freeze_base(model: nn.Module) -> None:
 def _train_biases(model: nn.Module, adapter_names: list[str]) -> None:
     """requires_grad on the base biases that the bias modes of ``adapter_names`` train, off on the others.
 
-    ``"all"``: every bias outside the modules_to_save wrappers (their copies follow their adapter);
-    ``"lora_only"``: the base bias of each LoRA layer holding one of these adapters -- exactly the biases
-    ``save_adapter`` writes for it, so that none is trained and then left unsaved.
+    ``"all"``: every bias outside the modules_to_save wrappers (their copies follow their adapter) and outside
+    ``lora_B`` (a LoRA bias is its adapter's parameter, switched by ``set_adapter``); ``"lora_only"``: the base bias
+    of each LoRA layer holding one of these adapters -- exactly the biases ``save_adapter`` writes for it, so that
+    none is trained and then left unsaved.
     """
     configs = model.lora_configs
     every = any(configs[n].bias == "all" for n in adapter_names)
     lora_only = {n for n in adapter_names if configs[n].bias == "lora_only"}
     for name, param in model.named_parameters():
-        in_wrapper = re.search(r"(^|\.)(original_module|modules_to_save)\.", name)
-        if (name == "bias" or name.endswith(".bias")) and not in_wrapper:
+        adapter_owned = re.search(r"(^|\.)(original_module|modules_to_save|lora_B)\.", name)
+        if (name == "bias" or name.endswith(".bias")) and not adapter_owned:
             param.requires_grad_(every)
     for _, layer in lora_layers(model):
         if layer.base_layer.bias is not None and not lora_only.isdisjoint(layer.lora_A):
@@ -297,10 +351,20 @@ def _held(layer: LoraLinear, adapter_names: list[str] | None) -> list[str] | Non
     return None if adapter_names is None else [n for n in adapter_names if n in layer.lora_A]
 
 
+def _check_mergeable(model: nn.Module, adapter_names: list[str] | None) -> None:
+    """Refuse a merge of ``adapter_names`` before any layer changes (see ``LoraLinear.check_mergeable``)."""
+    _check_adapter_names(model, adapter_names)
+    for name, layer in lora_layers(model):
+        try:
+            layer.check_mergeable(_held(layer, adapter_names))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """Fold ``adapter_names`` (default: the active ones) into every dense (bf16/fp32) base in place;
     ``unmerge_adapters`` reverts. NF4 bases refuse (see ``merge_and_unload``)."""
-    _check_adapter_names(model, adapter_names)
+    _check_mergeable(model, adapter_names)
     for _, layer in lora_layers(model):
         layer.merge(_held(layer, adapter_names))
 
@@ -322,7 +386,7 @@ def merge_and_unload(
     the small update against NF4's coarse grid and the merged model no longer equals the adapted one.
     ``ModulesToSave`` wrappers are replaced by the active adapter's copy.
     """
-    _check_adapter_names(model, adapter_names)
+    _check_mergeable(model, adapter_names)
     layers = list(lora_layers(model))
     if requantize and any(layer.is_nf4 for _, layer in layers):
         warnings.warn(
@@ -343,7 +407,7 @@ def merge_and_unload(
         with torch.no_grad():
             dense.weight.copy_(weight)
             if base.bias is not None:
-                dense.bias.copy_(base.bias)
+                dense.bias.copy_(layer.merged_bias(_held(layer, adapter_names), base.compute_dtype))
         dense.requires_grad_(False)
         if requantize:
             state = base.weight.state

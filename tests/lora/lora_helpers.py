@@ -8,13 +8,15 @@ import warnings
 import torch
 
 
-def tiny_llama(bias: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A 2-layer ``transformers.LlamaForCausalLM`` with ragged sizes (hidden 40, mlp 72, vocab 97)."""
+def tiny_llama(bias: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2,
+               hidden: int = 40, intermediate: int = 72):
+    """A ``transformers.LlamaForCausalLM`` with random (optionally biased) weights: 2 layers with ragged sizes
+    (hidden 40, mlp 72, vocab 97) by default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64,
+        vocab_size=97, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
@@ -26,13 +28,31 @@ def tiny_llama(bias: bool = False, seed: int = 0, dtype: torch.dtype = torch.flo
     return model
 
 
-def peft_model(base, **config):
+def peft_model(base, adapter_name: str = "default", **config):
     """peft's LoRA model on a deep copy of ``base``."""
     from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+        return get_peft_model(copy.deepcopy(base), LoraConfig(**config), adapter_name=adapter_name)
+
+
+def peft_from_pretrained(base, directory, adapter_name: str = "default"):
+    """``peft.PeftModel.from_pretrained`` on a deep copy of ``base``."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(copy.deepcopy(base), directory, adapter_name=adapter_name)
+
+
+def perturb_trainables(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Move every trainable tensor off its initial value, so that a dropped or misplaced one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import bnb_quantize_linears, peft_model, rel_err, tiny_llama
+from lora_helpers import (bnb_quantize_linears, peft_from_pretrained, peft_model, perturb_trainables, rel_err,
+                          tiny_llama)
 from nf4lora.lora import (
     LoraConfig, LoraLinear, adapter_state_dict, inject_lora, load_adapter, save_adapter, set_adapter,
 )
@@ -26,31 +27,14 @@ CONFIGS = {
 }
 
 
-def _perturb_trainables(model, seed: int) -> None:
-    """Move every trainable tensor off its initial value, so that a dropped or misplaced one shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
-def _peft_from_pretrained(base, directory, adapter_name="default"):
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(copy.deepcopy(base), directory, adapter_name=adapter_name)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_an_adapter_we_save_loads_in_peft_with_the_same_outputs(name, tmp_path, input_ids):
     base = tiny_llama(bias=True)
     ours = inject_lora(copy.deepcopy(base), LoraConfig(**CONFIGS[name], init_lora_weights=False))
-    _perturb_trainables(ours, seed=1)
+    perturb_trainables(ours, seed=1)
     save_adapter(ours, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    theirs = _peft_from_pretrained(base, tmp_path)
+    theirs = peft_from_pretrained(base, tmp_path)
     with torch.no_grad():
         ours_logits, theirs_logits = ours(input_ids).logits, theirs(input_ids).logits
     assert not torch.allclose(ours_logits, base(input_ids).logits, atol=1e-3)
@@ -62,7 +46,7 @@ def test_an_adapter_we_save_loads_in_peft_with_the_same_outputs(name, tmp_path, 
 def test_an_adapter_peft_saved_loads_into_nf4lora_with_the_same_outputs(name, tmp_path, input_ids):
     base = tiny_llama(bias=True)
     theirs = peft_model(base, **CONFIGS[name], init_lora_weights=False)
-    _perturb_trainables(theirs, seed=2)
+    perturb_trainables(theirs, seed=2)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     with torch.no_grad():
@@ -78,11 +62,11 @@ def test_two_peft_adapters_load_under_their_names_and_switch_like_peft(tmp_path,
     base = tiny_llama()
     for i, cfg in enumerate((CONFIGS["lora"], {"r": 6, "target_modules": ["k_proj", "up_proj"], "use_dora": True})):
         theirs = peft_model(base, **cfg, init_lora_weights=False)
-        _perturb_trainables(theirs, seed=10 + i)
+        perturb_trainables(theirs, seed=10 + i)
         theirs.save_pretrained(tmp_path / f"a{i}")
     ours = load_adapter(copy.deepcopy(base), tmp_path / "a0", "first")
     load_adapter(ours, tmp_path / "a1", "second")
-    theirs = _peft_from_pretrained(base, tmp_path / "a0", "first")
+    theirs = peft_from_pretrained(base, tmp_path / "a0", "first")
     theirs.load_adapter(tmp_path / "a1", adapter_name="second")
     with torch.no_grad():
         for name in ("first", "second"):
@@ -167,9 +151,9 @@ def test_a_qlora_adapter_moves_between_nf4lora_nf4_and_peft_on_bitsandbytes_4bit
     base = tiny_llama()
     ours = inject_lora(quantize_linears(copy.deepcopy(base), compute_dtype=torch.float32),
                        LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False))
-    _perturb_trainables(ours, seed=3)
+    perturb_trainables(ours, seed=3)
     save_adapter(ours, tmp_path)
-    theirs = _peft_from_pretrained(bnb_quantize_linears(copy.deepcopy(base)), tmp_path)
+    theirs = peft_from_pretrained(bnb_quantize_linears(copy.deepcopy(base)), tmp_path)
     assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules())
     # In eval mode bitsandbytes repacks CPU weights for a kernel that needs out_features % 32 == 0; train mode
     # (no dropout configured, so the same function) keeps the plain dequantize path.
@@ -187,7 +171,7 @@ def test_a_qlora_adapter_peft_trained_on_bitsandbytes_4bit_loads_into_nf4lora_nf
         theirs = peft_model(bnb_quantize_linears(copy.deepcopy(base)), r=4, target_modules="all-linear",
                             use_dora=use_dora, init_lora_weights=False)
     assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules())
-    _perturb_trainables(theirs, seed=4)
+    perturb_trainables(theirs, seed=4)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(quantize_linears(copy.deepcopy(base), compute_dtype=torch.float32), tmp_path)
     # As above: train mode keeps bitsandbytes on its plain dequantize path (no dropout configured).

@@ -54,7 +54,7 @@ def test_peft_dict_round_trips_and_builds_the_same_peft_config():
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("rank_pattern", {"q_proj": 8}), ("fan_in_fan_out", True), ("lora_bias", True)]
+    ("key", "value"), [("fan_in_fan_out", True), ("layer_replication", [[0, 1]]), ("target_parameters", ["w"])]
 )
 def test_from_peft_dict_rejects_options_that_change_the_math(key, value):
     d = LoraConfig(target_modules=["q_proj"]).to_peft_dict()

@@ -11,24 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import peft_model, rel_err, tiny_llama
+from lora_helpers import peft_from_pretrained, peft_model, perturb_trainables, rel_err, tiny_llama
 from nf4lora.lora import LoraConfig, inject_lora, load_adapter, read_adapter_config, save_adapter
-
-
-def _perturb_trainables(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
-def _peft_from_pretrained(base, directory):
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(copy.deepcopy(base), directory)
 
 
 def _logits(model, input_ids):
@@ -48,15 +32,15 @@ MODULES_TO_SAVE = {
 def test_modules_to_save_select_what_peft_selects_in_both_directions(name, tmp_path, input_ids):
     base, spec = tiny_llama(bias=True), {"r": 2, **MODULES_TO_SAVE[name], "init_lora_weights": False}
     theirs = peft_model(base, **spec)
-    _perturb_trainables(theirs, seed=1)
+    perturb_trainables(theirs, seed=1)
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     # fp32, same weights, same ops up to association order: ~1e-7.
     assert rel_err(_logits(ours, input_ids), _logits(theirs, input_ids)) < 1e-6
     ours = inject_lora(copy.deepcopy(base), LoraConfig(**spec))
-    _perturb_trainables(ours, seed=2)
+    perturb_trainables(ours, seed=2)
     save_adapter(ours, tmp_path / "ours")
-    assert rel_err(_logits(_peft_from_pretrained(base, tmp_path / "ours"), input_ids), _logits(ours, input_ids)) < 1e-6
+    assert rel_err(_logits(peft_from_pretrained(base, tmp_path / "ours"), input_ids), _logits(ours, input_ids)) < 1e-6
 
 
 def test_modules_to_save_that_contain_one_another_are_an_error_and_inject_nothing():
@@ -77,7 +61,7 @@ def test_a_peft_sequence_classification_adapter_loads_with_its_classifier_head(t
     torch.manual_seed(0)
     base = LlamaForSequenceClassification(config).eval()
     theirs = peft_model(base, r=2, target_modules="all-linear", task_type="SEQ_CLS")
-    _perturb_trainables(theirs)
+    perturb_trainables(theirs)
     theirs.save_pretrained(tmp_path)
     # peft adds both of its head names; this model has only "score"
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
@@ -91,7 +75,7 @@ def test_a_peft_sequence_classification_adapter_loads_with_its_classifier_head(t
 def test_a_peft_adapter_on_lm_head_with_the_head_weight_peft_saves_beside_it_loads(tmp_path, input_ids):
     base = tiny_llama()
     theirs = peft_model(base, r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
-    _perturb_trainables(theirs)
+    perturb_trainables(theirs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs.save_pretrained(tmp_path)  # save_embedding_layers="auto": lm_head is targeted, so its base is saved
