@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nf4lora.files import publish_file, write_file_atomically
 from nf4lora.jsonfile import read_json_object
 from nf4lora.lora.config import LoraConfig
 from nf4lora.lora.model import (
@@ -99,16 +101,18 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in peft's format (loads with
-    ``peft.PeftModel.from_pretrained`` on the matching transformers model)."""
+    ``peft.PeftModel.from_pretrained`` on the matching transformers model). Each file replaces its old version in
+    one rename (``nf4lora.files``), weights first: a crash leaves every file whole, old or new."""
     os.makedirs(directory, exist_ok=True)
     tensors = adapter_state_dict(model, adapter_name)  # raises for an unknown adapter
     config = model.lora_configs[adapter_name]
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    save_file({k: v.cpu() for k, v in tensors.items()}, weights_path, metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        # Top-level keys sorted, as peft writes them; the pattern dicts keep their order, because the first key that
-        # applies wins (peft sorts them too, so an adapter whose keys overlap comes back with other ranks).
-        json.dump(dict(sorted(config.to_peft_dict(base_model_name_or_path).items())), f, indent=2)
+    cpu_tensors = {k: v.cpu() for k, v in tensors.items()}
+    write_file_atomically(Path(directory, WEIGHTS_NAME),
+                          lambda tmp: save_file(cpu_tensors, str(tmp), metadata={"format": "pt"}))
+    # Top-level keys sorted, as peft writes them; the pattern dicts keep their order, because the first key that
+    # applies wins (peft sorts them too, so an adapter whose keys overlap comes back with other ranks).
+    text = json.dumps(dict(sorted(config.to_peft_dict(base_model_name_or_path).items())), indent=2)
+    publish_file(Path(directory, CONFIG_NAME), text.encode("utf-8"))
 
 
 def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = torch.float32) -> LoraConfig:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -36,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from nf4lora.files import publish_directory
 from nf4lora.jsonfile import read_json_object
 
 from .config import RESUME_KEYS, TrainConfig, UsageError
@@ -94,23 +94,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _fsync_dir(path: Path) -> None:
-    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")) + [path]:
-        _fsync(item, os.O_RDONLY | (os.O_DIRECTORY if item.is_dir() else 0))
-
-
 def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None],
                     state: dict[str, Any]) -> Path:
     """Write ``<run_dir>/checkpoint-<step>`` atomically, its manifest last; ``write_adapter(dir)`` saves the
@@ -147,42 +130,6 @@ def write_manifest(directory: Path) -> None:
              for path in sorted(directory.iterdir()) if path.is_file() and path.name != MANIFEST_FILE}
     manifest = {"format": MANIFEST_FORMAT, "files": files}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-
-
-def publish_file(path: Path, data: bytes) -> None:
-    """Replace the file ``path`` with ``data`` so that a crash leaves the old content or the new, never a mix: the
-    data goes to a temp file that is flushed, renamed over ``path``, and the rename flushed. A write that fails (a
-    full disk) removes its partial temp file and re-raises."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        move_file_into_place(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def move_file_into_place(written: Path, path: Path) -> None:
-    """Replace ``path`` with the complete file ``written`` (on the same file system) in one rename: flushed to disk
-    first, and the rename flushed after."""
-    _fsync(written, os.O_RDONLY)
-    os.replace(written, path)
-    _fsync_dir(path.parent)
-
-
-def publish_directory(tmp: Path, final: Path) -> None:
-    """Make the complete directory ``tmp`` appear as ``final`` in one rename: flushed to disk first, replacing a
-    ``final`` already there (re-saving a step, ``--overwrite``) only once the new one is whole, and the parent then
-    flushed, since the rename itself survives a power cut only once the directory entry is on disk."""
-    _fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from nf4lora.files import publish_directory
 from nf4lora.jsonfile import read_json_object
 
-from .checkpoint import publish_directory
 from .config import TrainConfig, UsageError
 from .job import TORCH_DTYPES, check_directory_path, refuse_inputs_inside, resolve_device, resolve_dtype
 

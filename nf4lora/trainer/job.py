@@ -11,7 +11,7 @@ texts is generated and written as a Hugging Face directory (``<run>/base_model``
 Bad input never leaves a half-written run: the device, the resume checkpoint, the output directory (writable?) and
 the model path are checked first, then data, tokenizer, model and LoRA targets are all loaded and checked, before
 the run directory is created; the generated base model is built in a temporary directory that is renamed into the
-run only then. The run's files are replaced atomically (``checkpoint.publish_file``): a crash leaves the previous
+run only then. The run's files are replaced atomically (``nf4lora.files.publish_file``): a crash leaves the previous
 version or the new one, never half a file. ``--overwrite`` never loses the old run to a new one that fails: its files
 are moved into a hidden ``.replaced-*`` directory inside the run directory when the new run is created there, deleted
 once the new run has saved its first checkpoint, and moved back if the new run stops before that (an error, Ctrl-C);
@@ -34,8 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import (STATE_FILE, Resume, check_compatible, move_file_into_place, publish_file, read_resume,
-                         set_rng_state)
+from nf4lora.files import move_file_into_place, publish_file
+
+from .checkpoint import STATE_FILE, Resume, check_compatible, read_resume, set_rng_state
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
 from .data import (DATA_ORDER, BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack,

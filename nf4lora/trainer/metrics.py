@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import publish_file
+from nf4lora.files import publish_file
+
 from .config import UsageError
 
 METRICS_FILE = "metrics.jsonl"

@@ -146,6 +146,27 @@ def test_loading_from_a_directory_without_an_adapter_names_the_file(tmp_path):
         load_adapter(tiny_llama(), tmp_path)
 
 
+def test_a_save_that_fails_midway_leaves_the_saved_adapter_whole(tmp_path, monkeypatch):
+    """save_adapter wrote in place: a crash (or a full disk) while it wrote the weights left a truncated
+    adapter_model.safetensors over the last good one. Each file now replaces its old version in one rename."""
+    from nf4lora.lora import adapters
+
+    model = inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    perturb_trainables(model, seed=2)
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapters, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
 def test_a_qlora_adapter_moves_between_nf4lora_nf4_and_peft_on_bitsandbytes_4bit(use_dora, tmp_path, input_ids):
     base = tiny_llama()

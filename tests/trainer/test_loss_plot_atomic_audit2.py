@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 import nf4lora.trainer.job as job
-from nf4lora.trainer.checkpoint import publish_file
+from nf4lora.files import publish_file
 from nf4lora.trainer.config import TrainConfig
 from nf4lora.trainer.loop import TrainingFailed
 from nf4lora.trainer.metrics import PLOT_FILE, MetricsLog, plot_loss
