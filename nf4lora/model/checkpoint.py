@@ -17,9 +17,11 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from nf4lora.files import publish_file, write_file_atomically
 from nf4lora.jsonfile import read_json_object
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -166,7 +168,8 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
                      max_shard_bytes: int | None = None) -> None:
     """Write `tensors` as model.safetensors (or shards + index when larger than `max_shard_bytes`) and config.json.
 
-    Shards are copied to host memory one at a time, so a GPU model needs at most one shard of host memory.
+    Shards are copied to host memory one at a time, so a GPU model needs at most one shard of host memory. Each file
+    replaces its old version in one rename (`nf4lora.files`), config.json last: a crash leaves no file half-written.
     """
     from safetensors.torch import save_file
 
@@ -190,11 +193,10 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
                 t = t.clone()
             seen.add(t.data_ptr())
             shard[name] = t
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        write_file_atomically(Path(out_dir, fname), lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
     if len(groups) > 1:
         weight_map = {name: fname for fname, group in zip(names, groups) for name in group}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(out_dir, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        publish_file(Path(out_dir, INDEX_NAME), json.dumps(index, indent=2).encode("utf-8"))
+    publish_file(Path(out_dir, "config.json"), json.dumps(config, indent=2).encode("utf-8"))

@@ -100,3 +100,28 @@ def test_a_shard_index_that_is_not_utf8_is_named(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not UTF-8 text") as error:
         load_model(tmp_path / "m")
     assert type(error.value) is ValueError and "\n" not in str(error.value)
+
+
+def test_a_save_that_fails_midway_leaves_the_saved_checkpoint_whole(checkpoints, tmp_path, monkeypatch):
+    """save_pretrained wrote in place: a crash (or a full disk) while it wrote a shard left a truncated file over the
+    last good one. Each file now replaces its old version in one rename."""
+    import safetensors.torch
+
+    from nf4lora.model import save_pretrained
+
+    model = load_model(checkpoints("gqa"), dtype=torch.float32)
+    save_pretrained(model, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(model, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_model(str(tmp_path), dtype=torch.float32)
