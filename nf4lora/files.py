@@ -64,6 +64,8 @@ def publish_directory(tmp: Path, final: Path) -> None:
     fsync_tree(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old.tmp")
+        if old.exists():  # left by a crash between the two renames below, after which `final` was whole again
+            shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
