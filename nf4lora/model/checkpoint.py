@@ -15,6 +15,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,4 +200,15 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         publish_file(Path(out_dir, INDEX_NAME), json.dumps(index, indent=2).encode("utf-8"))
+    else:
+        # an index left by an earlier sharded save would win over the new single file when loading
+        Path(out_dir, INDEX_NAME).unlink(missing_ok=True)
+    for stale in _weight_files(out_dir) - set(names):  # an earlier save's other shards, as transformers removes them
+        Path(out_dir, stale).unlink()
     publish_file(Path(out_dir, "config.json"), json.dumps(config, indent=2).encode("utf-8"))
+
+
+def _weight_files(model_dir: str) -> set[str]:
+    """Names of the files in ``model_dir`` that ``write_checkpoint`` writes weights to: the single file or shards."""
+    return {name for name in os.listdir(model_dir)
+            if name == SINGLE_NAME or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)}

@@ -125,3 +125,24 @@ def test_a_save_that_fails_midway_leaves_the_saved_checkpoint_whole(checkpoints,
         save_pretrained(model, str(tmp_path))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     load_model(str(tmp_path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("first, second", [(4096, None), (None, 4096), (4096, 20000)],
+                         ids=["shards-then-one-file", "one-file-then-shards", "more-shards-then-fewer"])
+def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(checkpoints, tmp_path, first, second):
+    """An earlier sharded save's index won over a new single model.safetensors, so the directory loaded the old
+    weights; its extra shards stayed beside the new ones."""
+    from nf4lora.model import save_pretrained
+
+    model = load_model(checkpoints("gqa"), dtype=torch.float32)
+    save_pretrained(model, str(tmp_path), max_shard_bytes=first)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    save_pretrained(model, str(tmp_path), max_shard_bytes=second)
+    loaded = load_model(str(tmp_path), dtype=torch.float32)
+    torch.testing.assert_close(loaded.model.norm.weight, model.model.norm.weight, rtol=0, atol=0)
+    files = sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name)
+    index = tmp_path / "model.safetensors.index.json"
+    expected = ["model.safetensors"] if second is None else sorted(
+        {*json.loads(index.read_text())["weight_map"].values(), index.name})
+    assert files == expected
