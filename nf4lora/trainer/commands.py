@@ -2,9 +2,9 @@
 
 ``merge`` folds the adapter into the base *as it was trained*: the base is loaded in the 4-bit format of the run
 that trained ``--adapter`` (its ``run_config.json``; NF4 with double quantization for an adapter from elsewhere),
-like the trainer loads it, dequantized, and the LoRA update added, so the merged bf16 checkpoint reproduces the
-adapted model's outputs (up to bf16 rounding); ``--quantization none`` merges into the original full-precision
-weights instead. ``generate`` loads the base the same way. ``--quantize nf4`` re-quantizes the merged weights into
+like the trainer loads it, dequantized, and the LoRA update added, so the merged checkpoint reproduces the
+adapted model's outputs (up to rounding to the written dtype); ``--quantization none`` merges into the original
+full-precision weights instead. ``generate`` loads the base the same way. ``--quantize nf4`` re-quantizes the merged weights into
 a bitsandbytes-format 4-bit checkpoint, which rounds the small update against NF4's grid (the lora package warns).
 
 What ``merge`` and ``quantize`` write follows one rule (``written_dtype``): the tensors left unquantized are stored

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from nf4lora.files import move_file_into_place, publish_file
+from nf4lora.files import publish_file
 
 from .checkpoint import STATE_FILE, Resume, check_compatible, read_resume, set_rng_state
 from .config import TrainConfig, UsageError
@@ -434,19 +434,6 @@ def _restore_replaced_run(p: Prepared) -> None:
     replaced.rmdir()
 
 
-def _publish_adapter(write_adapter: Callable[[Path], None], run_dir: Path) -> None:
-    """Write the final adapter next to the run's files (same file system), then move each file over its old copy in
-    one rename, without copying it. Weights go first: a crash in between leaves the new weights beside the previous
-    config, which a resumed run shares (its LoRA settings cannot change), and a fresh run's config never appears
-    without weights."""
-    from nf4lora.lora.adapters import CONFIG_NAME
-
-    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=run_dir) as tmp:
-        write_adapter(Path(tmp))
-        for path in sorted(Path(tmp).iterdir(), key=lambda f: f.name == CONFIG_NAME):
-            move_file_into_place(path, run_dir / path.name)
-
-
 def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[str, Any]], None] | None,
            log: Callable[[str], None]) -> Trainer:
     """Optimizer, schedule and loss scaler (restored on resume), then the run directory, then the Trainer."""
@@ -514,7 +501,7 @@ def _run(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[str,
     else:
         finished = f"training finished and {trainer.last_checkpoint} holds the final adapter"
         with trainer.writing("the final adapter", then=finished):
-            _publish_adapter(trainer.save_adapter, p.run_dir)
+            trainer.save_adapter(p.run_dir)  # each file replaces its old copy in one rename, weights first
         summary["adapter"] = str(p.run_dir)
         with trainer.writing(PLOT_FILE, then=finished):
             plot = plot_loss(p.run_dir)
