@@ -76,8 +76,9 @@ def resolve_code(quant_type: str, code: torch.Tensor | None = None) -> tuple[tor
     """
     if code is None:
         return get_code(quant_type), quant_type
-    if code.shape != (16,) or code.dtype != torch.float32:
-        raise ValueError(f"a custom codebook must be (16,) float32, got {tuple(code.shape)} {code.dtype}")
+    if not isinstance(code, torch.Tensor) or code.shape != (16,) or code.dtype != torch.float32:
+        got = f"{tuple(code.shape)} {code.dtype}" if isinstance(code, torch.Tensor) else type(code).__name__
+        raise ValueError(f"a custom codebook must be (16,) float32 (a torch.Tensor), got {got}")
     outside = code[~((code >= -1) & (code <= 1))]  # NaN fails both comparisons
     if outside.numel():
         raise ValueError(f"custom codebook values must be finite and in [-1, 1], got {outside.tolist()}")

@@ -20,7 +20,7 @@ import torch
 
 from .blockwise import num_blocks
 from .codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, get_code
-from .tensor import QuantizedTensor, QuantState
+from .tensor import QuantizedTensor, QuantState, check_decodes_finite
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STATE_KEY = "quant_state.bitsandbytes__"
@@ -28,6 +28,7 @@ _STATE_KEY = "quant_state.bitsandbytes__"
 _FIELDS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
 _NESTED_KEYS = ("nested_absmax", "nested_quant_map")
 _BLOCKSIZES_TEXT = ", ".join(map(str, BLOCKSIZES))
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -133,8 +134,10 @@ def _is_dtype_name(value) -> bool:
     return isinstance(value, str) and value in _DTYPES
 
 
-def _is_finite_number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+def _is_float32_number(value) -> bool:
+    # the offset is stored in float32: a larger finite number would load as Inf (an int beyond any float's range
+    # made math.isfinite raise OverflowError); NaN fails the comparison
+    return type(value) in (int, float) and abs(value) <= _FLOAT32_MAX
 
 
 def _meta_field(meta: dict, meta_key: str, name: str, is_valid, valid: str, default=None):
@@ -145,7 +148,8 @@ def _meta_field(meta: dict, meta_key: str, name: str, is_valid, valid: str, defa
         return default
     value = meta[name]
     if not is_valid(value):
-        raise ValueError(f"{meta_key!r} has {name} {value!r}; valid: {valid}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + f"... ({len(repr(value))} characters)"
+        raise ValueError(f"{meta_key!r} has {name} {shown}; valid: {valid}")
     return value
 
 
@@ -156,7 +160,7 @@ def _nested_fields(state_dict: dict, prefix: str, meta: dict, meta_key: str, n_b
     )
     # bitsandbytes decodes the 8-bit absmax in nested_dtype; it only ever writes float32, the dtype we decode in
     _meta_field(meta, meta_key, "nested_dtype", lambda v: v == "float32", "'float32'", default="float32")
-    offset = _meta_field(meta, meta_key, "nested_offset", _is_finite_number, "a finite number")
+    offset = _meta_field(meta, meta_key, "nested_offset", _is_float32_number, "a finite number within float32's range")
     nested_absmax = _require_float32(state_dict, f"{prefix}.nested_absmax", (num_blocks(n_blocks, nested_blocksize),))
     return dict(
         offset=torch.tensor(float(offset), dtype=torch.float32, device=nested_absmax.device),
@@ -194,8 +198,9 @@ def _check_absmax(absmax: torch.Tensor, key: str, double_quant: bool) -> None:
 
 def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight") -> QuantizedTensor:
     """Rebuild a `QuantizedTensor` from the bitsandbytes entries under `prefix`; refuses a corrupt or mismatched
-    state (missing or stray keys, wrong dtypes or shapes, bad or unknown quant_state fields, non-finite values, a
-    quant_map that is not its quant_type's codebook) with a ValueError naming the key."""
+    state (missing or stray keys, wrong dtypes or shapes, bad or unknown quant_state fields, non-finite values, an
+    absmax that decodes beyond its dtype, a quant_map that is not its quant_type's codebook) with a ValueError naming
+    the key."""
     found = [qt for qt in QUANT_TYPES if f"{prefix}.{_STATE_KEY}{qt}" in state_dict]
     if len(found) != 1:
         raise ValueError(
@@ -211,9 +216,10 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     absmax = _require(state_dict, f"{prefix}.absmax")
     double_quant = "nested_offset" in meta
     stray = [f"{prefix}.{k}" for k in _NESTED_KEYS if f"{prefix}.{k}" in state_dict]
+    stray += [f"{field} in {meta_key!r}" for field in ("nested_blocksize", "nested_dtype") if field in meta]
     if stray and not double_quant:
-        raise ValueError(f"{prefix} has {', '.join(stray)} but no nested_offset in {meta_key!r}; valid: both nested "
-                         f"tensors and nested_offset (double quantization), or none of them")
+        raise ValueError(f"{prefix} has {', '.join(stray)} but no nested_offset in {meta_key!r}; valid: all of the "
+                         f"nested tensors and fields with nested_offset (double quantization), or none of them")
     _check_absmax(absmax, f"{prefix}.absmax", double_quant)
     state = QuantState(
         absmax=absmax,
@@ -226,4 +232,6 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     if double_quant:
         nested = _nested_fields(state_dict, prefix, meta, meta_key, num_blocks(shape.numel(), blocksize))
         state = dataclasses.replace(state, **nested)
-    return QuantizedTensor(packed.reshape(-1), state)
+    q = QuantizedTensor(packed.reshape(-1), state)
+    check_decodes_finite(q.state, f"{prefix}.absmax", f"a state whose values fit {dtype_name}")
+    return q

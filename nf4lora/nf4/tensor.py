@@ -62,6 +62,27 @@ class QuantState:
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
 
 
+def check_decodes_finite(state: QuantState, what: str, valid: str) -> None:
+    """Raise unless every value `state` decodes to is finite in `state.dtype`.
+
+    A decoded value is `code[idx] * absmax` in float32 rounded to `dtype`, so max|code| * max|absmax| bounds them
+    all, and NF4 and FP4 reach the bound (each block's largest element takes a code of magnitude 1). A
+    double-quantized absmax decodes up to about 0.7% above the true one (double_quant.py's bound), so a float16
+    weight near 65504 can decode to Inf; bitsandbytes decodes such a state to the same Inf.
+    """
+    largest = state.absmax_float32().abs().max() * state.code.abs().max()
+    if not bool(torch.isfinite(largest.to(state.dtype))):
+        dtype = str(state.dtype).removeprefix("torch.")
+        raise ValueError(f"{what} decodes to values up to {float(largest):.6g}, which overflow {dtype}; valid: {valid}")
+
+
+def check_double_quant_decodes_finite(state: QuantState) -> None:
+    """`check_decodes_finite` for a weight just double-quantized (by the reference or the Triton quantizer)."""
+    dtype = str(state.dtype).removeprefix("torch.")
+    valid = f"weights about 1% below {dtype}'s largest finite value, or double_quant=False"
+    check_decodes_finite(state, "the double-quantized weight", valid)
+
+
 def check_blocksize(blocksize: int) -> int:
     """``blocksize`` as a Python int (a NumPy integer would not serialize to the state dict's JSON), or a
     ValueError naming the valid ones."""
@@ -169,6 +190,7 @@ def quantize(
             nested_code=nested_code,
             nested_blocksize=NESTED_BLOCKSIZE,
         )
+        check_double_quant_decodes_finite(state)
     return QuantizedTensor(packed, state)
 
 
