@@ -42,6 +42,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from nf4lora.kernels.codes import decode_absmax, dequantize_words, lane_code
 from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, has_tma, interpreting, tuning_space
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.nf4.codebook import BLOCKSIZES
 from nf4lora.nf4.tensor import QuantizedTensor
 
 
@@ -132,9 +133,9 @@ _launch_dequantize_tma = CachedLaunch(_dequantize_tma_kernel)
 
 
 def packed_words(q: QuantizedTensor) -> torch.Tensor:
-    """``q.packed`` as int32 words of 8 codes, copied into a zero-padded buffer when not whole words."""
+    """``q.packed`` as int32 words of 8 codes, copied into a zero-padded buffer when not whole, aligned words in place."""
     packed = q.packed
-    if packed.numel() % 4 or packed.storage_offset() % 4:
+    if packed.numel() % 4 or packed.storage_offset() % 4 or not packed.is_contiguous():
         padded = torch.zeros(cdiv(packed.numel(), 4) * 4, dtype=torch.uint8, device=packed.device)
         padded[: packed.numel()] = packed
         packed = padded
@@ -150,15 +151,18 @@ def format_args(q: QuantizedTensor) -> tuple:
 
 
 def check_quantized(q: QuantizedTensor) -> None:
-    """Refuse what the kernels cannot read: a codebook other than 16 entries, or state on another device."""
+    """Refuse what the kernels cannot read: a codebook other than 16 entries, a blocksize bitsandbytes does not
+    write, or state on another device or strided (the kernels index it as a dense array)."""
     state = q.state
     if state.code.numel() != 16:
         raise ValueError(f"4-bit kernels need a 16-entry codebook, got {state.code.numel()} entries")
-    if state.blocksize % 2 or state.blocksize & (state.blocksize - 1):
-        raise ValueError(f"blocksize {state.blocksize} is not an even power of two; valid: 32, 64, ..., 4096")
+    if state.blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {state.blocksize} is not supported; valid: {', '.join(map(str, BLOCKSIZES))}")
     for name, t in zip(("absmax", "code", "nested_code", "nested_absmax", "offset"), format_args(q)):
         if t.device != q.packed.device:
             raise ValueError(f"state.{name} is on {t.device} but packed is on {q.packed.device}; move with q.to()")
+        if not t.is_contiguous():
+            raise ValueError(f"state.{name} has strides {t.stride()}; the kernels need it contiguous (.contiguous())")
 
 
 def check_output_dtype(dtype: torch.dtype) -> None:
@@ -188,7 +192,10 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor, bulk_store: bool = Tr
     check_quantized(q)
     check_output_dtype(out.dtype)
     if not out.is_contiguous() or out.numel() != q.numel():
-        raise ValueError(f"out must be contiguous with {q.numel()} elements, got {out.numel()}")
+        layout = "contiguous" if out.is_contiguous() else f"strides {out.stride()}"
+        raise ValueError(f"out must be contiguous with {q.numel()} elements, got {out.numel()} ({layout})")
+    if out.device != q.packed.device:
+        raise ValueError(f"out is on {out.device} but q is on {q.packed.device}; valid: out on q's device")
     n = q.numel()
     state = q.state
     n_blocks = state.absmax.numel()

@@ -69,6 +69,7 @@ from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_
 from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, multiprocessors, tuning_space
 from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
+from nf4lora.kernels.linear import check_linear_args
 from nf4lora.kernels.pdl import release_dependents, wait_for_producer
 from nf4lora.nf4.tensor import QuantizedTensor
 
@@ -566,6 +567,8 @@ def _format_meta(state, n_splits: int, device: torch.device) -> dict:
 def _gemv_x(x2d: torch.Tensor) -> torch.Tensor:
     """Contiguous x (M, K) viewed as the GEMV reads it, in 8-byte words (M, K * itemsize / 8) int64; copied
     first when it does not start on an 8-byte boundary."""
+    if x2d.stride(0) != x2d.shape[1]:  # one row is contiguous whatever its stride (x.T of (K, 1)); view() is not
+        x2d = x2d.view(x2d.shape)
     if x2d.storage_offset() * x2d.element_size() % 8:
         x2d = x2d.clone()
     return x2d.view(torch.int64)
@@ -576,10 +579,23 @@ def fused_matmul(
 ) -> torch.Tensor:
     """``x2d @ dequant(qweight).T + bias`` in one fused launch.
 
-    x2d: (M, K) fp32/fp16/bf16; qweight: (N, K) with ``supports(K, blocksize)``; bias: (N,) or None
+    x2d: (M, K) fp32/fp16/bf16; qweight: (N, K) with ``supports(K, blocksize)``; bias: (N,) fp32/fp16/bf16 or None
     -> (M, N) in x2d.dtype. ``block_m`` is the rows of x per program: 1 or 2 run the GEMV, 16 the
     tensor-core tile kernel, 64 or 128 its large-M tiling; the default is ``default_block_m(M)``.
+    Arguments are checked as ``nf4_linear`` checks them (the kernels would read past a mismatched x or bias).
     """
+    check_linear_args(x2d, qweight, bias)
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d must be 2-D (M, K), got shape {tuple(x2d.shape)}")
+    if x2d.shape[0] == 0:  # no rows: nothing to launch (the grid and split-K are sized by rows)
+        return x2d.new_empty(0, qweight.shape[0])
+    return _fused_matmul(x2d, qweight, bias, block_m)
+
+
+def _fused_matmul(
+    x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None, block_m: int | None = None
+) -> torch.Tensor:
+    """``fused_matmul`` on arguments already checked (by it, or by ``nf4_linear``), M >= 1."""
     check_quantized(qweight)
     M, K = x2d.shape
     N = qweight.shape[0]
@@ -672,5 +688,6 @@ def fused_matmul_parts(x2d: torch.Tensor, qweights: list[QuantizedTensor]) -> to
 
 
 def gemv_nf4(x2d: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Small-M (1..16) entry point of ``nf4_linear``: ``fused_matmul`` with the decode tiling."""
-    return fused_matmul(x2d, qweight, bias)
+    """Small-M (1..16) entry point of ``nf4_linear``: ``fused_matmul`` with the decode tiling, without repeating
+    the argument checks ``nf4_linear`` made (about 1 us a call)."""
+    return _fused_matmul(x2d, qweight, bias)

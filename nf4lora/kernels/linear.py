@@ -133,7 +133,7 @@ def _check_same_device(name: str, t: torch.Tensor, other_name: str, other: torch
         raise ValueError(f"{name} is on {t.device} but {other_name} is on {other}; move both to one device")
 
 
-def _check_linear_args(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+def check_linear_args(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
     """Refuse in one line what ``nf4_linear`` cannot compute, before any path (or Triton) trips over it."""
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a QuantizedTensor, got {type(qweight).__name__}")
@@ -164,7 +164,7 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
     Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it); under
     ``torch.autocast`` it is autocast's dtype, to which x and bias are cast first (``dispatch.autocast_dtype``).
     """
-    _check_linear_args(x, qweight, bias)
+    check_linear_args(x, qweight, bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
