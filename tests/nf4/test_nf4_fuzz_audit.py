@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from nf4lora.kernels import quantize as quantize_dispatched
+from nf4lora.kernels import use_kernels
 from nf4lora.nf4 import QUANT_TYPES, dequantize, get_code, quantize
 from nf4lora.nf4.state_dict import from_bnb_state_dict, to_bnb_state_dict
 
@@ -78,12 +80,12 @@ def test_special_value_blocks_match_bitsandbytes_bit_for_bit(bnb_functional, dty
         assert torch.equal(dequantize(ours).view(bits), expected.view(bits)), where
 
 
-def _float16_weight_with_two_blocks_at_the_max(g: torch.Generator) -> torch.Tensor:
-    """(3, 64) float16: blocks 0 and 2 reach +-65504, block 1 a few hundred. The centred absmax of the outer blocks
-    scales to about 0.5, which the dynamic map rounds up, so their absmax decodes above 65504."""
+def _float16_weight_with_two_blocks_at_the_max(g: torch.Generator, peak: float = FLOAT16_MAX) -> torch.Tensor:
+    """(3, 64) float16: blocks 0 and 2 reach +-peak, block 1 a few hundred. At peak 65504 the centred absmax of the
+    outer blocks scales to about 0.5, which the dynamic map rounds up, so their absmax decodes above 65504."""
     w = torch.randn(3, 64, generator=g) * 100
-    w[0, int(torch.randint(64, (), generator=g))] = FLOAT16_MAX
-    w[2, int(torch.randint(64, (), generator=g))] = -FLOAT16_MAX
+    w[0, int(torch.randint(64, (), generator=g))] = peak
+    w[2, int(torch.randint(64, (), generator=g))] = -peak
     w[1, 0] = float(torch.empty(()).uniform_(200, 3000, generator=g))
     return w.half()
 
@@ -106,6 +108,30 @@ def test_double_quantized_float16_weight_with_a_margin_below_the_max_still_quant
     w = torch.randn(16, 64, generator=g)
     w = (w / w.abs().amax(dim=1, keepdim=True) * 64000 * torch.rand(16, 1, generator=g).clamp(min=0.5)).half()
     assert bool(torch.isfinite(quantize(w, double_quant=True).dequantize()).all())
+
+
+def test_triton_quantize_refuses_what_the_reference_refuses_near_the_float16_max():
+    """The Triton quantizer accepted the weights above (its state decoded to +-Inf). Both quantizers must refuse the
+    same draws with the same message and agree byte for byte on the others."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(5)
+    outcomes = set()
+    for peak in (FLOAT16_MAX, FLOAT16_MAX, FLOAT16_MAX, 64000, 60000):
+        w = _float16_weight_with_two_blocks_at_the_max(g, peak)
+        try:
+            ref, expected = quantize(w, 64, "nf4", True), None
+        except ValueError as error:
+            ref, expected = None, str(error)
+        with use_kernels("triton"):
+            if expected is None:
+                q = quantize_dispatched(w.to(device))
+                assert torch.equal(q.packed.cpu(), ref.packed) and torch.equal(q.state.absmax.cpu(), ref.state.absmax)
+            else:
+                with pytest.raises(ValueError) as refused:
+                    quantize_dispatched(w.to(device))
+                assert str(refused.value) == expected
+        outcomes.add(expected is None)
+    assert outcomes == {True, False}  # the draws cover both a refusal and an accepted weight
 
 
 def _state_dict(dtype=torch.float32, double_quant=True, meta=None, raw_meta=None):
