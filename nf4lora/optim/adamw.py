@@ -27,8 +27,8 @@ only through these methods.
 The tensors are views of the live state, as torch's are (deep-copy to keep a snapshot; `PagedAdamW` returns CPU
 copies), except `absmax1` and `absmax2`, copies so that `torch.save` takes the dict. `load_state_dict` copies the
 tensors into the optimizer's own buffers, accepts torch.optim.AdamW's 32-bit dicts, and refuses a dict whose
-structure, groups, parameter counts, state kinds or shapes differ from this optimizer's (or that asks for amsgrad /
-maximize).
+structure, groups, parameter counts, state kinds or shapes differ from this optimizer's (or that asks for amsgrad,
+maximize, or torch.optim.Adam's L2 weight decay).
 """
 
 from __future__ import annotations
@@ -80,6 +80,17 @@ def _is_float(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_count(name: str, value, valid: str, minimum: int, allow_none: bool = False) -> None:
+    """One-line TypeError / ValueError "`name` must be `valid`, got `value`" unless `value` is an int >= `minimum`
+    (or None where `allow_none`)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {valid}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
 def _check_float(name: str, value, valid: str, in_range) -> None:
     """One-line TypeError / ValueError naming `name`, `value` and `valid` unless `value` is a float `in_range`."""
     if not _is_float(value):
@@ -92,6 +103,11 @@ def _check_hyperparameters(group: dict) -> None:
     for option in _UNSUPPORTED:
         if group.get(option):
             raise ValueError(f"{option}=True is not supported by nf4lora's AdamW; valid: {option}=False")
+    # torch.optim.Adam's groups (and so its state dicts) say decoupled_weight_decay=False: L2 regularisation
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        raise ValueError(f"decoupled_weight_decay=False (Adam's L2 weight decay, weight_decay="
+                         f"{group['weight_decay']!r}) is not supported by nf4lora's AdamW; valid: "
+                         f"decoupled_weight_decay=True, or weight_decay=0")
     _check_float("lr", group["lr"], ">= 0", lambda lr: lr >= 0.0)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_is_float, betas))):
@@ -101,6 +117,34 @@ def _check_hyperparameters(group: dict) -> None:
     # eps = 0 divides 0 by 0 wherever a gradient has been zero so far (LoRA's A at its first step)
     _check_float("eps", group["eps"], "> 0", lambda eps: eps > 0.0)
     _check_float("weight_decay", group["weight_decay"], ">= 0", lambda weight_decay: weight_decay >= 0.0)
+
+
+def _check_params_listed(param_group, groups: list[dict]) -> None:
+    """One-line errors for a param group that torch's `add_param_group` would take badly: without 'params' (a
+    KeyError there), or listing a parameter twice or one that `groups` list already (torch only warns for the
+    first, and this AdamW would update such a parameter twice per step with one step count). Lists a generator of
+    parameters in `param_group`, as torch does."""
+    if not isinstance(param_group, dict):
+        return  # torch's own one-line TypeError
+    if "params" not in param_group:
+        raise ValueError(f"param group has keys {sorted(param_group)}; expected 'params' (a parameter or a list of "
+                         f"parameters) among them")
+    params = param_group["params"]
+    if isinstance(params, (torch.Tensor, set)):
+        return  # one tensor; a set gets torch's TypeError
+    try:
+        params = param_group["params"] = list(params)
+    except TypeError:
+        raise TypeError(f"param group 'params' must be a parameter or a list of parameters, got "
+                        f"{type(params).__name__}") from None
+    listed = {id(p): (g, i) for g, group in enumerate(groups) for i, p in enumerate(group["params"])}
+    for i, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # torch's (name, parameter) pairs
+        first = listed.setdefault(id(p), (len(groups), i))
+        if first != (len(groups), i):
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"param {i} of param group {len(groups)} (shape {shape}) is already param {first[1]} "
+                             f"of param group {first[0]}; each parameter may be listed once")
 
 
 def _check_structure(state_dict) -> None:
@@ -208,15 +252,16 @@ class AdamW(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, optim_bits: int = 32, min_8bit_size: int = 4096):
         if optim_bits not in OPTIM_BITS:
             raise ValueError(f"optim_bits must be one of {OPTIM_BITS}, got {optim_bits!r}")
-        if min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
+        check_count("min_8bit_size", min_8bit_size, "an int >= 0", 0)
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
         self._plan: _StepPlan | None = None
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's `add_param_group`, refusing (and not adding) a group with bad hyperparameters or dtypes."""
+        """torch's `add_param_group`, refusing (and not adding) a group with bad hyperparameters or dtypes, without
+        'params', or listing a parameter that is listed already."""
+        _check_params_listed(param_group, self.param_groups)
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
@@ -306,9 +351,10 @@ class AdamW(torch.optim.Optimizer):
     def _build_plan(self, params: list[torch.Tensor], grads: list, grad_ptrs: list | None) -> _StepPlan:
         """Check every parameter with a gradient, create missing states, and lay out the fused update."""
         owners = [group for group in self.param_groups for _ in group["params"]]
-        for p, g in zip(params, grads):
+        for i, (p, g) in enumerate(zip(params, grads)):
             if g is not None and g.is_sparse:
-                raise ValueError("AdamW does not support sparse gradients; use dense gradients")
+                raise ValueError(f"param {i} (shape {tuple(p.shape)}) has a sparse gradient; AdamW does not support "
+                                 f"sparse gradients, valid: dense ones")
             if g is not None and not p.is_contiguous():
                 raise ValueError(f"AdamW needs contiguous parameters, got shape {tuple(p.shape)} stride {p.stride()}")
         grad_key = _contiguous(grads, grad_ptrs)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from nf4lora.optim.adamw import AdamW, DevicePlan, state_layout, state_views
+from nf4lora.optim.adamw import AdamW, DevicePlan, check_count, state_layout, state_views
 from nf4lora.optim.fused_adamw import QBLOCK, PreparedUpdate, Segment
 
 # 8 MiB: host<->device copies of a few MiB and more run near the link's rate (an assumption the benchmark's 1/8
@@ -87,8 +87,7 @@ class PagedAdamW(AdamW):
                  weight_decay: float = 1e-2, optim_bits: int = 32, min_8bit_size: int = 4096,
                  gpu_budget_bytes: int | None = None, page_bytes: int = DEFAULT_PAGE_BYTES):
         smallest = state_layout(QBLOCK, False)[1]
-        if page_bytes < smallest:
-            raise ValueError(f"page_bytes must be >= {smallest} (the state of {QBLOCK} elements), got {page_bytes}")
+        check_count("page_bytes", page_bytes, f">= {smallest} (the state of {QBLOCK} elements)", smallest)
         _check_budget(gpu_budget_bytes)
         self.page_bytes = page_bytes
         self._budget = gpu_budget_bytes
@@ -306,8 +305,7 @@ class _Stream:
 
 
 def _check_budget(nbytes: int | None) -> None:
-    if nbytes is not None and nbytes < 0:
-        raise ValueError(f"gpu_budget_bytes must be None or >= 0, got {nbytes}")
+    check_count("gpu_budget_bytes", nbytes, "None or >= 0", 0, allow_none=True)
 
 
 def _device_buffer(nbytes: int, device: torch.device) -> torch.Tensor | None:
