@@ -8,6 +8,8 @@ writes both, so either version of transformers reads our checkpoints.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -54,18 +56,17 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _check_positive_int(name, getattr(self, name))
         if self.head_dim is None:
-            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+            if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set head_dim explicitly or fix the head count"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        _check_positive_int("head_dim", self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -75,8 +76,13 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; valid: 'silu'")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be > 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            _check_positive_number(name, getattr(self, name))
+        # a truthy string such as "false" would otherwise tie the head or add biases the checkpoint lacks
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        _check_token_ids({name: getattr(self, name) for name in GENERATION_IDS})
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
 
     @property
@@ -93,37 +99,42 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> LlamaConfig:
         """Build from a parsed Hugging Face `config.json`; `source` names the file in error messages."""
-        archs = raw.get("architectures") or []
+        archs = raw.get("architectures")
         model_type = raw.get("model_type")
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if archs is not None and not (isinstance(archs, list) and (
+                not archs or any(a in SUPPORTED_ARCHITECTURES for a in archs))):
             raise ValueError(
-                f"{source}: architectures={archs} is not supported; valid: {list(SUPPORTED_ARCHITECTURES)}")
+                f"{source}: architectures={archs!r} is not supported; valid: a list holding one of "
+                f"{list(SUPPORTED_ARCHITECTURES)}")
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{source}: model_type={model_type!r} is not supported; valid: {list(SUPPORTED_MODEL_TYPES)}")
-        window = raw.get("sliding_window")
-        if window is not None and window < raw.get("max_position_embeddings", 2048):
-            raise ValueError(f"{source}: sliding_window={window} attention is not supported; valid: null")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in raw]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
         names = {f.name for f in fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         kwargs = {k: raw[k] for k in names if k in raw}
-        rope_params = raw.get("rope_parameters")
-        if rope_params:  # transformers >= 5 dialect: theta and scaling in one dict
-            rope_params = dict(rope_params)
-            kwargs["rope_theta"] = rope_params.pop("rope_theta", raw.get("rope_theta", 10000.0))
-            kwargs["rope_scaling"] = rope_params
-        else:
-            kwargs["rope_theta"] = raw.get("rope_theta", 10000.0)
-            kwargs["rope_scaling"] = raw.get("rope_scaling")
+        # transformers >= 5 reads a set rope_scaling before rope_parameters (its own dialect: theta and scaling in
+        # one dict), and theta from that dict before the top-level rope_theta; so do we
+        rope_key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+        rope = raw.get(rope_key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: {rope_key}={rope!r} must be a dict or null")
+        rope = dict(rope)
+        kwargs["rope_theta"] = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        kwargs["rope_scaling"] = rope or None
         kwargs["extra"] = {k: v for k, v in raw.items()
                            if k not in names and k not in ("rope_theta", "rope_scaling", "rope_parameters")}
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
+        window = raw.get("sliding_window")
+        if window is not None and not (_is_int(window) and window >= config.max_position_embeddings):
+            raise ValueError(f"{source}: sliding_window={window!r} attention is not supported; valid: null (or an int "
+                             f">= max_position_embeddings={config.max_position_embeddings})")
+        return config
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> LlamaConfig:
@@ -142,9 +153,13 @@ class LlamaConfig:
         if not os.path.isfile(path):
             return
         raw = read_json_object(path)
-        for name in GENERATION_IDS:
-            if raw.get(name) is not None:
-                setattr(self, name, raw[name])
+        ids = {name: raw[name] for name in GENERATION_IDS if raw.get(name) is not None}
+        try:
+            _check_token_ids(ids)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        for name, value in ids.items():
+            setattr(self, name, value)
 
     def to_hf_dict(self) -> dict:
         """A `config.json` dict for transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`)."""
@@ -153,6 +168,33 @@ class LlamaConfig:
         out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
                                   **{k: v for k, v in (self.rope_scaling or {}).items() if k != "rope_type"}}
         return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _check_positive_number(name: str, value) -> None:
+    """Refuse what is not a finite real > 0 (strings, null, booleans and NaN included), naming `name`."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < math.inf):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
+
+
+def _check_token_ids(ids: dict) -> None:
+    """Refuse special-token ids {name: value} that are not an int or null (eos_token_id: also a list of ints)."""
+    for name, value in ids.items():
+        if name == "eos_token_id" and isinstance(value, list):
+            valid_value = all(_is_int(v) for v in value)
+        else:
+            valid_value = value is None or _is_int(value)
+        if not valid_value:
+            valid = "an int, a list of ints or null" if name == "eos_token_id" else "an int or null"
+            raise ValueError(f"{name}={value!r} is not a token id; valid: {valid}")
 
 
 def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
@@ -172,6 +214,9 @@ def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
     missing = [k for k in needed if k not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} is missing {missing}")
-    if not scaling["factor"] > 0:
-        raise ValueError(f"rope_scaling factor={scaling['factor']} must be > 0")
+    for key in needed:
+        if key == "original_max_position_embeddings":
+            _check_positive_int(f"rope_scaling {key}", scaling[key])
+        else:
+            _check_positive_number(f"rope_scaling {key}", scaling[key])
     return {"rope_type": rope_type, **scaling}

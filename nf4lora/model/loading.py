@@ -28,6 +28,8 @@ QUANTIZATIONS = (None, "nf4", "fp4")
 DROPPED_KEYS = (re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"),)
 BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
                 ".quant_state.bitsandbytes__fp4")
+# safetensors dtypes a dense parameter may be stored in (cast to the load dtype, as transformers casts them)
+FLOAT_STORAGE_DTYPES = ("F64", "F32", "F16", "BF16")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -240,8 +242,13 @@ class _CheckpointReader:
         except SafetensorError as e:
             raise ValueError(f"{entry.file}: cannot read tensor {key!r}: {e}") from None
 
-    def check_shape(self, key: str, expected: tuple[int, ...]) -> None:
+    def check_entry(self, key: str, expected: tuple[int, ...]) -> None:
+        """Refuse a dense tensor whose shape is not `expected` or that is not stored as floats: cast to the load
+        dtype, integer or boolean values (a 4-bit weight that lost its quant_state, say) would load as nonsense."""
         entry = self.index[key]
+        if entry.dtype not in FLOAT_STORAGE_DTYPES:
+            raise ValueError(f"{entry.file}: tensor {key!r} is stored as {entry.dtype}; valid: a float dtype, one "
+                             f"of {list(FLOAT_STORAGE_DTYPES)}")
         if entry.shape != tuple(expected):
             raise ValueError(f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}, but the config "
                              f"({self.model_dir}/config.json) needs {list(expected)}")
@@ -271,7 +278,7 @@ class _CheckpointReader:
                         module_name, self.opts.skip_modules):
                     self.load_quantized(module_name)
                 else:
-                    self.check_shape(key, param.shape)
+                    self.check_entry(key, param.shape)
                     t = self.read(key).to(self.device_of(key), self.dtype)
                     setattr(self.model.get_submodule(module_name), pname, nn.Parameter(t))
         self.finish()
@@ -295,7 +302,7 @@ class _CheckpointReader:
         key = f"{module_name}.bias"
         if key not in self.index:
             return None
-        self.check_shape(key, (out_features,))
+        self.check_entry(key, (out_features,))
         return self.read(key).to(self.device_of(key), self.compute_dtype)
 
     def load_quantized(self, module_name: str) -> None:
@@ -303,7 +310,7 @@ class _CheckpointReader:
 
         linear = self.model.get_submodule(module_name)
         key = f"{module_name}.weight"
-        self.check_shape(key, linear.weight.shape)
+        self.check_entry(key, linear.weight.shape)
         # quantized from the load dtype, as transformers quantizes the weights it loaded in torch_dtype: rounding to
         # a narrower compute dtype first would change the codes
         w = self.read(key).to(self.device_of(key), self.dtype)
