@@ -30,6 +30,23 @@ from nf4lora.lora.fused import dense_weight, lora_linear
 from nf4lora.nf4.linear import NF4Linear, output_in_dtype
 
 
+def check_adapter_name(name: object) -> None:
+    """Raise unless ``name`` can key an adapter: a non-empty string without '.' (it becomes a submodule name)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name={name!r} is not valid; expected a non-empty name without '.'")
+
+
+def adapter_name_list(adapter_names: object) -> list[str] | None:
+    """``adapter_names`` as a list (None stays None); a bare string is refused, as peft refuses it, rather than
+    read as the list of its characters."""
+    if adapter_names is None:
+        return None
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names={adapter_names!r} is not a list; expected a list of adapter names, e.g. "
+                        "['default'], or None for the active ones")
+    return list(adapter_names)
+
+
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a base layer LoRA can wrap: ``nn.Linear`` or ``NF4Linear``."""
     return isinstance(module, (nn.Linear, NF4Linear))
@@ -92,6 +109,7 @@ class LoraLinear(nn.Module):
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         """Create adapter ``name`` (A (r, in), B (out, r) and B's bias (out,) in ``config.lora_dtype``) and initialise
         it. ``config`` holds this module's own r and alpha (``LoraConfig.for_module``), without patterns."""
+        check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; existing: {sorted(self.lora_A)}")
         if config.rank_pattern or config.alpha_pattern:
@@ -228,6 +246,7 @@ class LoraLinear(nn.Module):
 
     def _adapter_names(self, adapter_names: list[str] | None) -> list[str]:
         """The requested adapters, deduplicated; None means the active ones this layer holds."""
+        adapter_names = adapter_name_list(adapter_names)
         if adapter_names is None:
             return [n for n in dict.fromkeys(self.active_adapters) if n in self.lora_A]
         names = list(dict.fromkeys(adapter_names))
@@ -319,6 +338,7 @@ class ModulesToSave(nn.Module):
         self.add_adapter(adapter_name)
 
     def add_adapter(self, name: str) -> None:
+        check_adapter_name(name)
         copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
             p.requires_grad_(True)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from nf4lora.lora.config import ALL_LINEAR, LoraConfig, layer_index, pattern_key_matches
-from nf4lora.lora.layers import LoraLinear, ModulesToSave, is_linear
+from nf4lora.lora.layers import LoraLinear, ModulesToSave, adapter_name_list, check_adapter_name, is_linear
 from nf4lora.nf4.linear import NF4Linear
 
 OUTPUT_HEAD_NAMES = ("lm_head",)
@@ -200,11 +200,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     ``modules_to_save`` copies, and the biases that ``config.bias`` selects (``"all"``: every bias in
     the model; ``"lora_only"``: the biases of the layers this adapter wraps).
     """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config is a {type(config).__name__}, not a LoraConfig; expected LoraConfig(...) (from a "
+                        "dict: LoraConfig(**d), from peft's JSON: LoraConfig.from_peft_dict(d))")
     configs: dict[str, LoraConfig] = getattr(model, "lora_configs", {})
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already injected; existing adapters: {sorted(configs)}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name={adapter_name!r} is not valid; expected a non-empty name without '.'")
+    check_adapter_name(adapter_name)
     to_save = _modules_to_save_names(model, config)
     targets = _target_names(model, config, to_save)
     unmatched_keys = _unmatched_pattern_keys(config, targets)
@@ -296,8 +298,11 @@ def _adapter_modules(model: nn.Module) -> Iterator[LoraLinear | ModulesToSave]:
 def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     """Make ``adapter_names`` the active adapter(s) on every layer; only their parameters (and the biases their
     ``bias`` modes select) stay trainable."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     known = getattr(model, "lora_configs", {})
+    if not isinstance(adapter_names, (str, list, tuple)):
+        raise TypeError(f"adapter_names={adapter_names!r} is not a name or a list of names; expected some of "
+                        f"{sorted(known)}")
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     unknown = [n for n in names if n not in known]
     if not names:
         raise ValueError(f"adapter_names={adapter_names!r} is empty; expected some of {sorted(known)} "
@@ -341,7 +346,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 def _check_adapter_names(model: nn.Module, adapter_names: list[str] | None) -> None:
     known = getattr(model, "lora_configs", {})
-    unknown = [n for n in adapter_names or () if n not in known]
+    unknown = [n for n in adapter_name_list(adapter_names) or () if n not in known]
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; injected adapters: {sorted(known)}")
 
