@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from nf4lora.model import LlamaConfig, load_model
 
-from .conftest import VARIANTS, hf_model, rel_err
+from .conftest import VARIANTS, rel_err
 from .test_llama import FP32_REL, _ids
+from .test_loading import _copy, _edit_config
 from .test_model_audit import _assert_one_line
 
 transformers = pytest.importorskip("transformers")
@@ -26,14 +27,9 @@ LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_fac
 
 
 def _copy_with_config(src: str, dst, **changes) -> str:
-    shutil.copytree(src, dst)
-    path = os.path.join(dst, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return str(dst)
+    path = _copy(src, dst)
+    _edit_config(path, **changes)
+    return path
 
 
 def test_rope_scaling_beside_rope_parameters_is_read_first_as_transformers_reads_it(checkpoints, tmp_path):
