@@ -82,7 +82,7 @@ class LlamaConfig:
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        _check_token_ids({name: getattr(self, name) for name in GENERATION_IDS})
+        check_token_ids({name: getattr(self, name) for name in GENERATION_IDS})
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
 
     @property
@@ -155,7 +155,7 @@ class LlamaConfig:
         raw = read_json_object(path)
         ids = {name: raw[name] for name in GENERATION_IDS if raw.get(name) is not None}
         try:
-            _check_token_ids(ids)
+            check_token_ids(ids)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         for name, value in ids.items():
@@ -185,7 +185,7 @@ def _check_positive_number(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a finite number > 0")
 
 
-def _check_token_ids(ids: dict) -> None:
+def check_token_ids(ids: dict) -> None:
     """Refuse special-token ids {name: value} that are not an int or null (eos_token_id: also a list of ints)."""
     for name, value in ids.items():
         if name == "eos_token_id" and isinstance(value, list):

@@ -3,12 +3,18 @@
 Both kinds expose `.encode(text) -> list[int]`, `.decode(ids) -> str`, `.bos_id`, `.eos_id`, `.pad_id`, and
 `.eos_ids` (every id that ends generation). Special tokens come, in this order of precedence, from
 `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`, `add_eos_token`),
-`generation_config.json` (`bos_token_id`, `eos_token_id` int or list, `pad_token_id`), then the tokenizer itself.
-Llama has no pad token; `pad_id` then falls back to `eos_id`, which is safe because padded positions are masked.
+`generation_config.json` (`bos_token_id`, `eos_token_id` int or list, `pad_token_id`; a negative id means none), then
+the tokenizer itself. As in transformers, `special_tokens_map.json`'s `bos_token`/`eos_token`/`pad_token` override
+tokenizer_config.json's when that has no `added_tokens_decoder` (older checkpoints). Llama has no pad token;
+`pad_id` then falls back to `eos_id`, which is safe because padded positions are masked. Values of the wrong type in
+these files are a one-line ValueError naming the file, key and value.
 Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers. Intentional
 differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
-ignores them unless the tokenizer class rewrites its post-processor), leading whitespace in a sentencepiece text keeps
-sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special tokens.
+ignores them unless the tokenizer class rewrites its post-processor), leading whitespace (or a leading "▁") in a
+sentencepiece text keeps sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special
+tokens: the tokenizer's own, the configured BOS/EOS/pad and those `added_tokens_decoder` marks. `decode` also skips
+ids past the vocabulary (a model's embedding may be padded past it; transformers skips them too) and refuses negative
+ids.
 `tokenizer.json` needs the optional `tokenizers` package (`pip install nf4lora[tokenizers]`).
 """
 
@@ -18,6 +24,7 @@ import os
 import re
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
+from .config import GENERATION_IDS, check_token_ids
 from nf4lora.jsonfile import read_json_object
 
 
@@ -25,38 +32,86 @@ def _read_json(path: str) -> dict:
     return read_json_object(path) if os.path.isfile(path) else {}
 
 
-def _token_text(value) -> str | None:
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+def _token_text(path: str, key: str, value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}; anything else is refused."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if value is not None and not isinstance(text, str):
+        raise ValueError(f"{path}: {key}={value!r} is not a token; valid: a string, {{\"content\": string}} or null")
+    return text
+
+
+def _flag(path: str, config: dict, key: str) -> bool | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{path}: {key}={value!r} is not a flag; valid: true, false or null")
+    return value
+
+
+def _plain_ids(ids, special_ids: set, vocab_size: int) -> list[int]:
+    """`ids` as ints without the special ones and those past the vocabulary (a model's embedding may be padded past
+    it; transformers skips them too); a negative id (a -100 label, say) is refused."""
+    ids = [int(i) for i in ids]
+    if any(i < 0 for i in ids):
+        raise ValueError(f"cannot decode negative token id {min(ids)}; valid: 0..{vocab_size - 1}")
+    return [i for i in ids if i not in special_ids and i < vocab_size]
+
+
+def _marked_special(path: str, decoder) -> set[int]:
+    """The ids that tokenizer_config.json's `added_tokens_decoder` ({"id": {"content": ..., "special": bool}}) marks
+    special; transformers skips them in decode even where tokenizer.json does not."""
+    try:
+        return {int(k) for k, token in decoder.items() if token.get("special") is True}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{path}: added_tokens_decoder={decoder!r} is not a map of id to token; valid: "
+                         f"{{\"<id>\": {{\"content\": string, \"special\": bool}}}}") from None
 
 
 class _SpecialTokens:
     """bos/eos/pad ids and add-bos/eos flags resolved from the JSON files next to the tokenizer."""
 
     def __init__(self, model_dir: str, token_to_id, defaults: dict):
-        tok_cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
-        gen_cfg = _read_json(os.path.join(model_dir, "generation_config.json"))
+        tok_path = os.path.join(model_dir, "tokenizer_config.json")
+        tok_cfg = _read_json(tok_path)
+        token_paths = {}
+        if "added_tokens_decoder" not in tok_cfg:  # where transformers reads the legacy file, and lets it win
+            map_path = os.path.join(model_dir, "special_tokens_map.json")
+            legacy = {k: v for k, v in _read_json(map_path).items() if k in ("bos_token", "eos_token", "pad_token")}
+            tok_cfg.update(legacy)
+            token_paths = dict.fromkeys(legacy, map_path)
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        gen_cfg = {name: value for name, value in _read_json(gen_path).items() if name in GENERATION_IDS}
+        try:
+            check_token_ids(gen_cfg)
+        except ValueError as e:
+            raise ValueError(f"{gen_path}: {e}") from None
+        # each as a list; a negative id (Llama 1 conversions write pad_token_id -1) means none, as in sentencepiece
+        gen_ids = {name: [i for i in (value if isinstance(value, list) else [value]) if i is not None and i >= 0]
+                   for name, value in gen_cfg.items()}
 
         def resolve(name: str) -> int | None:
-            text = _token_text(tok_cfg.get(f"{name}_token"))
+            key = f"{name}_token"
+            text = _token_text(token_paths.get(key, tok_path), key, tok_cfg.get(key))
             ident = token_to_id(text) if text is not None else None
             if ident is None:
-                gen = gen_cfg.get(f"{name}_token_id")
-                ident = gen[0] if isinstance(gen, list) else gen
+                ident = next(iter(gen_ids.get(f"{name}_token_id", [])), None)
             return defaults.get(name) if ident is None else ident
 
         self.bos_id, self.eos_id, self.pad_id = resolve("bos"), resolve("eos"), resolve("pad")
         if self.pad_id is None:
             self.pad_id = self.eos_id
-        gen_eos = gen_cfg.get("eos_token_id")
-        extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        self.eos_ids = tuple(dict.fromkeys(i for i in [self.eos_id, *extra] if i is not None))
-        self.add_bos = tok_cfg.get("add_bos_token")
-        self.add_eos = tok_cfg.get("add_eos_token")
-        self.legacy = tok_cfg.get("legacy")
+        self.marked_special = _marked_special(tok_path, tok_cfg.get("added_tokens_decoder", {}))
+        eos_ids = [self.eos_id, *gen_ids.get("eos_token_id", [])]
+        self.eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        self.add_bos = _flag(tok_path, tok_cfg, "add_bos_token")
+        self.add_eos = _flag(tok_path, tok_cfg, "add_eos_token")
+        self.legacy = _flag(tok_path, tok_cfg, "legacy")
 
     def ids(self) -> tuple:
         return self.bos_id, self.eos_id, self.pad_id, self.eos_ids
+
+    def special_ids(self) -> set[int]:
+        """The configured BOS/EOS/pad and `added_tokens_decoder`'s special ids: transformers marks them special."""
+        return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None} | self.marked_special
 
 
 class SentencePieceTokenizer:
@@ -86,9 +141,9 @@ class SentencePieceTokenizer:
         # Like transformers, "<s>", "</s>", "<unk>" written in the text are those tokens (sentencepiece alone would
         # spell them out), and the text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
         self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        configured = (self.bos_id, self.eos_id, self.pad_id)
-        self.special_ids.update(i for i in configured if i is not None and i < self.vocab_size)
-        pieces = sorted((self.sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
+        self.special_ids.update(special.special_ids())
+        pieces = [self.sp.id_to_piece(i) for i in self.special_ids if i < self.vocab_size]
+        pieces.sort(key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")")
         self._legacy = bool(special.legacy)
         # transformers' trick for the text after a special token: encode it behind "<unk>" spelt out, drop those ids
@@ -121,8 +176,9 @@ class SentencePieceTokenizer:
         return self.sp.encode(self._unk_text + text)[self._unk_text_ids:]
 
     def decode(self, ids) -> str:
-        """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces) decode to nothing."""
-        return self.sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
+        """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces, `added_tokens_decoder`'s special
+        ones) decode to nothing."""
+        return self.sp.decode(_plain_ids(ids, self.special_ids, self.vocab_size))
 
 
 class HFTokenizer:
@@ -142,6 +198,7 @@ class HFTokenizer:
         special = _SpecialTokens(model_dir, self.tok.token_to_id, {})
         self.bos_id, self.eos_id, self.pad_id, self.eos_ids = special.ids()
         self.add_bos, self.add_eos = special.add_bos, special.add_eos
+        self.special_ids = special.special_ids()  # tokenizer.json's own special tokens are skipped by decode itself
 
     @property
     def vocab_size(self) -> int:
@@ -165,8 +222,9 @@ class HFTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        """Text of `ids`, special tokens skipped."""
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of `ids`, special tokens (tokenizer.json's, the configured BOS/EOS/pad, `added_tokens_decoder`'s)
+        skipped."""
+        return self.tok.decode(_plain_ids(ids, self.special_ids, self.vocab_size), skip_special_tokens=True)
 
 
 def load_tokenizer(path_or_id) -> SentencePieceTokenizer | HFTokenizer:
