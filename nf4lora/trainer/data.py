@@ -129,8 +129,9 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path} line {number}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise UsageError(f"{path} line {number}: malformed JSON ({_json_problem(exc)}); fix or remove that "
+                             f"line") from None
         if not isinstance(value, dict):
             raise UsageError(f"{path} line {number}: expected a JSON object, got {type(value).__name__}")
         records.append(Record(value, f"{path} line {number}"))
@@ -144,6 +145,8 @@ def _read_json(path: Path, text: str) -> list[Record]:
         if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json, as datasets accepts
             return _read_jsonl(path, text)
         raise UsageError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{path}: unreadable JSON ({_json_problem(exc)}); fix the file") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))
     if not isinstance(value, list):
@@ -155,6 +158,16 @@ def _read_json(path: Path, text: str) -> list[Record]:
             raise UsageError(f"{path} record {index}: expected a JSON object, got {type(item).__name__}")
         records.append(Record(item, f"{path} record {index}"))
     return records
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """What json.loads refused: its own message, or one of the two failures that carry no position (nesting past
+    the recursion limit; an integer past Python's 4300-digit limit, whose advice to raise it is not the user's)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]
 
 
 def _read_txt(path: Path, text: str) -> list[Record]:
@@ -170,7 +183,9 @@ def _read_txt(path: Path, text: str) -> list[Record]:
 
 
 def _read_csv(path: Path, text: str) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(text))  # whole lines, so quoted cells keep their line breaks
+    # Whole lines, so quoted cells keep their line breaks. strict: an unclosed quote is an error, not a cell that
+    # silently swallows every row after it.
+    reader = csv.DictReader(io.StringIO(text), strict=True)
     # csv refuses cells over 131072 characters by default; a long document in one cell is ordinary training data.
     limit = csv.field_size_limit(CSV_CELL_LIMIT)
     try:
@@ -180,20 +195,27 @@ def _read_csv(path: Path, text: str) -> list[Record]:
 
 
 def _csv_records(path: Path, reader: csv.DictReader) -> list[Record]:
-    if not reader.fieldnames:
-        raise UsageError(f"{path} line 1: missing CSV header; the first row must name the columns")
-    repeated = [name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]]
-    if repeated:
-        raise UsageError(f"{path} line 1: column {repeated[0]!r} appears twice in the header; rename one of them")
-    records = []
-    for row in reader:
-        number = reader.line_num
-        extra = row.pop(None, [])
-        if extra or any(v is None for v in row.values()):
-            cells = sum(v is not None for v in row.values()) + len(extra)
-            raise UsageError(f"{path} line {number}: row has {cells} cells but the header has "
-                             f"{len(reader.fieldnames)} columns")
-        records.append(Record(dict(row), f"{path} line {number}"))
+    number = 1  # the line the row being read starts on
+    try:
+        if not reader.fieldnames:
+            raise UsageError(f"{path} line 1: missing CSV header; the first row must name the columns")
+        repeated = [name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]]
+        if repeated:
+            raise UsageError(f"{path} line 1: column {repeated[0]!r} appears twice in the header; rename one of "
+                             f"them")
+        records = []
+        number = reader.line_num + 1
+        for row in reader:
+            extra = row.pop(None, [])
+            if extra or any(v is None for v in row.values()):
+                cells = sum(v is not None for v in row.values()) + len(extra)
+                raise UsageError(f"{path} line {number}: row has {cells} cells but the header has "
+                                 f"{len(reader.fieldnames)} columns")
+            records.append(Record(dict(row), f"{path} line {number}"))
+            number = reader.line_num + 1
+    except csv.Error as exc:
+        raise UsageError(f"{path} line {number}: malformed CSV ({exc}); a quoted cell ends with a quote followed by "
+                         f"a comma or the line end, and a quote inside it is doubled") from None
     return records
 
 
@@ -205,7 +227,8 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable parquet file ({exc})") from None
+        first_line = str(exc).partition("\n")[0]  # pyarrow's message may go on with a schema dump, line by line
+        raise UsageError(f"{path}: unreadable parquet file ({first_line})") from None
     return [Record(row, f"{path} row {index}") for index, row in enumerate(rows)]
 
 
@@ -232,6 +255,11 @@ def detect_format(records: Sequence[Record], record_format: str = "auto") -> str
                                  f"{' and '.join(FIELDS[record_format])}")
             if not isinstance(value, str):
                 raise UsageError(f"{record.where}: field {key!r} is {type(value).__name__}, expected a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a JSON "\\ud83d" escape without its pair; no tokenizer takes it
+                raise UsageError(f"{record.where}: field {key!r} holds the unpaired surrogate "
+                                 f"{value[exc.start]!r} at character {exc.start}; fix or remove that record") from None
     return record_format
 
 
