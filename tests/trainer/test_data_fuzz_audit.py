@@ -8,19 +8,16 @@ from nf4lora.trainer.config import UsageError
 from nf4lora.trainer.data import detect_format, read_records
 
 
-def test_a_csv_quote_that_is_never_closed_is_refused_at_its_row(tmp_path):
-    """Python's lenient csv read the rest of the file into that one cell: three rows became one record."""
+@pytest.mark.parametrize("content, refusal", [
+    # Python's lenient csv read the rest of the file into that one cell: three rows became one record
+    ('prompt,completion\nfirst,"a stray quote\nsecond,b\nthird,c\n', r"line 2: malformed CSV \(unexpected end of data\)"),
+    # leniently "say "hi" now" read as 'say hi" now"': the quotes were silently rearranged
+    ('text\nfine\n"say "hi" now"\n', r"line 3: malformed CSV \(',' expected after '\"'\)"),
+], ids=["unclosed quote", "text after the closing quote"])
+def test_a_malformed_csv_quote_is_refused_at_its_row(tmp_path, content, refusal):
     path = tmp_path / "d.csv"
-    path.write_text('prompt,completion\nfirst,"a stray quote\nsecond,b\nthird,c\n')
-    with pytest.raises(UsageError, match=r"d.csv line 2: malformed CSV \(unexpected end of data\)"):
-        read_records(path)
-
-
-def test_a_csv_cell_with_text_after_its_closing_quote_is_refused(tmp_path):
-    """Leniently "say "hi" now" read as 'say hi" now"': the quotes were silently rearranged."""
-    path = tmp_path / "d.csv"
-    path.write_text('text\nfine\n"say "hi" now"\n')
-    with pytest.raises(UsageError, match=r"d.csv line 3: malformed CSV \(',' expected after '\"'\)"):
+    path.write_text(content)
+    with pytest.raises(UsageError, match=r"d.csv " + refusal):
         read_records(path)
 
 
