@@ -17,7 +17,9 @@
    (``nf4lora.nf4.blockwise._quantize_8bit`` gives the arithmetic, which the kernel repeats op for op).
 
 Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
-infinity makes its block's absmax, and so the offset, non-finite.
+infinity makes its block's absmax, and so the offset, non-finite. A weight whose double-quantized absmax decodes
+beyond its dtype (float16 near 65504) is refused as the reference refuses it; only weights whose mean absmax could
+reach that (never bf16 or float32 in practice) pay for the exact check.
 The state's codebooks are the cached tables' tensors, shared by every weight (copying them cost two
 launches a call). Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
 Measured on an H200 (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, blocksize 64 with
