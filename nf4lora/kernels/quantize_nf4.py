@@ -19,7 +19,7 @@
 Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
 infinity makes its block's absmax, and so the offset, non-finite. A weight whose double-quantized absmax decodes
 beyond its dtype (float16 near 65504) is refused as the reference refuses it; only weights whose mean absmax could
-reach that (never bf16 or float32 in practice) pay for the exact check.
+reach that (never bf16 or float32 in practice) pay for the exact check (``check_double_quant_decodes_finite``).
 The state's codebooks are the cached tables' tensors, shared by every weight (copying them cost two
 launches a call). Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
 Measured on an H200 (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, blocksize 64 with
@@ -273,17 +273,14 @@ def quantize_triton(
     # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in
     # absmax makes the mean non-finite, so with double quantization the offset is the one scalar to
     # read. Finite weights can still overflow the mean of their absmax: refused as the reference does.
+    quant_state = QuantState(**state)
     if not double_quant:
         if not bool(torch.isfinite(absmax).all()):
             blockwise.check_float_input(w, "weight")  # raises with the reference's message
-        return QuantizedTensor(packed, QuantState(**state))
+        return QuantizedTensor(packed, quant_state)
     mean = offset.item()
     if not math.isfinite(mean):
         blockwise.check_float_input(w, "weight")
         refuse_overflowing_mean(absmax)
-    # A decoded absmax is at most |offset| + max|absmax - offset| <= 2 max(absmax) <= 2 n mean, so only weights
-    # whose mean absmax comes that close to their dtype's largest value need the reference's exact check (its
-    # decode and one more wait); 2.1 covers the float32 rounding of the mean.
-    if 2.1 * absmax.numel() * abs(mean) * tables.code_max >= torch.finfo(w.dtype).max:
-        check_double_quant_decodes_finite(QuantState(**state))
-    return QuantizedTensor(packed, QuantState(**state))
+    check_double_quant_decodes_finite(quant_state, mean, tables.code_max)
+    return QuantizedTensor(packed, quant_state)
