@@ -78,8 +78,9 @@ def decode_absmax(
 
 
 @triton.jit
-def lane_code(code_ptr, PTX: tl.constexpr):
-    """``code[laneid % 16]``, a scalar: each thread's own entry (compiled; 0 under the interpreter).
+def lane_code(code_ptr, PTX: tl.constexpr, ENTRIES: tl.constexpr = 16):
+    """``code[laneid % ENTRIES]``, a scalar: each thread's own entry of a 16- or 32-entry table (compiled; 0 under
+    the interpreter).
 
     A scalar, not a tensor, on purpose: a tensor of lane-dependent values would be wrong after any
     layout conversion that moves elements between lanes, while a scalar is broadcast in place.
@@ -88,7 +89,7 @@ def lane_code(code_ptr, PTX: tl.constexpr):
         lane = tl.inline_asm_elementwise(
             "mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=True, pack=1
         )
-        return tl.load(code_ptr + (lane & 15))
+        return tl.load(code_ptr + (lane & (ENTRIES - 1)))
     return 0.0
 
 
@@ -100,14 +101,15 @@ def word_shifts():
 
 
 @triton.jit
-def lookup(lane_codes, code_ptr, idx, PTX: tl.constexpr):
-    """float32 ``code[idx & 15]`` for int32 ``idx``; the bits above its low nibble are ignored."""
+def lookup(lane_codes, code_ptr, idx, PTX: tl.constexpr, ENTRIES: tl.constexpr = 16):
+    """float32 ``code[idx % ENTRIES]`` for int32 ``idx`` and ``lane_codes = lane_code(code_ptr, PTX, ENTRIES)``;
+    the bits above the low 4 (or 5) are ignored."""
     if PTX:
         return tl.inline_asm_elementwise(
             "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r", [lane_codes, idx],
             dtype=tl.float32, is_pure=True, pack=1,
         )
-    return tl.load(code_ptr + (idx & 15))
+    return tl.load(code_ptr + (idx & (ENTRIES - 1)))
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,14 @@ def _configs() -> list[triton.Config]:
     )
 
 
+# The 4-bit pass's bins: bin(s) = round(s * BIN_SCALE) + BIN_SCALE for a scaled value s in [-1, 1], 31 bins
+# (0..30), the low 5 bits of fma(s, BIN_SCALE, BIN_MAGIC) read as an int32: 1.5 * 2^23 puts the float32's
+# units in its low mantissa bits, and the fma rounds once, to nearest even. Constexprs: the kernel reads them.
+BIN_SCALE = tl.constexpr(15)
+BIN_MAGIC = tl.constexpr(1.5 * 2**23 + 15)
+BINS = 32
+
+
 @triton.jit
 def _max_propagating_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -70,9 +79,9 @@ def _max_propagating_nan(a, b):
 
 @triton.jit
 def _quantize_tile(
-    x, tile, offset_ptr, table_ptr, order_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
+    x, tile, offset_ptr, table_ptr, order_ptr, bins_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
     BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr,
-    SORTED: tl.constexpr, WORD_STORE: tl.constexpr, PTX: tl.constexpr,
+    SORTED: tl.constexpr, BINNED: tl.constexpr, WORD_STORE: tl.constexpr, PTX: tl.constexpr,
 ):
     """Quantize the (BLOCKS, BLOCKSIZE) float32 tile ``x`` holding blocks ``tile * BLOCKS ...`` and store it."""
     blocks = tile * BLOCKS + tl.arange(0, BLOCKS)
@@ -102,16 +111,21 @@ def _quantize_tile(
             scaled = x * recip[:, None]
         else:  # the tile holding the partial last block: that block divides (a dozen instructions each)
             scaled = tl.where(full[:, None], x * recip[:, None], tl.math.div_rn(x, safe[:, None]))
-        scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-        # number of the 15 sorted midpoints strictly below x, by a branchless binary search. The first
-        # two probes can only read midpoint 7, then 3 or 11: scalars and a select. The last two, and the
-        # sort order of an unsorted codebook, are looked up like codes (a warp shuffle each when
-        # compiled).
-        pos = tl.where(tl.load(table_ptr + 7) < scaled, 8, 0)
-        pos += tl.where(tl.where(pos == 8, tl.load(table_ptr + 11), tl.load(table_ptr + 3)) < scaled, 4, 0)
-        lane_bounds = lane_code(table_ptr, PTX)
-        pos += tl.where(lookup(lane_bounds, table_ptr, pos + 1, PTX) < scaled, 2, 0)
-        pos += tl.where(lookup(lane_bounds, table_ptr, pos, PTX) < scaled, 1, 0)
+        # pos = number of the 15 sorted midpoints strictly below the scaled value
+        if BINNED:  # midpoint_bins: its bin's count below plus one compare (a warp shuffle per lookup)
+            b = tl.fma(scaled, BIN_SCALE, BIN_MAGIC).to(tl.int32, bitcast=True)
+            below = lookup(lane_code(bins_ptr, PTX, 32), bins_ptr, b, PTX, 32).to(tl.int32, bitcast=True)
+            inside = lookup(lane_code(bins_ptr + 32, PTX, 32), bins_ptr + 32, b, PTX, 32)
+            pos = below + tl.where(inside < scaled, 1, 0)
+        else:  # a branchless binary search over the clamped value
+            scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+            # The first two probes can only read midpoint 7, then 3 or 11: scalars and a select. The last
+            # two, and the sort order of an unsorted codebook, are looked up like codes.
+            pos = tl.where(tl.load(table_ptr + 7) < scaled, 8, 0)
+            pos += tl.where(tl.where(pos == 8, tl.load(table_ptr + 11), tl.load(table_ptr + 3)) < scaled, 4, 0)
+            lane_bounds = lane_code(table_ptr, PTX)
+            pos += tl.where(lookup(lane_bounds, table_ptr, pos + 1, PTX) < scaled, 2, 0)
+            pos += tl.where(lookup(lane_bounds, table_ptr, pos, PTX) < scaled, 1, 0)
         if SORTED:
             idx = pos
         else:
@@ -133,19 +147,20 @@ def _quantize_tile(
             tl.store(out_ptr + byte_offs, ((hi << 4) | lo).to(tl.uint8), mask=byte_offs < (n_elements + 1) // 2)
 
 
-@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "EIGHT_BIT"], cache_results=True)
+@triton.autotune(configs=_configs(), key=["n_elements", "BLOCKSIZE", "EIGHT_BIT", "BINNED"], cache_results=True)
 @triton.jit
 def _quantize_blockwise_kernel(
     # inputs
-    x_ptr, offset_ptr, table_ptr, order_ptr,
+    x_ptr, offset_ptr, table_ptr, order_ptr, bins_ptr,
     # outputs: packed bytes (stored as int32 words with WORD_STORE), or 8-bit indices; float32 absmax
     out_ptr, absmax_ptr,
     # sizes
     n_elements, n_blocks,
     # format: EIGHT_BIT selects the 8-bit nested pass (offset subtracted, bin table, no packing);
-    # SORTED says the 4-bit codebook is ascending (NF4), so the sort order is not looked up
+    # SORTED says the 4-bit codebook is ascending (NF4), so the sort order is not looked up; BINNED that
+    # bins_ptr holds its midpoint_bins table
     BLOCKSIZE: tl.constexpr, EIGHT_BIT: tl.constexpr, LUT_BINS: tl.constexpr, SORTED: tl.constexpr,
-    WORD_STORE: tl.constexpr, PTX: tl.constexpr,
+    BINNED: tl.constexpr, WORD_STORE: tl.constexpr, PTX: tl.constexpr,
     # tiling
     ELEMS: tl.constexpr, TILES: tl.constexpr,
 ):
@@ -160,8 +175,8 @@ def _quantize_blockwise_kernel(
             start = (first + t + 1) * TILE
             x_next = tl.load(x_ptr + start + local, mask=start + local < n_elements, other=0.0)
         _quantize_tile(
-            x.to(tl.float32), first + t, offset_ptr, table_ptr, order_ptr, out_ptr, absmax_ptr, n_elements,
-            n_blocks, BLOCKS, BLOCKSIZE, EIGHT_BIT, LUT_BINS, SORTED, WORD_STORE, PTX,
+            x.to(tl.float32), first + t, offset_ptr, table_ptr, order_ptr, bins_ptr, out_ptr, absmax_ptr,
+            n_elements, n_blocks, BLOCKS, BLOCKSIZE, EIGHT_BIT, LUT_BINS, SORTED, BINNED, WORD_STORE, PTX,
         )
         if t + 1 < TILES:
             x = x_next
@@ -176,6 +191,31 @@ class _Tables(NamedTuple):
     table: torch.Tensor  # 16 codes: the 15 sorted midpoints padded to 16 (float32); 256: the bin table (int32)
     order: torch.Tensor  # 16 codes: sorted position -> code index as float32; 256: unused
     ascending: bool  # the sort order is the identity (NF4), so the kernel skips its lookup
+    bins: torch.Tensor | None  # 16 codes: ``midpoint_bins``' (64,) float32 table, or None (the kernel searches)
+
+
+def midpoint_bins(bounds: torch.Tensor) -> torch.Tensor | None:
+    """The 4-bit pass's one-step nearest-code table for sorted midpoints ``bounds`` (C-1,) float32, or None when
+    two midpoints share a bin or one lies outside (-1, 1) (FP4's three midpoints near 0; then the kernel runs a
+    binary search).
+
+    Returns (64,) float32: entries 0..31 hold, as int32 bit patterns, the number of midpoints in bins below bin b;
+    entries 32..63 the midpoint in bin b, or +inf. Since bin() is monotone, a midpoint in a lower bin is below s and
+    one in a higher bin above it, so the number of midpoints below s (the sorted code position, ties low) is
+    ``table[b] + (table[32 + b] < s)`` with b = bin(s): two lookups and a compare where the search takes four probes.
+    The scaled value need not be clamped to [-1, 1] first: every midpoint lies inside, so the count is the same.
+    """
+    mids = bounds.tolist()
+    if not all(-1 < m < 1 for m in mids):
+        return None
+    # the fma's exact value s * 15 + magic, rounded half to even as the GPU (and the interpreter) round it
+    bins = [int(round(Fraction(m) * BIN_SCALE.value + Fraction(BIN_MAGIC.value))) % BINS for m in mids]
+    if len(set(bins)) != len(bins):
+        return None
+    below = torch.tensor([sum(b < k for b in bins) for k in range(BINS)], dtype=torch.int32)
+    inside = torch.full((BINS,), float("inf"))
+    inside[bins] = bounds
+    return torch.cat([below.view(torch.float32), inside])
 
 
 def _code_key(code: torch.Tensor) -> tuple[int, ...]:
@@ -193,13 +233,14 @@ def _lookup_tables(code_bits: tuple[int, ...], device: torch.device) -> _Tables:
     code = torch.tensor(code_bits, dtype=torch.int32).view(torch.float32)
     if code.numel() == 256:
         table = blockwise.bin_table(code).to(device=device, dtype=torch.int32)
-        return _Tables(code.to(device), float(code.abs().max()), table, code.to(device), ascending=False)
+        return _Tables(code.to(device), float(code.abs().max()), table, code.to(device), ascending=False, bins=None)
     bounds, order = blockwise.code_lookup(code)  # order None: ascending, so the kernel skips the lookup
     table = torch.cat([bounds, bounds.new_tensor([float("inf")])])  # the pad is never looked up
     order_codes = torch.arange(code.numel()) if order is None else order
+    bins = midpoint_bins(bounds)
     return _Tables(
         code.to(device), float(code.abs().max()), table.to(device), order_codes.to(device=device, dtype=torch.float32),
-        order is None,
+        order is None, None if bins is None else bins.to(device),
     )
 
 
@@ -226,12 +267,13 @@ def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tens
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     word_store = not eight_bit and n % 8 == 0
     grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
+    binned = tables.bins is not None
     _launch_quantize(
-        grid, (n, blocksize, eight_bit, tables.ascending, x.dtype),
-        x, offset if eight_bit else absmax, tables.table, tables.order, out,
+        grid, (n, blocksize, eight_bit, tables.ascending, binned, x.dtype),
+        x, offset if eight_bit else absmax, tables.table, tables.order, tables.bins if binned else tables.table, out,
         absmax, n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,
-        WORD_STORE=word_store, PTX=not interpreting(), enable_fp_fusion=False,
+        BINNED=binned, WORD_STORE=word_store, PTX=not interpreting(), enable_fp_fusion=False,
     )
     return out, absmax
 

@@ -78,10 +78,10 @@ def test_dequantize_refuses_bad_outputs(triton_mode, device):
         dequantize_into(q, torch.empty(255, device=device))
 
 
-def test_dequantize_refuses_state_on_another_device(triton_mode):
-    q = quantize_ref(torch.randn(4, 64))
+def test_dequantize_refuses_state_on_another_device(triton_mode, device):
+    q = quantize_ref(torch.randn(4, 64)).to(device)
     q.state.code = q.state.code.to("meta")
-    with pytest.raises(ValueError, match="state.code is on meta but packed is on cpu"):
+    with pytest.raises(ValueError, match=f"state.code is on meta but packed is on {device.type}"):
         dequantize(q)
 
 

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 
 
 def assert_same_bytes(q, ref):
+    """Bytes and state of ``q`` equal ``ref``'s. With double quantization ``ref`` must come from the same device: the
+    offset is torch's mean there, whose summation order differs between CPU and CUDA."""
     assert torch.equal(q.packed.cpu(), ref.packed.cpu())
     for name, t in ref.state.tensors().items():
         got = getattr(q.state, name)
@@ -36,7 +38,6 @@ def test_quantize_matches_reference_bytes(
     triton_mode, poisoned, device, shape, blocksize, quant_type, double_quant, dtype
 ):
     w = torch.randn(shape, dtype=torch.float32).to(dtype)
-    # the reference on the same device: the offset is torch's mean there, whose order differs between CPU and CUDA
     ref = quantize_ref(w.to(device), blocksize, quant_type, double_quant)
     q = quantize(w.to(device), blocksize, quant_type, double_quant)
     assert q.device.type == device.type
@@ -48,7 +49,7 @@ def test_quantize_reads_non_contiguous_and_3d_weights(triton_mode, poisoned, dev
     for t in (w.T, w.reshape(4, 24, 64)):  # a transposed view is copied; a contiguous 3-d tensor is read flat
         q = quantize(t.to(device))
         assert q.shape == t.shape
-        assert_same_bytes(q, quantize_ref(t.contiguous()))
+        assert_same_bytes(q, quantize_ref(t.contiguous().to(device)))
 
 
 def test_weights_sharing_a_codebook_save_to_one_safetensors_file(triton_mode, device, tmp_path):
@@ -77,7 +78,7 @@ def test_quantize_all_zero_blocks_match_reference(triton_mode, poisoned, device,
     for blocksize in (64, 256):
         for x in (w, t):
             q = quantize(x.to(device), blocksize, double_quant=double_quant)
-            assert_same_bytes(q, quantize_ref(x, blocksize, double_quant=double_quant))
+            assert_same_bytes(q, quantize_ref(x.to(device), blocksize, double_quant=double_quant))
 
 
 def test_quantize_ties_take_the_lower_code(triton_mode, device):
@@ -94,7 +95,7 @@ def test_quantize_custom_codebook_matches_reference(triton_mode, device):
     w = torch.randn(4, 96)
     q = quantize(w.to(device), 32, code=code.to(device))
     assert q.state.quant_type == "custom"
-    assert_same_bytes(q, quantize_ref(w, 32, code=code))
+    assert_same_bytes(q, quantize_ref(w.to(device), 32, code=code.to(device)))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])  # checked through the offset, or through absmax
@@ -146,7 +147,7 @@ def test_quantize_bytes_equal_reference_for_any_shape_and_scale(rows, cols, bloc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with use_kernels("triton"):
         q = quantize(w.to(device), blocksize)
-    assert_same_bytes(q, quantize_ref(w, blocksize))
+    assert_same_bytes(q, quantize_ref(w.to(device), blocksize))
 
 
 def _scalings_disagree(absmax: float, n: int) -> torch.Tensor:
@@ -171,3 +172,38 @@ def test_quantize_scales_full_blocks_by_the_reciprocal_and_the_partial_block_by_
             blocks.append(torch.cat([torch.tensor([absmax]), disagree, filler]))
     w = torch.cat(blocks)
     assert_same_bytes(quantize(w.to(device), 64, double_quant=False), quantize_ref(w, 64, double_quant=False))
+
+
+def _fma_bin(s: float) -> int:
+    """The kernel's bin of a float32 value: the low 5 bits of fma(s, 15, 1.5 * 2^23 + 15), rounded once, half to even."""
+    from fractions import Fraction
+
+    return int(round(Fraction(s) * 15 + Fraction(1.5 * 2**23 + 15))) % 32
+
+
+@pytest.mark.parametrize("code", [codebook.nf4_code(), torch.linspace(-1, 1, 16)], ids=["nf4", "linspace"])
+def test_midpoint_bins_count_the_midpoints_below_every_value(code):
+    from nf4lora.kernels.quantize_nf4 import midpoint_bins
+
+    bounds, _ = codebook.quantize_bounds(code)
+    table = midpoint_bins(bounds)
+    below, inside = table[:32].view(torch.int32), table[32:]
+    # every midpoint and the edges of every bin (s * 15 = k + 1/2), each with its float32 neighbours, and random values
+    edges = torch.tensor([(k + 0.5) / 15 for k in range(-15, 15)] + [-1.0, 1.0, 0.0])
+    centres = torch.cat([bounds, edges])
+    steps = torch.arange(-3, 4, dtype=torch.int32)
+    near = (centres.view(torch.int32)[:, None] + steps).view(torch.float32).flatten()  # (+-0 gives NaNs: dropped)
+    values = torch.cat([near[near.isfinite()], torch.empty(2000).uniform_(-1.0001, 1.0001)])
+    for s in values.tolist():
+        b = _fma_bin(s)
+        assert b <= 30
+        got = int(below[b]) + int(float(inside[b]) < s)
+        assert got == int((bounds < s).sum()), (s, b)
+
+
+def test_midpoint_bins_leave_crowded_or_wide_codebooks_to_the_search():
+    from nf4lora.kernels.quantize_nf4 import midpoint_bins
+
+    assert midpoint_bins(codebook.quantize_bounds(codebook.get_code("fp4"))[0]) is None  # 3 midpoints near 0
+    wide = codebook.nf4_code() * 1.5  # a midpoint beyond 1: the search clamps first, the bins would not
+    assert midpoint_bins(codebook.quantize_bounds(wide)[0]) is None
