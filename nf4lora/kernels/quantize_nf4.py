@@ -5,11 +5,12 @@
 1. one launch over ``w``: per block of ``blocksize`` elements, absmax = max|x| (float32, NaN
    propagated); full blocks scale by ``x * (1 / absmax)``, the partial last block by ``x / absmax``
    (both correctly rounded, ``div_rn``, with absmax clamped to 1e-38; only the program holding that
-   block runs the slow division); clamp to [-1, 1]; the index is ``order[#bounds < x]`` found by a
-   branchless binary search over the sorted midpoints (ties take the lower code): the first two
-   probes are scalars, the last two (and ``order`` unless the codebook is ascending, as NF4 is) a
-   warp shuffle each, like a code lookup (``codes.py``); two indices per byte, element 2i in the
-   high nibble. Writes packed bytes (whole 32-bit words when n is a multiple of 8) and float32
+   block runs the slow division); the index is ``order[#bounds < x]`` (ties take the lower code; ``order``
+   is looked up unless the codebook is ascending, as NF4 is). For a codebook whose midpoints each have a
+   bin of their own (``midpoint_bins``: NF4 and most others) the count is the bin's count below plus one
+   compare: an fma and two warp-shuffle lookups (``codes.py``). Otherwise (FP4) a branchless binary
+   search over the clamped value: two scalar probes, then two shuffles. Two indices per byte, element 2i
+   in the high nibble. Writes packed bytes (whole 32-bit words when n is a multiple of 8) and float32
    absmax. A program takes TILES tiles and loads the next before working on the current one.
 2. with double quantization: ``offset = absmax.mean()`` (torch, so the reduction order is torch's,
    as in the reference), then the same kernel in 8-bit mode over ``absmax - offset``: blocks of 256,
@@ -22,11 +23,11 @@ beyond its dtype (float16 near 65504) is refused as the reference refuses it; on
 reach that (never bf16 or float32 in practice) pay for the exact check (``check_double_quant_decodes_finite``).
 The state's codebooks are the cached tables' tensors, shared by every weight (copying them cost two
 launches a call). Bytes moved: n * itemsize read + n/2 + 4n/blocksize written (+ the small absmax pass).
-Measured on an H200 (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, blocksize 64 with
-double quantization): 0.32-0.40 ms at the 70B projections (6.4-7.3x bitsandbytes' quantize_4bit); 0.10 ms
-(5.6-5.9x) at the 7B MLP shapes; 0.123 ms (3.2x) at 4096x4096, which is bound by host work: over three
-alternating rounds 3.7-4.9x on wall time and 5.4x on GPU busy time, 0.033 against 0.177 ms
-(2026-11-29_quantize-host_h200.md).
+Measured on an H200 (benchmarks/results/2026-11-29_quantize-binned-ab_h200.md, bf16, blocksize 64 with double
+quantization, three alternating rounds): 0.233-0.235 ms at 28672x8192 (10.1-10.3x bitsandbytes' quantize_4bit;
+the binary search took 0.317 ms), 0.084-0.086 ms (6.8-7.0x) at 11008x4096, 0.058-0.059 ms (4.7-4.8x) at 4096x4096,
+which is bound by host work: there the GPU is busy 0.026 ms (the search: 0.033), against 0.177 ms for bitsandbytes.
+The 4-bit pass alone streams at 3.0-3.3 TB/s (2026-11-29_quantize-tilings_h200.md).
 """
 
 from __future__ import annotations
