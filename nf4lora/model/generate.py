@@ -15,11 +15,12 @@ has ended is read once the next step is queued, so the host's per-step work over
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterator
 
 import torch
 
-from .llama import KVCache, Llama, check_token_ids
+from .llama import KVCache, Llama, check_token_ids, token_id_error
 
 
 # Fixed-shape decoding rounds its cache up to a multiple of this many slots, so that calls whose prompt and
@@ -29,6 +30,8 @@ STATIC_CACHE_MULTIPLE = 256
 # cuda_graph=None captures a decode step for this many new tokens or more: the capture costs about three eager
 # steps (two warm-up calls, one recorded), and each replayed step saves most of an eager one.
 GRAPH_MIN_NEW_TOKENS = 8
+# The ids that fit the int64 tensors generate builds from them: [INT64_MIN, INT64_END).
+INT64_MIN, INT64_END = -(2**63), 2**63
 
 
 def _as_batch(prompts, attention_mask, pad_id: int, pad_marks_padding: bool, vocab_size: int,
@@ -44,17 +47,18 @@ def _as_batch(prompts, attention_mask, pad_id: int, pad_marks_padding: bool, voc
             raise ValueError(f"prompts must hold integer token ids, got {prompts.dtype}")
         ids = prompts.to(device, torch.long)
         if attention_mask is not None:
-            mask = attention_mask.to(device).bool()
+            mask = _padding_mask(attention_mask, device)
         else:
             mask = ids != pad_id if pad_marks_padding else torch.ones_like(ids, dtype=torch.bool)
         if ids.dim() == 1:
             ids, mask = ids[None], mask[None] if mask.dim() == 1 else mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal input_ids shape {tuple(ids.shape)}")
+        check_token_ids(ids[mask], vocab_size)
     else:
         if attention_mask is not None:  # it would be ignored: the lists' own lengths say where the padding goes
             raise ValueError("attention_mask goes with a tensor of prompts; token lists get theirs from their lengths")
-        rows = _token_rows(prompts)
+        rows = _token_rows(prompts, vocab_size)
         width = max(map(len, rows), default=0)
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
         mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
@@ -68,19 +72,70 @@ def _as_batch(prompts, attention_mask, pad_id: int, pad_marks_padding: bool, voc
         given = "attention_mask" if attention_mask is not None else f"prompt (pad_id={pad_id} marks padding)"
         raise ValueError(f"{given} row(s) {(~mask[:, -1]).nonzero().flatten().tolist()} end in padding; "
                          f"generate continues each row from its last column, so pad on the left")
-    check_token_ids(ids[mask], vocab_size)
     return ids, mask
 
 
-def _token_rows(prompts) -> list[list[int]]:
-    """A list of token lists as Python ints; one flat token list is one prompt."""
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(i, numbers.Integral) for i in prompts):
+def _padding_mask(attention_mask, device) -> torch.Tensor:
+    """attention_mask as bool on `device`, refusing what is not a tensor of 0s and 1s."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor of 0/1 (1 = token, 0 = padding), got "
+                         f"{type(attention_mask).__name__}")
+    other = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+    if other.numel():
+        raise ValueError(f"attention_mask must hold only 0 and 1 (1 = token, 0 = padding), got {other[0].item()}")
+    return attention_mask.to(device).bool()
+
+
+def _as_int(value) -> int | None:
+    """value as a Python int where it is one integer (an int, a numpy integer, a 0-d integer tensor), else None:
+    floats, bools, strings and sequences are not token ids."""
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or getattr(value, "dtype", None) == torch.bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _token_rows(prompts, vocab_size: int) -> list[list[int]]:
+    """A list of token lists as Python ints in [0, vocab_size); one flat token list is one prompt."""
+    if isinstance(prompts, (list, tuple)) and prompts and all(_as_int(i) is not None for i in prompts):
         prompts = [prompts]
     try:
-        return [[int(i) for i in row] for row in prompts]
-    except (TypeError, ValueError):
+        rows = [[_as_int(i) for i in row] for row in prompts]
+    except TypeError:  # prompts, or one of its rows, is not iterable
+        rows = None
+    if rows is None or any(None in row for row in rows):
         raise ValueError(f"prompts must be token ids (encode text first): a list of int lists or a tensor, got "
-                         f"{str(prompts)[:80]}") from None
+                         f"{str(prompts)[:80]}")
+    bad = next((i for row in rows for i in row if not 0 <= i < vocab_size), None)
+    if bad is not None:  # before torch.tensor, which cannot hold an id beyond int64
+        raise token_id_error(bad, vocab_size)
+    return rows
+
+
+def _eos_tuple(eos_ids) -> tuple[int, ...]:
+    """eos_ids (an int, or ints in an iterable or an integer tensor) as a tuple of Python ints in int64's range."""
+    single = _as_int(eos_ids)
+    try:
+        values = [single] if single is not None else [
+            _as_int(i) for i in (eos_ids.reshape(-1) if isinstance(eos_ids, torch.Tensor) else eos_ids)]
+    except TypeError:  # neither an int nor iterable
+        values = None
+    if values is None or not all(v is not None and INT64_MIN <= v < INT64_END for v in values):
+        raise ValueError(f"eos_ids={eos_ids!r} are not token ids; valid: an int, ints in a list, tuple, set or "
+                         f"integer tensor (each in [-2**63, 2**63)), or None")
+    return tuple(values)
+
+
+def _pad_id_or_none(pad_id) -> int | None:
+    """pad_id as a Python int (or None), refusing what is not an int that fits the int64 output."""
+    if pad_id is None:
+        return None
+    value = _as_int(pad_id)
+    if value is None or not INT64_MIN <= value < INT64_END:
+        raise ValueError(f"pad_id={pad_id!r} is not a token id; valid: an int in [-2**63, 2**63) or None")
+    return value
 
 
 def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed=None,
@@ -97,16 +152,19 @@ def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed=Non
     def is_int(x) -> bool:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
+    def is_real(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
     unset = "" if as_flags else " or None"  # a flag has no None: --top-k 0 and --top-p 1 cut nothing
     # (argument, value, valid, what it must be); each test is written so that NaN, which fails every comparison,
     # fails it
     rules = (
         ("max_new_tokens", max_new_tokens, is_int(max_new_tokens) and max_new_tokens >= 1, ">= 1 (an int)"),
-        ("temperature", temperature, isinstance(temperature, numbers.Real) and 0 <= temperature < float("inf"),
+        ("temperature", temperature, is_real(temperature) and 0 <= temperature < float("inf"),
          "a finite number >= 0 (0 = greedy)"),
         ("top_k", top_k, top_k is None or is_int(top_k) and top_k >= (0 if as_flags else 1),
          ">= 0 (0 = no top-k cut)" if as_flags else ">= 1 (an int) or None"),
-        ("top_p", top_p, top_p is None or isinstance(top_p, numbers.Real) and 0 < top_p <= 1, f"in (0, 1]{unset}"),
+        ("top_p", top_p, top_p is None or is_real(top_p) and 0 < top_p <= 1, f"in (0, 1]{unset}"),
         ("seed", seed, seed is None or is_int(seed) and -(2**63) <= seed < 2**64, f"an int in [-2**63, 2**64){unset}"),
     )
     bad = [(name, value, must) for name, value, valid, must in rules if not valid]
@@ -217,7 +275,8 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
     """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
     check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed)
     config = model.config
-    eos = config.eos_token_ids if eos_ids is None else tuple(torch.as_tensor(eos_ids).reshape(-1).long().tolist())
+    eos = config.eos_token_ids if eos_ids is None else _eos_tuple(eos_ids)
+    pad_id = _pad_id_or_none(pad_id)
     given_pad = pad_id if pad_id is not None else config.pad_token_id
     pad_id = given_pad if given_pad is not None else (eos[0] if eos else 0)
     # as transformers' generate infers a missing mask: from a pad id that was set and does not also end rows
@@ -244,7 +303,7 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
     step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None
     static = static_cache or compile
     # sampled where the logits are: the head's device
-    generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(int(seed))
     sampling = (temperature, top_k, top_p, generator)
     return ids, _steps(model, cache, step, static, logits, positions[:, -1:], t, max_new_tokens, sampling, eos, pad_id)
 

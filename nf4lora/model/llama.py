@@ -349,7 +349,12 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     embedding lookup would fail deep inside on the CPU and with a device-side assert on a GPU."""
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
-        raise ValueError(f"token id {ids[bad][0].item()} is out of range; valid: 0 to {vocab_size - 1} (vocab_size)")
+        raise token_id_error(ids[bad][0].item(), vocab_size)
+
+
+def token_id_error(token_id: int, vocab_size: int) -> ValueError:
+    """The one-line error for a token id outside [0, vocab_size)."""
+    return ValueError(f"token id {token_id} is out of range; valid: 0 to {vocab_size - 1} (vocab_size)")
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
