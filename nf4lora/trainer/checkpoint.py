@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 import shutil
@@ -45,6 +46,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 # what a resume reads from STATE_FILE (the loop's ``checkpoint`` writes them; "scaler" is None without fp16)
 STATE_KEYS = ("config", "step", "tokens", "elapsed_s", "optimizer", "scheduler", "scaler", "rng")
+# what a resume needs of the LambdaLR state in STATE_FILE: the step it has reached and the lrs it scales
+SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr", "lr_lambdas")
 # Settings a resume takes from the checkpoint whatever the config says, and where they come back from: a new value
 # would be silently ignored, so it is refused like a change to RESUME_KEYS.
 RESTORED_KEYS = {"lr": "optimizer and scheduler state", "weight_decay": "optimizer state",
@@ -258,6 +261,73 @@ def _load_state_file(checkpoint: Path) -> dict[str, Any]:
     if missing:
         raise _refuse(checkpoint, f"{STATE_FILE} lacks {', '.join(missing)}")
     return state
+
+
+def check_resumable(checkpoint: Path, state: dict[str, Any]) -> None:
+    """Refuse a trainer state whose counters, schedule position or RNG streams a resume could not restore (a
+    ``trainer_state.pt`` edited or written elsewhere, which its manifest cannot tell from a good one), before anything
+    is loaded or written: training on would crash mid-run or silently replay the wrong steps."""
+    problem = _counters_problem(state) or _scheduler_problem(state) or _rng_problem(state["rng"])
+    if problem:
+        raise _refuse(checkpoint, f"{STATE_FILE} {problem}")
+
+
+def _counters_problem(state: dict[str, Any]) -> str | None:
+    for key, kinds, expected in (("step", int, "an integer"), ("tokens", int, "an integer"),
+                                 ("elapsed_s", (int, float), "a finite number")):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, kinds) or not 0 <= value < math.inf:
+            return f"holds {key}={value!r}, expected {expected} >= 0"
+    return None
+
+
+def _scheduler_problem(state: dict[str, Any]) -> str | None:
+    scheduler = state["scheduler"]
+    if not isinstance(scheduler, dict) or any(key not in scheduler for key in SCHEDULER_KEYS):
+        return f"holds no learning-rate schedule (expected a dict with {', '.join(SCHEDULER_KEYS)})"
+    if type(scheduler["last_epoch"]) is not int or scheduler["last_epoch"] != state["step"]:
+        return f"holds a schedule at step {scheduler['last_epoch']!r} for step {state['step']}"
+    return None
+
+
+def _rng_problem(rng: Any) -> str | None:
+    """Why ``rng`` cannot be restored, found by restoring it and then the current streams."""
+    current = rng_state()
+    try:
+        set_rng_state(rng)
+    except Exception as exc:  # whatever a malformed state makes random / torch raise
+        return f"holds RNG states that cannot be restored ({_load_failure(exc)})"
+    finally:
+        set_rng_state(current)
+    return None
+
+
+def restore_training_state(checkpoint: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LambdaLR,
+                           scaler: torch.amp.GradScaler | None) -> None:
+    """Load the optimizer, schedule and (fp16) loss-scaler states of ``state`` into this run's; one that does not fit
+    them is refused by name. The lr of the next step comes from this run's schedule: the run's length (--max-steps,
+    --epochs) may change on resume, and the checkpoint's last lr belongs to the old length's schedule (where a linear
+    or cosine decay ends at 0)."""
+    loaders: dict[str, Callable[[Any], None]] = {"optimizer": optimizer.load_state_dict,
+                                                 "scheduler": lambda saved: _load_schedule(scheduler, saved)}
+    if scaler is not None and state["scaler"] is not None:
+        loaders["scaler"] = scaler.load_state_dict
+    for key, load in loaders.items():
+        try:
+            load(state[key])
+        except Exception as exc:  # a state_dict of the wrong shape fails in whatever way it breaks the loader
+            raise _refuse(checkpoint, f"{STATE_FILE}'s {key} state does not fit this run "
+                                      f"({_load_failure(exc)})") from None
+
+
+def _load_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    scheduler.load_state_dict(saved)
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                        strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports; LambdaLR has no public setter
 
 
 def check_compatible(config: TrainConfig, state: dict[str, Any], checkpoint: Path) -> None:

@@ -36,7 +36,8 @@ import torch
 
 from nf4lora.files import publish_file
 
-from .checkpoint import STATE_FILE, Resume, check_compatible, read_resume, set_rng_state
+from .checkpoint import (STATE_FILE, Resume, check_compatible, check_resumable, read_resume,
+                         restore_training_state, set_rng_state)
 from .config import TrainConfig, UsageError
 from .corpus import legal_clauses, train_tokenizer
 from .data import (DATA_ORDER, BatchPlan, Example, Record, build_examples, detect_format, eval_batches, pack,
@@ -297,6 +298,7 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
     if resume is not None:
         resume_from, resume_state = resume.checkpoint, resume.state
         check_compatible(config, resume_state, resume_from)
+        check_resumable(resume_from, resume_state)
     run_dir = Path(config.output_dir) if config.output_dir else (
         resume_from.parent if resume_from is not None else _default_run_dir())
     _check_run_dir(run_dir, config, resume_from)
@@ -449,10 +451,7 @@ def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[st
     fp16 = resolve_dtype(config.dtype, p.device) == torch.float16
     scaler = torch.amp.GradScaler(p.device.type) if fp16 else None
     if p.resume_state is not None:
-        optimizer.load_state_dict(p.resume_state["optimizer"])
-        scheduler.load_state_dict(p.resume_state["scheduler"])
-        if scaler is not None and p.resume_state.get("scaler") is not None:
-            scaler.load_state_dict(p.resume_state["scaler"])
+        restore_training_state(p.resume_from, p.resume_state, optimizer, scheduler, scaler)
         state = LoopState(step=p.resume_state["step"], tokens=p.resume_state["tokens"],
                           elapsed_s=p.resume_state["elapsed_s"])
     _create_run_dir(p, config)
