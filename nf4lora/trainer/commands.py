@@ -15,6 +15,7 @@ computes in the dtype that ``auto`` picks for the device (fp32 on a CPU) and rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -28,6 +29,7 @@ from nf4lora.files import publish_directory
 from nf4lora.jsonfile import read_json_object
 
 from .config import TrainConfig, UsageError
+from .loop import reporting_write
 from .job import TORCH_DTYPES, check_directory_path, refuse_inputs_inside, resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -63,6 +65,42 @@ def _store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, NF4Linear):
             module.compute_dtype = dtype
+
+
+def _untie_output_head(model: torch.nn.Module) -> None:
+    """Give a tied output head its own copy of the embedding matrix before an adapter loads: LoRA on ``lm_head``, or
+    either of the two in modules_to_save, makes the adapted model run with two different matrices, and merging
+    into the shared one would change the embedding too. ``_tie_if_still_equal`` ties them again after the merge."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+
+
+def _tie_if_still_equal(model: torch.nn.Module) -> None:
+    """After the merge: head and embedding shared again where they are still equal, else the checkpoint records
+    them untied (and stores both), as the adapted model ran."""
+    if model.config.tie_word_embeddings:
+        if torch.equal(model.lm_head.weight, model.model.embed_tokens.weight):
+            model.tie_weights()
+        else:
+            model.config.tie_word_embeddings = False
+
+
+def _dequantize_linears(model: torch.nn.Module) -> None:
+    """Replace each 4-bit layer left in ``model`` (one the adapter does not target, which ``merge_and_unload`` keeps
+    as it is) by an ``nn.Linear`` holding its dequantized (out, in) weight in its compute dtype: a dense merge holds
+    the whole base it was trained on, dequantized."""
+    from nf4lora.nf4.linear import NF4Linear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, NF4Linear):
+                dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                        dtype=child.compute_dtype, device=child.weight.device)
+                with torch.no_grad():
+                    dense.weight.copy_(child.dequantized_weight())
+                    if child.bias is not None:
+                        dense.bias.copy_(child.bias)
+                setattr(parent, name, dense.requires_grad_(False))
 
 
 def _check_adapter(adapter: str) -> None:
@@ -102,18 +140,26 @@ def _check_output(out: str, overwrite: bool, inputs: tuple[str, ...]) -> Path:
 def _write_checkpoint(out: Path, save: Callable[[str], None], model: str) -> None:
     """``save(dir)`` plus the base's tokenizer files, written next to ``out`` and renamed into place (as the
     trainer's checkpoints are), so ``out`` never holds half a checkpoint and an old one is replaced only by a
-    complete one."""
+    complete one. A write that fails (a full disk) is one TrainingFailed line; one that fails or is interrupted also
+    removes the directories above ``out`` that it created."""
     final = out.resolve()
+    created = [d for d in (final.parent, *final.parent.parents) if not d.exists()]  # deepest first
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():  # left by a run that was killed mid-write
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save(str(tmp))
-        _copy_tokenizer(model, tmp)
-        publish_directory(tmp, final)
+        with reporting_write("the checkpoint", final.parent, f"--out {out} was left as it was; free space and run "
+                                                              f"again"):
+            save(str(tmp))
+            _copy_tokenizer(model, tmp)
+            publish_directory(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            for directory in created:
+                with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                    directory.rmdir()
 
 
 def _copy_tokenizer(model: str, out: Path) -> None:
@@ -242,8 +288,12 @@ def merge_command(args: argparse.Namespace) -> int:
     _check_adapter(args.adapter)
     out = _check_output(args.out, args.overwrite, (args.model, args.adapter))
     model, _ = _load(args)
+    _untie_output_head(model)
     load_adapter(model, args.adapter)
     merge_and_unload(model, requantize=requantize)
+    _tie_if_still_equal(model)
+    if not requantize:
+        _dequantize_linears(model)
     dtype = written_dtype(args.dtype)
     _store_unquantized_in(model, dtype)
     save = save_quantized if requantize else save_pretrained

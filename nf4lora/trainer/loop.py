@@ -69,7 +69,7 @@ class TrainingOOM(TrainingFailed):
 
 
 @contextmanager
-def _reporting_write(what: str, run_dir: Path, then: str) -> Iterator[None]:
+def reporting_write(what: str, run_dir: Path, then: str) -> Iterator[None]:
     """Turn a failed write of ``what`` into ``run_dir`` into one TrainingFailed line: the cause, the space left on
     that file system (the usual cause) and ``then``, what was kept and how to go on."""
     try:
@@ -263,7 +263,7 @@ class Trainer:
             go_on = (f"continue with --resume {self.last_checkpoint}" if self.last_checkpoint is not None else
                      "start the run again")
             then = f"{self._kept()}; free space and {go_on}"
-        return _reporting_write(what, self.run_dir, then)
+        return reporting_write(what, self.run_dir, then)
 
     def checkpoint(self) -> Path:
         state = {"config": self.config.to_dict(), "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s,
