@@ -2,7 +2,7 @@
 
 ``merge`` folds the adapter into the base *as it was trained*: the base is loaded in the 4-bit format of the run
 that trained ``--adapter`` (its ``run_config.json``; NF4 with double quantization for an adapter from elsewhere),
-like the trainer loads it, dequantized, and the LoRA update added, so the merged checkpoint reproduces the
+quantized from the weights cast to the dtype that run trained in, like the trainer loads it, dequantized, and the LoRA update added, so the merged checkpoint reproduces the
 adapted model's outputs (up to rounding to the written dtype); ``--quantization none`` merges into the original
 full-precision weights instead. ``generate`` loads the base the same way. ``--quantize nf4`` re-quantizes the merged weights into
 a bitsandbytes-format 4-bit checkpoint, which rounds the small update against NF4's grid (the lora package warns).
@@ -36,17 +36,25 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json")
 
 
-def _load(args: argparse.Namespace, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, torch.device]:
-    """The base as --model and the format flags say, in ``dtype`` (default: --dtype resolved for the device)."""
+def _load(args: argparse.Namespace, dtype: torch.dtype | None = None,
+          run: dict[str, Any] | None = None) -> tuple[torch.nn.Module, torch.device]:
+    """The base as --model and the format flags say, in ``dtype`` (default: --dtype resolved for the device).
+
+    A base quantized on load is quantized from the values the run that trained the adapter (``run``, its
+    run_config.json) quantized: cast to the dtype it trained in, since the 4-bit codes of a float32 or float16
+    checkpoint differ when cast to bf16 first. Then its unquantized tensors are cast to ``dtype``.
+    """
     from nf4lora.model import load_model
 
     device = resolve_device(args.device)
     quantization = None if args.quantization == "none" else args.quantization
     # --dtype is the compute dtype, a pre-quantized checkpoint's too
     dtype = dtype or resolve_dtype(args.dtype, device)
-    model = load_model(args.model, quantization=quantization, dtype=dtype, device=device, blocksize=args.blocksize,
+    trained_in = (run or {}).get("resolved_dtype")
+    source = TORCH_DTYPES[trained_in] if quantization is not None and trained_in in TORCH_DTYPES else dtype
+    model = load_model(args.model, quantization=quantization, dtype=source, device=device, blocksize=args.blocksize,
                        double_quant=args.double_quant, compute_dtype=dtype)
-    return model, device
+    return model.to(dtype), device  # the 4-bit weights stay as quantized
 
 
 def written_dtype(name: str) -> torch.dtype:
@@ -262,7 +270,7 @@ def generate_command(args: argparse.Namespace) -> int:
     run = _run_config(args.adapter)
     _fill_base_format(args, run)
     template = args.template if args.template is not None else _training_template(run)
-    model, _ = _load(args)
+    model, _ = _load(args, run=run)
     tokenizer = load_tokenizer(args.model)
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -280,14 +288,15 @@ def merge_command(args: argparse.Namespace) -> int:
     from nf4lora.lora import load_adapter, merge_and_unload
     from nf4lora.model import save_pretrained, save_quantized
 
-    _fill_base_format(args, _run_config(args.adapter))
+    run = _run_config(args.adapter)
+    _fill_base_format(args, run)
     requantize = args.quantize == "nf4"
     if requantize and args.quantization != "nf4":
         raise UsageError(f"--quantize nf4 re-quantizes in the format the base was loaded in; pass --quantization nf4 "
                          f"(got {args.quantization})")
     _check_adapter(args.adapter)
     out = _check_output(args.out, args.overwrite, (args.model, args.adapter))
-    model, _ = _load(args)
+    model, _ = _load(args, run=run)
     _untie_output_head(model)
     load_adapter(model, args.adapter)
     merge_and_unload(model, requantize=requantize)

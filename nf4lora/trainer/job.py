@@ -66,6 +66,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype name of ``dtype`` (one of TORCH_DTYPES' values)."""
+    return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that has it, else fp32 (CPU bf16 matmuls are slower than fp32 on most hosts)."""
     if name == "auto":
@@ -396,6 +401,9 @@ def _fill_run_dir(p: Prepared, config: TrainConfig) -> None:
     resolved["resolved_model"] = str(p.model_dir)
     # the detected format, so that generate knows whether training wrapped prompts in the template
     resolved["record_format"] = p.record_format
+    # the dtype the base was cast to before it was quantized: its 4-bit codes depend on it, so merge and generate
+    # quantize the base from the same values
+    resolved["resolved_dtype"] = dtype_name(resolve_dtype(config.dtype, p.device))
     publish_file(p.run_dir / RUN_MARKER, (json.dumps(resolved, indent=2) + "\n").encode("utf-8"))
 
 

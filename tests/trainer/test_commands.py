@@ -135,3 +135,30 @@ def test_generate_reads_a_prompts_file_and_rejects_a_missing_adapter(capsys, tmp
     assert ">>> first prompt" in out and ">>> second prompt" in out
     code = main(["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--prompt", "x"])
     assert code == 2 and "no adapter_config.json there" in capsys.readouterr().err
+
+
+def test_merge_and_generate_quantize_the_base_from_the_dtype_the_run_trained_in(tmp_path, tiny_model_dir, data_file):
+    """A run that trained in bf16 on an fp32 checkpoint quantized the base from bf16-rounded weights; merge and
+    generate on a CPU (fp32) must quantize the same values, or their base is not the one the adapter learned on."""
+    import argparse
+
+    from nf4lora.trainer import commands
+    from nf4lora.trainer.job import load_base
+
+    run = tmp_path / "run"
+    run_train(TrainConfig(model=str(tiny_model_dir), data=str(data_file), output_dir=str(run), max_steps=1,
+                          micro_batch=2, max_len=192, progress=False, max_new_tokens=0, dtype="bf16"),
+              log=lambda _: None)
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert recorded["resolved_dtype"] == "bf16"
+    args = argparse.Namespace(model=str(tiny_model_dir), device="cpu", dtype="fp32", quantization="nf4", blocksize=64,
+                              double_quant=True)
+    trained = load_base(str(tiny_model_dir), TrainConfig(dtype="bf16"), torch.device("cpu"), torch.bfloat16)
+    for run_config, same in ((recorded, True), ({}, False)):  # without the record the fp32 weights are quantized
+        model, _ = commands._load(args, run=run_config)
+        layer = model.model.layers[0].mlp.down_proj
+        assert torch.equal(layer.weight.packed, trained.model.layers[0].mlp.down_proj.weight.packed) == same
+        assert layer.compute_dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.float32
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(run), "--out", str(merged),
+                 "--dtype", "fp32", "--device", "cpu"]) == 0
