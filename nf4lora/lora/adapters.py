@@ -131,17 +131,17 @@ def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = 
 
 def _unchanged_base_keys(model: nn.Module, extra: dict[str, torch.Tensor], path: str) -> set[str]:
     """The keys of ``extra`` (file tensors outside the adapter) that name a base parameter of ``model`` and hold
-    exactly its value.
+    exactly its value once cast to its dtype.
 
     peft saves the base weights of a targeted embedding layer or output head beside the adapter and loads
-    them over the base; equal ones change nothing. One that differs (a resized or retrained embedding) is an
-    error: this package loads adapters, never base weights.
+    them over the base (cast to the base's dtype: an fp32 copy over a bf16 model); equal ones change nothing.
+    One that differs (a resized or retrained embedding) is an error: this package loads adapters, never base weights.
     """
     base = {PEFT_PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}
     keys = set()
     for key in extra.keys() & base.keys():
         tensor, param = extra[key], base[key]
-        if tensor.dtype != param.dtype or tensor.shape != param.shape or not torch.equal(tensor, param.detach().cpu()):
+        if tensor.shape != param.shape or not torch.equal(tensor.to(param.dtype), param.detach().cpu()):
             raise ValueError(
                 f"{path}: key {key} holds a base weight that differs from the model's ({tensor.dtype} "
                 f"{tuple(tensor.shape)} vs {param.dtype} {tuple(param.shape)}); expected the base the adapter was "

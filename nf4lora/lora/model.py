@@ -84,14 +84,14 @@ def _target_names(model: nn.Module, config: LoraConfig, to_save: list[str]) -> l
         if not_linear:
             raise ValueError(
                 f"target_modules={config.target_modules!r} selects non-linear modules {not_linear[:8]}; "
-                f"LoRA wraps only linear layers: {linear}"
+                f"LoRA wraps only linear layers: {_describe(linear)}"
             )
         # a misspelt entry next to a good one would otherwise leave its layers without adapters, silently
         unmatched = [] if isinstance(config.target_modules, str) or not candidates else [
             p for p in config.target_modules if not any(_name_matches(n, [p]) for n in candidates)
         ]
         if unmatched:
-            raise ValueError(f"target_modules entries {unmatched} match no module; linear modules: {linear}")
+            raise ValueError(f"target_modules entries {unmatched} match no module; linear modules: {_describe(linear)}")
         unmatched_layers = _unmatched_layers(config, candidates) if candidates else []
         if unmatched_layers:
             found = sorted({i for n in candidates if (i := layer_index(n, config.layers_pattern)) is not None})
@@ -102,11 +102,23 @@ def _target_names(model: nn.Module, config: LoraConfig, to_save: list[str]) -> l
             )
         candidates = [n for n in candidates if _in_transformed_layer(n, config)]
     if config.exclude_modules:
-        candidates = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
+        kept = [n for n in candidates if not _name_matches(n, config.exclude_modules)]
+        if candidates and not kept:
+            raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every module that "
+                             f"target_modules={config.target_modules!r} selects: {_describe(candidates)}")
+        candidates = kept
     candidates = [n for n in candidates if not any(n == s or n.startswith(s + ".") for s in to_save)]
     if not candidates:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear module; linear modules: {linear}")
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear module; linear modules: "
+                         f"{_describe(linear)}")
     return candidates
+
+
+def _describe(names: list[str]) -> str:
+    """Module names in one bounded phrase: their distinct last parts, how many, and the first in full (a 7B model's
+    224 linear paths listed whole made a 10 KB error line)."""
+    leaves = sorted({name.rpartition(".")[2] for name in names})
+    return f"names ending in {leaves} ({len(names)} modules, such as {names[0]!r})" if names else "none"
 
 
 def _in_transformed_layer(name: str, config: LoraConfig) -> bool:

@@ -137,7 +137,7 @@ def test_loading_an_adapter_whose_targets_are_absent_lists_the_linear_modules(tm
     _saved(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query"]}))
-    with pytest.raises(ValueError, match=r"matches no linear module; linear modules: \['model\.layers\.0\.self_attn"):
+    with pytest.raises(ValueError, match=r"matches no linear module; linear modules: names ending in \['down_proj'"):
         load_adapter(tiny_llama(), tmp_path)
 
 

@@ -40,7 +40,7 @@ def test_target_modules_select_the_same_modules_as_peft(spec):
 
 def test_a_target_that_matches_nothing_lists_the_linear_modules():
     with pytest.raises(ValueError, match=re.escape(
-        "target_modules=['qproj'] matches no linear module; linear modules: ['model.layers.0.self_attn.q_proj', "
+        "target_modules=['qproj'] matches no linear module; linear modules: names ending in ['down_proj', "
     )):
         inject_lora(tiny_llama(), LoraConfig(target_modules=["qproj"]))
 
@@ -48,10 +48,18 @@ def test_a_target_that_matches_nothing_lists_the_linear_modules():
 def test_a_misspelt_entry_beside_a_good_one_is_an_error_and_injects_nothing():
     model = tiny_llama()
     with pytest.raises(ValueError, match=re.escape(
-        "target_modules entries ['qproj'] match no module; linear modules: ['model.layers.0.self_attn.q_proj', "
+        "target_modules entries ['qproj'] match no module; linear modules: names ending in ['down_proj', "
     )):
         inject_lora(model, LoraConfig(target_modules=["q_proj", "qproj"]))
     assert lora_module_names(model) == set()
+
+
+def test_exclude_modules_that_remove_every_target_are_named_as_the_cause():
+    with pytest.raises(ValueError, match=re.escape(
+        "exclude_modules=['q_proj'] excludes every module that target_modules=['q_proj'] selects: names ending in "
+        "['q_proj'] (2 modules, such as 'model.layers.0.self_attn.q_proj')"
+    )):
+        inject_lora(tiny_llama(), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
 
 
 def test_a_non_linear_target_is_rejected():

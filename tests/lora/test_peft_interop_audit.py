@@ -118,3 +118,20 @@ def test_a_directory_holding_only_named_peft_adapters_lists_their_subfolders(tmp
         "a subfolder: this one has ['chat'])"
     )):
         load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_saved_base_weight_in_another_dtype_loads_when_equal_in_the_models_dtype(tmp_path):
+    """peft saves the head's base weight in the dtype it trained in (fp32); a bf16 model holds the same weight
+    rounded, which loading the copy (cast to bf16, as peft loads it) would not change."""
+    save_adapter(inject_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"])), tmp_path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors[key] = tiny_llama().lm_head.weight.detach().clone()  # the fp32 copy peft would have saved
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama(dtype=torch.bfloat16)
+    load_adapter(model, tmp_path)
+    assert model.lora_configs["default"].target_modules == ["q_proj", "lm_head"]
+    tensors[key] = tensors[key] + 0.5  # differs even after rounding to bf16
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"key {key} holds a base weight that differs from the model's")):
+        load_adapter(tiny_llama(dtype=torch.bfloat16), tmp_path)
