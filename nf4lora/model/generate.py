@@ -274,6 +274,10 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
            static_cache, cuda_graph, compile) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
     """Check the arguments, prefill the prompts; return (ids (B, T) left-padded, the decode steps' iterator)."""
     check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed)
+    for name, flag, valid in (("static_cache", static_cache, "True or False"), ("compile", compile, "True or False"),
+                              ("cuda_graph", cuda_graph, "True, False or None (automatic)")):
+        if not (isinstance(flag, bool) or name == "cuda_graph" and flag is None):  # "no" would read as True
+            raise ValueError(f"{name}={flag!r} is not a flag; valid: {valid}")
     config = model.config
     eos = config.eos_token_ids if eos_ids is None else _eos_tuple(eos_ids)
     pad_id = _pad_id_or_none(pad_id)

@@ -155,3 +155,9 @@ def test_an_attention_mask_holding_other_values_than_0_and_1_is_refused(model, m
     # read as "nonzero attends": 0.5 and -1 attended silently
     _refused(model, r"attention_mask must hold only 0 and 1 .*got ", torch.tensor([[5, 6]]),
              attention_mask=torch.tensor(mask))
+
+
+@pytest.mark.parametrize("name, value", [("cuda_graph", "no"), ("static_cache", 1), ("compile", "False")])
+def test_a_decoding_flag_that_is_not_a_bool_is_refused(model, name, value):
+    # a truthy string or int turned graphs, the static cache or torch.compile on
+    _refused(model, f"{name}={value!r} is not a flag; valid: True", **{name: value})
