@@ -73,6 +73,19 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
         raise FileNotFoundError(f"hub id {path!r} could not be fetched: {reason}") from None
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (json.loads would silently keep the last)."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     """Parse and validate the header of one safetensors file; returns {name: TensorEntry}.
 
@@ -91,9 +104,12 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
             raise ValueError(f"{path}: corrupt safetensors header: it claims {n} header bytes in a {size}-byte file")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_object_without_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: corrupt safetensors header: {e.args[0]!r} is listed twice; valid: each tensor "
+                         f"once") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
     header.pop("__metadata__", None)
@@ -132,9 +148,14 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
 
 
 def checkpoint_index(model_dir: str) -> dict[str, TensorEntry]:
-    """{tensor name: TensorEntry} over all safetensors of a model directory, every header validated."""
+    """{tensor name: TensorEntry} over all safetensors of a model directory, every header validated.
+
+    model.safetensors wins over an index beside it, as in transformers: its save_pretrained leaves a sharded save's
+    index behind when it later writes one file (and removes the shards)."""
     index_path = os.path.join(model_dir, INDEX_NAME)
     single = os.path.join(model_dir, SINGLE_NAME)
+    if os.path.isfile(single):
+        return read_safetensors_header(single)
     if os.path.isfile(index_path):
         weight_map = read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
@@ -146,15 +167,17 @@ def checkpoint_index(model_dir: str) -> dict[str, TensorEntry]:
         missing = [s for s in shards if not os.path.isfile(os.path.join(model_dir, s))]
         if missing:
             raise FileNotFoundError(f"{index_path} names shard(s) {missing} that are missing from {model_dir}")
-        entries = {}
+        entries: dict[str, TensorEntry] = {}
         for shard in shards:
-            entries.update(read_safetensors_header(os.path.join(model_dir, shard)))
+            for name, entry in read_safetensors_header(os.path.join(model_dir, shard)).items():
+                if name in entries:
+                    raise ValueError(f"{index_path}: tensor {name!r} is stored in both {entries[name].file} and "
+                                     f"{entry.file}; valid: each tensor in one shard")
+                entries[name] = entry
         absent = [k for k, s in weight_map.items() if k not in entries or entries[k].file != os.path.join(model_dir, s)]
         if absent:
             raise ValueError(f"{index_path} maps {absent[:3]} to shards that do not contain them")
         return entries
-    if os.path.isfile(single):
-        return read_safetensors_header(single)
     pickled = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin")))
     if pickled:
         raise ValueError(

@@ -41,7 +41,8 @@ class LoadOptions:
     blocksize / double_quant / compute_dtype: the 4-bit format (bnb_4bit_use_double_quant, bnb_4bit_compute_dtype;
     compute_dtype defaults to a pre-quantized checkpoint's bnb_4bit_compute_dtype, as in transformers, else to
     `dtype`). skip_modules: linear names (or name suffixes) kept dense when quantizing a dense checkpoint, like
-    llm_int8_skip_modules; `lm_head` by default. device_map: alias of `device`.
+    llm_int8_skip_modules, matched as transformers matches them (`_skipped`); `lm_head` by default. device_map:
+    alias of `device`.
     """
 
     blocksize: int = 64
@@ -55,6 +56,15 @@ class LoadOptions:
         # one name is one module: iterating the string would skip single-letter "modules" and so nothing
         if isinstance(self.skip_modules, str):
             self.skip_modules = (self.skip_modules,)
+        if not isinstance(self.skip_modules, (list, tuple)):
+            raise ValueError(f"skip_modules={self.skip_modules!r} is not a list of names; valid: a name, or a list "
+                             f"or tuple of names and regexes (() quantizes every linear layer)")
+        for pattern in self.skip_modules:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"skip_modules entry {pattern!r} is not a module name or regular expression ({e}); "
+                                 f"valid: names such as 'lm_head', suffixes such as 'down_proj', or regexes") from None
 
     @classmethod
     def from_kwargs(cls, options: dict) -> LoadOptions:
@@ -74,7 +84,10 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _skipped(name: str, skip_modules) -> bool:
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules)
+    """Whether module `name` stays dense, by transformers 5's rule (should_convert_module): an entry matches as a
+    regex from the start of the name up to a module boundary ("model.layers.1" is layer 1, not 11), or as a plain
+    suffix of the name ("proj" matches every *_proj)."""
+    return any(re.match(rf"(?:{s})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(s) for s in skip_modules)
 
 
 def _prequantized_format(config: LlamaConfig, source: str) -> tuple[str, torch.dtype | None] | None:
