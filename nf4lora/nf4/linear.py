@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from nf4lora.kernels import dequantize, nf4_linear, nf4_linear_parts
 
@@ -24,15 +25,18 @@ class NF4Linear(nn.Module):
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
+        if not isinstance(weight, QuantizedTensor):
+            raise TypeError(f"NF4Linear needs a QuantizedTensor weight, got {type(weight).__name__}; "
+                            "use NF4Linear.from_linear to quantize an nn.Linear")
         if len(weight.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype or weight.dtype
         if self.compute_dtype not in FLOAT_DTYPES:
-            raise TypeError(f"compute_dtype {self.compute_dtype} is not supported; valid: float32, float16, bfloat16")
-        if bias is not None and bias.shape != (self.out_features,):
-            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            raise TypeError(f"compute_dtype {self.compute_dtype!r} is not supported; valid: float32, float16, bfloat16")
+        if bias is not None:
+            check_bias(bias, self.out_features)
         self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -50,7 +54,8 @@ class NF4Linear(nn.Module):
         return cls(weight, bias, compute_dtype or linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return output_in_dtype(nf4_linear(x.to(self.compute_dtype), self.weight, self.bias), x.dtype)
+        """x (..., in_features), any floating dtype -> (..., out_features) in x's dtype."""
+        return output_in_dtype(nf4_linear(in_compute_dtype(x, self.compute_dtype), self.weight, self.bias), x.dtype)
 
     @staticmethod
     def forward_group(layers: list[NF4Linear], x: torch.Tensor) -> list[torch.Tensor]:
@@ -61,7 +66,8 @@ class NF4Linear(nn.Module):
         if any(layer.bias is not None or layer.compute_dtype != dtype or layer._forward_hooks
                or layer._forward_pre_hooks for layer in layers):
             return [layer(x) for layer in layers]
-        return [output_in_dtype(y, x.dtype) for y in nf4_linear_parts(x.to(dtype), [layer.weight for layer in layers])]
+        parts = nf4_linear_parts(in_compute_dtype(x, dtype), [layer.weight for layer in layers])
+        return [output_in_dtype(y, x.dtype) for y in parts]
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(out_features, in_features) dense weight in `dtype` (default `compute_dtype`)."""
@@ -89,6 +95,8 @@ class NF4Linear(nn.Module):
                 error_msgs.append(
                     f"size mismatch for {prefix}weight: checkpoint {tuple(weight.shape)}, model {tuple(self.weight.shape)}"
                 )
+            elif local_metadata.get("assign_to_params_buffers", False):
+                self.weight = weight  # load_state_dict(assign=True) keeps the checkpoint's tensors, as for parameters
             else:
                 self.weight = weight.to(self.weight.device)
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}
@@ -103,18 +111,57 @@ class NF4Linear(nn.Module):
         )
 
 
-def quantize_linears(module: nn.Module, skip: tuple[str, ...] = ("lm_head",), **options) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` inside ``module`` whose attribute name is not in ``skip`` by
-    ``NF4Linear.from_linear(linear, **options)`` (quantized on its current device); return ``module``.
+def quantize_linears(module: nn.Module, skip: str | tuple[str, ...] = ("lm_head",), **options) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` inside ``module`` whose attribute name is not in ``skip`` (a name or a
+    collection of names) by ``NF4Linear.from_linear(linear, **options)`` (quantized on its current device); return
+    ``module``, or for a bare ``nn.Linear``, which has no parent to be replaced in, its ``NF4Linear``.
+
+    A linear shared by several parents becomes one ``NF4Linear`` shared by them. ``nn.MultiheadAttention``'s
+    ``out_proj`` (a ``NonDynamicallyQuantizableLinear``) stays dense: its parent reads ``out_proj.weight`` directly.
 
     For a model built in memory; ``nf4lora.model.load_model(..., quantization="nf4")`` quantizes a checkpoint as it
     reads it instead.
     """
+    if is_quantizable_linear(module):
+        return NF4Linear.from_linear(module, **options)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)  # `name in "lm_head"` would match "head" too
+    quantized: dict[nn.Linear, NF4Linear] = {}
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name not in skip:
-                setattr(parent, name, NF4Linear.from_linear(child, **options))
+            if is_quantizable_linear(child) and name not in skip:
+                if child not in quantized:
+                    quantized[child] = NF4Linear.from_linear(child, **options)
+                setattr(parent, name, quantized[child])
     return module
+
+
+def is_quantizable_linear(module: nn.Module) -> bool:
+    """Whether ``quantize_linears`` replaces ``module``: an ``nn.Linear``, but not one torch marks as not to be
+    swapped by quantizers (``NonDynamicallyQuantizableLinear``)."""
+    return isinstance(module, nn.Linear) and not isinstance(module, NonDynamicallyQuantizableLinear)
+
+
+def in_compute_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's input ``x`` (..., in_features) cast to its compute ``dtype``; refused unless a floating-point
+    tensor: an integer input cast there, and its output cast back, came out as truncated integers where
+    ``nn.Linear`` raises."""
+    if isinstance(x, torch.Tensor) and x.dtype == dtype:
+        return x
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"NF4Linear input must be a floating-point tensor, got {got}; valid: float32, float16, "
+                        "bfloat16 (cast to compute_dtype) or float64")
+    return x.to(dtype)
+
+
+def check_bias(bias: torch.Tensor, out_features: int) -> None:
+    """Refuse a bias that is not an (out_features,) floating-point tensor."""
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias has dtype {bias.dtype}; valid: a floating-point dtype (cast to compute_dtype)")
+    if bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
 def output_in_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

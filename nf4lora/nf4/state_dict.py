@@ -66,9 +66,15 @@ def to_bnb_state_dict(q: QuantizedTensor, prefix: str = "weight") -> dict[str, t
     return entries
 
 
+# the suffixes (after `{prefix}`) of every entry a bitsandbytes 4-bit weight can have (module docstring)
+_ENTRY_SUFFIXES = ("", ".absmax", ".quant_map", *(f".{k}" for k in _NESTED_KEYS),
+                   *(f".{_STATE_KEY}{qt}" for qt in QUANT_TYPES))
+
+
 def bnb_state_keys(state_dict: dict[str, torch.Tensor], prefix: str) -> list[str]:
-    """The keys of `state_dict` that belong to the bitsandbytes 4-bit weight saved under `prefix`."""
-    return [k for k in state_dict if k == prefix or k.startswith(prefix + ".")]
+    """The keys of `state_dict` that belong to the bitsandbytes 4-bit weight saved under `prefix`. Only the entries
+    that format has: any other `{prefix}.*` key is left for the caller to report as unexpected."""
+    return [prefix + suffix for suffix in _ENTRY_SUFFIXES if prefix + suffix in state_dict]
 
 
 def is_bnb_4bit(state_dict: dict[str, torch.Tensor], prefix: str) -> bool:
