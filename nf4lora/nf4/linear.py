@@ -62,6 +62,8 @@ class NF4Linear(nn.Module):
         """``[layer(x) for layer in layers]`` for NF4Linear layers that read the same x (a decode step's q/k/v or
         gate/up): one kernel launch for all of them (``nf4_linear_parts``) when none has a bias or a hook and
         they share a compute dtype."""
+        if not layers:
+            return []
         dtype = layers[0].compute_dtype
         if any(layer.bias is not None or layer.compute_dtype != dtype or layer._forward_hooks
                or layer._forward_pre_hooks for layer in layers):

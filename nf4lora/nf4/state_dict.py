@@ -209,8 +209,11 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     the key."""
     found = [qt for qt in QUANT_TYPES if f"{prefix}.{_STATE_KEY}{qt}" in state_dict]
     if len(found) != 1:
+        # a lone `prefix` entry is a dense weight, not a 4-bit one whose state went missing
+        dense = f"; {prefix} is a dense {state_dict[prefix].dtype} weight" if set(state_dict) == {prefix} and isinstance(
+            state_dict[prefix], torch.Tensor) and state_dict[prefix].is_floating_point() else ""
         raise ValueError(
-            f"expected exactly one key {prefix}.{_STATE_KEY}{{{','.join(QUANT_TYPES)}}}, found {len(found)}"
+            f"expected exactly one key {prefix}.{_STATE_KEY}{{{','.join(QUANT_TYPES)}}}, found {len(found)}{dense}"
         )
     meta_key = f"{prefix}.{_STATE_KEY}{found[0]}"
     meta = _read_meta(state_dict, meta_key)

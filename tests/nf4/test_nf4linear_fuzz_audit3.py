@@ -266,3 +266,13 @@ def test_autocast_compile_and_inference_mode_give_the_dense_layers_numbers():
     with torch.inference_mode():
         assert torch.equal(layer(x), nn.functional.linear(x, weight, layer.bias))
     assert torch.equal(torch.compile(layer, backend="eager")(x), layer(x))
+
+
+def test_a_dense_checkpoint_weight_is_named_as_dense():
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"found 0; weight is a dense torch.float32 weight"):
+        layer.load_state_dict(torch.nn.Linear(64, 8).state_dict())
+
+
+def test_forward_group_of_no_layers_is_empty():
+    assert NF4Linear.forward_group([], torch.randn(2, 64)) == []
