@@ -399,8 +399,9 @@ def merge_and_unload(
 
     Dense bases keep their dtype. An NF4 base becomes an ``nn.Linear`` in its compute dtype holding
     the dequantized weight plus the update, or, with ``requantize=True``, an ``NF4Linear`` of that
-    merged weight with the base's quantization settings; this warns, because re-quantizing rounds
-    the small update against NF4's coarse grid and the merged model no longer equals the adapted one.
+    merged weight (formed in the base weight's own dtype, as peft does) with the base's quantization settings;
+    this warns, because re-quantizing rounds the small update against NF4's coarse grid and the merged model no
+    longer equals the adapted one.
     ``ModulesToSave`` wrappers are replaced by the active adapter's copy.
     """
     _check_mergeable(model, adapter_names)
@@ -418,7 +419,10 @@ def merge_and_unload(
             layer.merge(_held(layer, adapter_names))
             _set_submodule(model, name, base)
             continue
-        weight = layer.merged_weight(_held(layer, adapter_names), base.compute_dtype)
+        # re-quantized from the merge in the weight's own dtype, as peft re-quantizes it: rounding it to a lower
+        # compute dtype first would move every block's absmax and so the NF4 code of nearly every element
+        dtype = base.weight.dtype if requantize else base.compute_dtype
+        weight = layer.merged_weight(_held(layer, adapter_names), dtype)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
                           dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
