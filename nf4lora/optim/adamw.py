@@ -163,6 +163,27 @@ def _check_structure(state_dict) -> None:
                             f"got {got}")
 
 
+def _check_saved_step(index: int, step) -> None:
+    """One-line TypeError / ValueError unless `step` (a number or a one-element tensor) is a whole number >= 0."""
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_meta else step
+    if not _is_float(value):
+        raise TypeError(f"state of param {index} has step {step!r}; expected a whole number >= 0")
+    if not (value >= 0 and float(value).is_integer()):
+        raise ValueError(f"state of param {index} has step {value!r}; expected a whole number >= 0")
+
+
+def _check_saved_indices(saved_groups: list[dict]) -> None:
+    """One-line ValueError where the state dict's groups list a param index twice: states would go to the wrong
+    parameters."""
+    listed = set()
+    for i, saved in enumerate(saved_groups):
+        for index in saved["params"]:
+            if index in listed:
+                raise ValueError(f"param group {i} of the state dict lists param {index!r} again; each index may be "
+                                 f"listed once")
+            listed.add(index)
+
+
 @dataclass
 class DevicePlan:
     """The part of a step on one device: the fused update of the resident segments, and (PagedAdamW) the pages
@@ -418,6 +439,7 @@ class AdamW(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {i} has {len(saved['params'])} params in the state dict, "
                                  f"{len(group['params'])} here")
+        _check_saved_indices(saved_groups)
         params = self._indexed_params()
         index_of = {saved_index: i for i, saved_index in enumerate(
             index for saved in saved_groups for index in saved["params"])}
@@ -447,14 +469,16 @@ class AdamW(torch.optim.Optimizer):
         if set(entry) != {"step", *fields}:
             raise ValueError(f"state of param {index} has keys {sorted(entry)}; this optimizer "
                              f"({self.optim_bits}-bit, numel {p.numel()}) expects {sorted(('step', *fields))}")
-        step = float(entry["step"])
-        if not (step >= 0 and step.is_integer()):
-            raise ValueError(f"state of param {index} has step {step}; expected a whole number >= 0")
+        _check_saved_step(index, entry["step"])
         layout, _ = state_layout(p.numel(), self.eight_bit(p))
         for name, dtype, count, _ in layout:
             tensor = entry[name]
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"state {name!r} of param {index} must be a tensor, got {type(tensor).__name__}")
+            # found here, not when it is copied: by then the optimizer's states are cleared
+            if tensor.is_meta or tensor.layout != torch.strided:
+                raise ValueError(f"state {name!r} of param {index} is a {'meta' if tensor.is_meta else tensor.layout} "
+                                 f"tensor; expected a dense tensor with data")
             if tensor.numel() != count or (name not in ("absmax1", "absmax2") and tensor.shape != p.shape):
                 raise ValueError(f"state {name!r} of param {index} has shape {tuple(tensor.shape)}, expected "
                                  f"{tuple(p.shape) if count == p.numel() else (count,)}")

@@ -14,7 +14,7 @@ Shapes and dtypes of a segment covering n elements of a parameter:
 
 Arithmetic (float32 throughout, scalars rounded to float32 once by `step_scalars`), for step t:
     m = m * beta1 + g * (1 - beta1)
-    v = v * beta2 + (g * g) * (1 - beta2)
+    v = v * beta2 + (g * (1 - beta2)) * g
     denom = sqrt(v) * (1 / sqrt(1 - beta2**t)) + eps
     p = p * (1 - lr * weight_decay) - (m / denom) * (lr / (1 - beta1**t))
 This is torch.optim.AdamW's update with decoupled weight decay, written so that every operation rounds once:
@@ -97,7 +97,8 @@ def _moments_reference(seg: Segment, s: list[float]) -> None:
     param = seg.param.view(-1)[seg.start:end]
     g = seg.grad.view(-1)[seg.start:end].float()
     m = m * beta1 + g * one_minus_beta1
-    v = v * beta2 + (g * g) * one_minus_beta2
+    # g scaled before it is squared, as torch's addcmul does: g * g overflows float32 from |g| = 1.8e19 on
+    v = v * beta2 + (g * one_minus_beta2) * g
     # torch.sqrt is not correctly rounded for float32 on every CPU; a float64 root rounded once is
     denom = torch.sqrt(v.double()).float() * inv_bias_correction2 + eps
     param.copy_(param.float() * decay - (m / denom) * step_size)

@@ -65,7 +65,7 @@ def _adamw_tile(
         v = tl.load(v_ptr + offs, mask=mask, other=zero)
 
     m = m * beta1 + g * one_minus_beta1
-    v = v * beta2 + (g * g) * one_minus_beta2
+    v = v * beta2 + (g * one_minus_beta2) * g  # the reference's order (fused_adamw._moments_reference)
     denom = tl.sqrt_rn(v) * inv_bias_correction2 + eps
     p = p * decay - tl.math.div_rn(m, denom) * step_size
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)

@@ -101,7 +101,7 @@ def test_step_scalars_are_float32_values():
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 def test_first_step_8bit_states_are_bitsandbytes_quantized_moments(bnb_functional, device, path):
-    # from zero state, step 1 stores m = g * (1 - beta1) and v = (g * g) * (1 - beta2): the optimizer's codes and
+    # from zero state, step 1 stores m = g * (1 - beta1) and v = (g * (1 - beta2)) * g: the optimizer's codes and
     # absmax must be bitsandbytes' blockwise quantization of exactly those (signed map for m, unsigned for v)
     g = torch.Generator().manual_seed(3)
     param = torch.nn.Parameter(torch.randn(77, 130, generator=g).to(device))
@@ -113,7 +113,7 @@ def test_first_step_8bit_states_are_bitsandbytes_quantized_moments(bnb_functiona
         optimizer.step()
     state = optimizer.state_dict()["state"][0]
     _, _, one_minus_beta1, _, one_minus_beta2, *_ = step_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
-    moments = {"1": (grad * one_minus_beta1, True), "2": ((grad * grad) * one_minus_beta2, False)}
+    moments = {"1": (grad * one_minus_beta1, True), "2": ((grad * one_minus_beta2) * grad, False)}
     for name, (moment, signed) in moments.items():
         codes, bnb_state = bnb_functional.quantize_blockwise(moment, code=dynamic_map(signed), blocksize=QBLOCK)
         assert torch.equal(state["state" + name].cpu(), codes), name
