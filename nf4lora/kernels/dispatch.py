@@ -2,9 +2,10 @@
 
 The one documented override is the environment variable ``NF4LORA_KERNELS`` (read at call time,
 so tests and users can set it without re-importing) and the ``use_kernels`` context manager,
-which takes precedence over the variable while it is active:
+which takes precedence over the variable in its own thread while it is active:
 
-- ``auto`` (default): Triton on CUDA tensors when Triton imports, the reference elsewhere.
+- ``auto`` (default): Triton on CUDA tensors when Triton imports, the reference elsewhere and under
+  torch.func transforms or forward-mode AD.
 - ``triton``: the Triton kernels everywhere. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
   before ``triton`` is first imported; CI tests the kernels that way.
 - ``reference``: the pure-PyTorch references everywhere, on any device.
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import forward_ad
 
 from nf4lora.nf4.blockwise import FLOAT_DTYPES
 
@@ -97,11 +99,17 @@ def triton_available() -> bool:
 def use_triton(device: torch.device) -> bool:
     """Whether an op on ``device`` should run its Triton kernel under the active mode.
 
-    ``triton`` on a machine without the package, on a CPU tensor outside the interpreter, or on any other device
-    (meta), raises instead of silently falling back, since a forced mode that is ignored would make tests pass without testing anything.
+    ``auto`` takes the reference under a torch.func transform or forward-mode AD (``transform_active``). ``triton``
+    there, on a machine without the package, on a CPU tensor outside the interpreter, or on any other device (meta),
+    raises instead of silently falling back, since a forced mode that is ignored would make tests pass without testing anything.
     """
     mode = kernel_mode()
     if mode == "reference":
+        return False
+    if transform_active():
+        if mode == "triton":
+            raise ValueError(f"{ENV_VAR}='triton' cannot run under torch.func transforms (vmap, grad, jvp) or "
+                             "forward-mode AD: the kernels read raw storage; use 'auto' or 'reference'")
         return False
     if mode == "triton":
         if not triton_available():
@@ -114,6 +122,13 @@ def use_triton(device: torch.device) -> bool:
                              "TRITON_INTERPRET=1), or use 'auto' or 'reference'")
         return True
     return device.type == "cuda" and triton_available()
+
+
+def transform_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) or a forward-mode AD level is active: its tensors wrap
+    others or carry tangents, which a Triton kernel, reading raw storage, fails on or silently drops; ``auto`` then
+    takes the references, plain torch ops that every transform batches and differentiates."""
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
 def interpreting() -> bool:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from nf4lora.kernels.dispatch import FLOAT_DTYPES, autocast_dtype, kernel_mode, use_kernels, use_triton
+from nf4lora.kernels.dispatch import (
+    FLOAT_DTYPES, autocast_dtype, kernel_mode, transform_active, use_kernels, use_triton,
+)
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
 from nf4lora.nf4.blockwise import check_float_input
 from nf4lora.nf4.tensor import QuantizedTensor
@@ -92,6 +94,10 @@ def _linear_grad_input(grad2d: torch.Tensor, qweight: QuantizedTensor) -> torch.
         return grad2d.new_empty(0, qweight.shape[1])
     if not use_triton(grad2d.device):
         return grad2d @ dequantize_reference(qweight, grad2d.dtype)
+    if torch.is_grad_enabled():
+        # backward(create_graph=True) records this product for a double backward, which keeps its weight: a
+        # weight of its own, as the next layer's dequantization overwrites the shared workspace
+        return grad2d @ dequantize(qweight, grad2d.dtype, bulk_store=False)
     from nf4lora.kernels.matmul_nf4 import dequant_matmul
 
     return dequant_matmul(grad2d, qweight, None, transpose=False)
@@ -163,12 +169,18 @@ def nf4_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | N
     or None.
     Returns (..., N) in x.dtype. The compute dtype is x.dtype (the weight is dequantized to it); under
     ``torch.autocast`` it is autocast's dtype, to which x and bias are cast first (``dispatch.autocast_dtype``).
+    Under torch.func transforms and forward-mode AD it runs the reference in ``auto`` mode and raises in ``triton``
+    mode (``dispatch.transform_active``); double backward is supported on every path.
     """
     check_linear_args(x, qweight, bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
             return nf4_linear(x.to(dtype), qweight, None if bias is None else bias.to(dtype))
+    if transform_active():
+        # torch.func refuses an autograd Function without setup_context, so the plain ops of the reference
+        # (use_triton chooses it here) carry the transform
+        return _linear(x, qweight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return NF4LinearFunction.apply(x, bias, qweight)
     # Nothing to differentiate (inference, or a frozen input): skip the autograd node, whose setup costs
