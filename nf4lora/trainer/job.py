@@ -174,6 +174,7 @@ class Prepared:
     resume_from: Path | None
     dropped: int
     record_format: str  # the detected one, never "auto"
+    val_dropped: int = 0  # validation examples that --max-len left without response tokens: eval skips them
     replaced: Path | None = None  # where --overwrite moved the old run's files until the new run's first checkpoint
 
 
@@ -335,7 +336,8 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
         pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
         rows, dropped = build_examples(train_records, record_format, encode, bos, eos, config.template, config.max_len)
-        val_rows, _ = build_examples(val_records, record_format, encode, bos, eos, config.template, config.max_len)
+        val_rows, val_dropped = build_examples(val_records, record_format, encode, bos, eos, config.template,
+                                               config.max_len)
         if dropped == len(train_records):
             raise UsageError(f"all {dropped} training examples lose every response token to --max-len "
                              f"{config.max_len}; raise --max-len")
@@ -367,7 +369,7 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
         sample = split_prompt(val_records[0], record_format)
     return Prepared(run_dir, model_dir, generated, model, tokenizer, plan,
                     val_rows, sample, total_steps, total_micro_batches, device, resume_state, resume_from, dropped,
-                    record_format)
+                    record_format, val_dropped)
 
 
 def _create_run_dir(p: Prepared, config: TrainConfig) -> None:
@@ -468,6 +470,10 @@ def _start(p: Prepared, config: TrainConfig, on_step: Callable[[Trainer, dict[st
         log(f"resuming from {p.resume_from} at step {state.step}")
     if p.dropped:
         log(f"note: {p.dropped} examples dropped because --max-len {config.max_len} left no response tokens")
+    if p.val_dropped:
+        covers = "the rest" if p.val_rows else "none: there is no evaluation"
+        log(f"note: {p.val_dropped} validation examples dropped because --max-len {config.max_len} left no response "
+            f"tokens; eval_loss covers {covers}")
     val = eval_batches(p.val_rows, config.micro_batch, p.plan.pad_id, config.packing)
 
     def write_adapter(directory: Path) -> None:

@@ -2,7 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per line: training lines carry ``step``, ``loss``, ``lr``, ``grad_norm``,
 ``epoch``, ``tokens``, ``tokens_per_s``, ``elapsed_s`` (and ``gpu_mem_gib`` on CUDA); evaluation lines carry
-``step``, ``eval_loss`` and ``eval_ppl``. A value that is not a finite number (the infinite gradient norm of a step
+``step``, ``eval_loss`` and ``eval_ppl``. ``loss`` is the token-weighted mean over the step's micro-batches, ``lr``
+the rate that step used, ``grad_norm`` the norm before clipping, ``tokens`` the running count of non-padding input
+tokens (prompts included); ``eval_loss`` is the token-weighted mean over the validation examples and ``eval_ppl``
+its exp. A value that is not a finite number (the infinite gradient norm of a step
 the fp16 loss scaler skipped, an overflowed eval loss) is written as ``null``, which strict readers (jq, JavaScript)
 accept where they refuse Python's ``NaN`` and ``Infinity``. On resume the lines after the checkpoint's step are
 dropped, so the file always describes one consistent trajectory; the trimmed file replaces the old one in one
@@ -171,4 +174,8 @@ def plot_loss(run_dir: Path) -> Path | None:
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))  # exp(50) is already astronomically bad; avoid inf in JSON
+    """exp(loss); inf past float range (metrics.jsonl writes it as null, like an infinite eval loss)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

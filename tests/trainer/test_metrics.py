@@ -27,8 +27,12 @@ def test_every_line_is_standalone_json(tmp_path):
     assert all(isinstance(json.loads(line), dict) for line in lines)
 
 
-def test_perplexity_never_overflows_json():
-    assert perplexity(1000.0) < float("inf") and perplexity(0.0) == 1.0
+def test_perplexity_never_overflows_json(tmp_path):
+    assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "eval_loss": 1000.0, "eval_ppl": perplexity(1000.0)})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["eval_ppl"] is None
 
 
 def test_loss_plot_is_written_with_matplotlib(tmp_path):
