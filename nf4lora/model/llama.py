@@ -9,8 +9,9 @@ several layers that read the same input at once, as NF4Linear does for a decode 
 Masks accepted by `Llama.forward` (True / 1 = may attend):
 - `attention_mask` (B, L) 0/1 padding mask over the keys, combined with causality (as transformers does);
 - `attention_mask` (B or 1, 1 or H, T, T) bool or additive float, used exactly as given (it must encode causality);
-- `segment_ids` (B, T) int: packed examples; a token attends only to earlier tokens of its own segment, and when
-  `position_ids` is not given positions restart at 0 at every segment start.
+- `segment_ids` (B, T) int: packed examples, each a run of equal ids (an id may come back later: a new example); a
+  token attends only to earlier tokens of its own run, and when `position_ids` is not given positions restart at 0
+  at every run start.
 """
 
 from __future__ import annotations
@@ -310,6 +311,9 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = (_segment_positions(segment_ids) if segment_ids is not None
                             else cache_position.unsqueeze(0).expand(b, t))
+        elif tuple(position_ids.shape) not in ((b, t), (1, t)):
+            # a (B, 1) or (1, 1) tensor would broadcast one position over every token without an error
+            raise ValueError(f"position_ids must be (B, T)=({b}, {t}) or (1, {t}), got {tuple(position_ids.shape)}")
         h = self.model.embed_tokens(input_ids)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(h.dtype)  # SDPA wants an additive mask in the query's dtype
@@ -357,11 +361,17 @@ def token_id_error(token_id: int, vocab_size: int) -> ValueError:
     return ValueError(f"token id {token_id} is out of range; valid: 0 to {vocab_size - 1} (vocab_size)")
 
 
+def _segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where segment_ids (B, T) changes value (and at column 0): where a packed example begins."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions (B, T) restarting at 0 wherever segment_ids (B, T) changes value."""
     idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = _segment_starts(segment_ids)
     return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
 
 
@@ -370,6 +380,7 @@ def _mask_without_cache(attention_mask, segment_ids, b, t, device):
     if attention_mask is not None and attention_mask.dim() == 4:
         if segment_ids is not None:
             raise ValueError("pass either a 4D attention_mask or segment_ids, not both")
+        _check_4d_mask(attention_mask, b, t)
         return attention_mask.to(device), False
     if attention_mask is None and segment_ids is None:
         return None, True
@@ -382,9 +393,35 @@ def _mask_without_cache(attention_mask, segment_ids, b, t, device):
     if segment_ids is not None:
         if tuple(segment_ids.shape) != (b, t):
             raise ValueError(f"segment_ids must be (B, T)=({b}, {t}), got {tuple(segment_ids.shape)}")
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        # runs, not values: an id that comes back later (alternating 0/1 ids) is a new example, as in the positions
+        example = _segment_starts(segment_ids).cumsum(dim=1).to(device)
+        allowed = allowed & (example[:, None, :, None] == example[:, None, None, :])
     # A padded query would otherwise see no key at all and SDPA would return NaN; its own slot keeps it finite.
     return allowed | torch.eye(t, dtype=torch.bool, device=device), False
+
+
+def _check_4d_mask(mask: torch.Tensor, b: int, t: int) -> None:
+    """Refuse a 4D mask SDPA would misread: an integer 0/1 mask would be added to the scores, masking nothing."""
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise ValueError(f"a 4D attention_mask must be bool (True = may attend) or additive float, got {mask.dtype}")
+    if mask.shape[0] not in (1, b) or tuple(mask.shape[2:]) != (t, t):
+        raise ValueError(f"a 4D attention_mask must be (B or 1, 1 or heads, T, T) with B={b}, T={t}, "
+                         f"got {tuple(mask.shape)}")
+
+
+def _check_cache_position(cache_position, t: int, max_len: int) -> None:
+    """Refuse a cache_position that is not (T,) int64 slots in [0, max_len) in one line; the range only on the CPU,
+    as reading a GPU tensor would wait for the GPU (and break a CUDA graph capture)."""
+    if not isinstance(cache_position, torch.Tensor):
+        raise ValueError(f"cache_position must be a ({t},) int64 tensor of cache slots, got a "
+                         f"{type(cache_position).__name__}")
+    if cache_position.dtype != torch.int64 or tuple(cache_position.shape) != (t,):
+        raise ValueError(f"cache_position must be a ({t},) int64 tensor of cache slots, got "
+                         f"{tuple(cache_position.shape)} {cache_position.dtype}")
+    if cache_position.device.type == "cpu" and t and not torch.compiler.is_compiling():
+        low, high = cache_position.min().item(), cache_position.max().item()
+        if low < 0 or high >= max_len:
+            raise ValueError(f"cache_position {low if low < 0 else high} is out of range; valid: 0 to {max_len - 1}")
 
 
 def _mask_with_cache(cache: KVCache, cache_position, t: int, device):
@@ -400,6 +437,7 @@ def _mask_with_cache(cache: KVCache, cache_position, t: int, device):
         if not cache.has_padding and t == 1:
             return None, False, cache_position, n_keys
     else:
+        _check_cache_position(cache_position, t, cache.max_len)
         n_keys = cache.max_len
     slots = torch.arange(n_keys, device=device)
     query_slots = cache_position.to(device)
