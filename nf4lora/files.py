@@ -33,41 +33,52 @@ def fsync_tree(path: Path) -> None:
 
 def publish_file(path: Path, data: bytes) -> None:
     """Replace the file ``path`` with ``data`` so that a crash leaves the old content or the new, never a mix."""
-    write_file_atomically(path, lambda tmp: tmp.write_bytes(data))
+    publish_files(path.parent, {path.name: lambda tmp: tmp.write_bytes(data)})
 
 
-def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Replace the file ``path`` with what ``write(tmp)`` writes to a temp path beside it: the temp file is flushed,
-    renamed over ``path``, and the rename flushed. A write that fails (a full disk) removes its partial temp file
-    and re-raises."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def publish_files(directory: Path, writers: dict[str, Callable[[Path], object]],
+                  before_last: Callable[[], object] = lambda: None) -> None:
+    """Replace several files of ``directory`` together: ``writers[name](tmp)`` writes each to a temp path beside
+    it, flushed to disk, and only once all are written are they renamed into place, in the order given,
+    ``before_last()`` running just before the last rename, and the directory flushed. A write or flush that fails
+    (a full disk) thus leaves every old file as it was, where replacing file by file would leave new weights beside
+    an old config; the temp files are removed and the error re-raised."""
+    temps = []
     try:
-        write(tmp)
-        move_file_into_place(tmp, path)
+        for name, write in writers.items():
+            temps.append(directory / f".{name}.tmp")
+            write(temps[-1])
+            fsync_path(temps[-1], os.O_RDONLY)
+        for number, (name, tmp) in enumerate(zip(writers, temps), 1):
+            if number == len(temps):
+                before_last()
+            os.replace(tmp, directory / name)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
-
-
-def move_file_into_place(written: Path, path: Path) -> None:
-    """Replace ``path`` with the complete file ``written`` (on the same file system) in one rename: flushed to disk
-    first, and the rename flushed after."""
-    fsync_path(written, os.O_RDONLY)
-    os.replace(written, path)
-    fsync_dir(path.parent)
+    fsync_dir(directory)
 
 
 def publish_directory(tmp: Path, final: Path) -> None:
     """Make the complete directory ``tmp`` appear as ``final`` in one rename: flushed to disk first, replacing a
     ``final`` already there (re-saving a step, ``--overwrite``) only once the new one is whole, and the parent then
-    flushed, since the rename itself survives a power cut only once the directory entry is on disk."""
+    flushed, since the rename itself survives a power cut only once the directory entry is on disk. The old ``final``
+    is moved aside first and comes back if the new one's rename fails, or at the next publish after a crash."""
     fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        if old.exists():  # left by a crash between the two renames below, after which `final` was whole again
+    old = final.with_name(f".{final.name}.old.tmp")
+    if old.exists():  # left by a crash between the two renames below
+        if final.exists():
             shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+    if final.exists():
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:  # the old one comes back, rather than no `final` at all
+            os.replace(old, final)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nf4lora.files import publish_file, write_file_atomically
+from nf4lora.files import publish_files
 from nf4lora.jsonfile import read_json_object
 from nf4lora.lora.config import LoraConfig
 from nf4lora.lora.model import (
@@ -101,18 +101,20 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in peft's format (loads with
-    ``peft.PeftModel.from_pretrained`` on the matching transformers model). Each file replaces its old version in
-    one rename (``nf4lora.files``), weights first: a crash leaves every file whole, old or new."""
+    ``peft.PeftModel.from_pretrained`` on the matching transformers model). Both files are written under temp names
+    before either replaces its old version in one rename (``nf4lora.files.publish_files``), weights first: a write
+    that fails (a full disk) leaves the old adapter whole, never new weights beside an old config."""
     os.makedirs(directory, exist_ok=True)
     tensors = adapter_state_dict(model, adapter_name)  # raises for an unknown adapter
     config = model.lora_configs[adapter_name]
     cpu_tensors = {k: v.cpu() for k, v in tensors.items()}
-    write_file_atomically(Path(directory, WEIGHTS_NAME),
-                          lambda tmp: save_file(cpu_tensors, str(tmp), metadata={"format": "pt"}))
     # Top-level keys sorted, as peft writes them; the pattern dicts keep their order, because the first key that
     # applies wins (peft sorts them too, so an adapter whose keys overlap comes back with other ranks).
     text = json.dumps(dict(sorted(config.to_peft_dict(base_model_name_or_path).items())), indent=2)
-    publish_file(Path(directory, CONFIG_NAME), text.encode("utf-8"))
+    publish_files(Path(directory), {
+        WEIGHTS_NAME: lambda tmp: save_file(cpu_tensors, str(tmp), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda tmp: tmp.write_bytes(text.encode("utf-8")),
+    })
 
 
 def read_adapter_config(directory: str | os.PathLike, lora_dtype: torch.dtype = torch.float32) -> LoraConfig:

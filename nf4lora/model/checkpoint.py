@@ -19,10 +19,11 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from nf4lora.files import publish_file, write_file_atomically
+from nf4lora.files import publish_files
 from nf4lora.jsonfile import read_json_object
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -192,8 +193,9 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
                      max_shard_bytes: int | None = None) -> None:
     """Write `tensors` as model.safetensors (or shards + index when larger than `max_shard_bytes`) and config.json.
 
-    Shards are copied to host memory one at a time, so a GPU model needs at most one shard of host memory. Each file
-    replaces its old version in one rename (`nf4lora.files`), config.json last: a crash leaves no file half-written.
+    Shards are copied to host memory one at a time, so a GPU model needs at most one shard of host memory. Every file
+    is written under a temp name before any replaces its old version in one rename (`nf4lora.files.publish_files`),
+    config.json last: a write that fails (a full disk) leaves the old checkpoint whole, and no file is half-written.
     """
     from safetensors.torch import save_file
 
@@ -209,7 +211,26 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
         used += nbytes
     names = [SINGLE_NAME] if len(groups) == 1 else [
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    for fname, group in zip(names, groups):
+    writers = {fname: _shard_writer(tensors, group, save_file) for fname, group in zip(names, groups)}
+    if len(groups) > 1:
+        weight_map = {name: fname for fname, group in zip(names, groups) for name in group}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        writers[INDEX_NAME] = _bytes_writer(json.dumps(index, indent=2).encode("utf-8"))
+    writers["config.json"] = _bytes_writer(json.dumps(config, indent=2).encode("utf-8"))
+
+    def remove_stale() -> None:
+        if len(groups) == 1:  # an earlier sharded save's index would describe shards that are gone
+            Path(out_dir, INDEX_NAME).unlink(missing_ok=True)
+        for stale in _weight_files(out_dir) - set(names):  # an earlier save's other shards, as transformers does
+            Path(out_dir, stale).unlink()
+
+    publish_files(Path(out_dir), writers, before_last=remove_stale)
+
+
+def _shard_writer(tensors: dict[str, torch.Tensor], group: list[str], save_file: Callable) -> Callable[[Path], None]:
+    """Writes the tensors named in ``group`` as one safetensors file, copied to host memory only then."""
+    def write(path: Path) -> None:
         shard, seen = {}, set()
         for name in group:
             t = tensors[name].detach().cpu().contiguous()
@@ -217,18 +238,12 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
                 t = t.clone()
             seen.add(t.data_ptr())
             shard[name] = t
-        write_file_atomically(Path(out_dir, fname), lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
-    if len(groups) > 1:
-        weight_map = {name: fname for fname, group in zip(names, groups) for name in group}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        publish_file(Path(out_dir, INDEX_NAME), json.dumps(index, indent=2).encode("utf-8"))
-    else:
-        # an index left by an earlier sharded save would win over the new single file when loading
-        Path(out_dir, INDEX_NAME).unlink(missing_ok=True)
-    for stale in _weight_files(out_dir) - set(names):  # an earlier save's other shards, as transformers removes them
-        Path(out_dir, stale).unlink()
-    publish_file(Path(out_dir, "config.json"), json.dumps(config, indent=2).encode("utf-8"))
+        save_file(shard, str(path), metadata={"format": "pt"})
+    return write
+
+
+def _bytes_writer(data: bytes) -> Callable[[Path], int]:
+    return lambda path: path.write_bytes(data)
 
 
 def _weight_files(model_dir: str) -> set[str]:
