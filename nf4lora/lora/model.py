@@ -27,12 +27,11 @@ import re
 import warnings
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 from nf4lora.lora.config import ALL_LINEAR, LoraConfig, layer_index, pattern_key_matches
 from nf4lora.lora.layers import LoraLinear, ModulesToSave, adapter_name_list, check_adapter_name, is_linear
-from nf4lora.nf4.linear import NF4Linear
+from nf4lora.nf4.linear import NF4Linear, frozen_linear
 
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
@@ -422,14 +421,8 @@ def merge_and_unload(
         # re-quantized from the merge in the weight's own dtype, as peft re-quantizes it: rounding it to a lower
         # compute dtype first would move every block's absmax and so the NF4 code of nearly every element
         dtype = base.weight.dtype if requantize else base.compute_dtype
-        weight = layer.merged_weight(_held(layer, adapter_names), dtype)
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                          dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if base.bias is not None:
-                dense.bias.copy_(layer.merged_bias(_held(layer, adapter_names), base.compute_dtype))
-        dense.requires_grad_(False)
+        held = _held(layer, adapter_names)
+        dense = frozen_linear(layer.merged_weight(held, dtype), layer.merged_bias(held, base.compute_dtype))
         if requantize:
             state = base.weight.state
             dense = NF4Linear.from_linear(dense, blocksize=state.blocksize, quant_type=state.quant_type,

@@ -137,6 +137,18 @@ def quantize_linears(module: nn.Module, skip: str | tuple[str, ...] = ("lm_head"
     return module
 
 
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` without gradients holding ``weight`` (out, in) and ``bias`` (out,) or None, in weight's
+    dtype and on its device: what a merge or a dequantization leaves in a 4-bit layer's place."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
 def is_quantizable_linear(module: nn.Module) -> bool:
     """Whether ``quantize_linears`` replaces ``module``: an ``nn.Linear``, but not one torch marks as not to be
     swapped by quantizers (``NonDynamicallyQuantizableLinear``)."""

@@ -97,18 +97,12 @@ def _dequantize_linears(model: torch.nn.Module) -> None:
     """Replace each 4-bit layer left in ``model`` (one the adapter does not target, which ``merge_and_unload`` keeps
     as it is) by an ``nn.Linear`` holding its dequantized (out, in) weight in its compute dtype: a dense merge holds
     the whole base it was trained on, dequantized."""
-    from nf4lora.nf4.linear import NF4Linear
+    from nf4lora.nf4.linear import NF4Linear, frozen_linear
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, NF4Linear):
-                dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                        dtype=child.compute_dtype, device=child.weight.device)
-                with torch.no_grad():
-                    dense.weight.copy_(child.dequantized_weight())
-                    if child.bias is not None:
-                        dense.bias.copy_(child.bias)
-                setattr(parent, name, dense.requires_grad_(False))
+                setattr(parent, name, frozen_linear(child.dequantized_weight(), child.bias))
 
 
 def _check_adapter(adapter: str) -> None:
