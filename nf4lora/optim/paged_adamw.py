@@ -45,8 +45,6 @@ AdamW and PagedAdamW and between page sizes and budgets.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from nf4lora.optim.adamw import AdamW, DevicePlan, check_count, state_layout, state_views
@@ -129,10 +127,7 @@ class PagedAdamW(AdamW):
 
         The budget drops to the bytes still resident, so later steps keep the evicted pages on the host.
         """
-        if not isinstance(nbytes, numbers.Integral) or isinstance(nbytes, bool):
-            raise TypeError(f"evict needs nbytes, an int >= 0, got {nbytes!r}")
-        if nbytes < 0:
-            raise ValueError(f"evict needs nbytes >= 0, got {nbytes}")
+        check_count("evict's nbytes", nbytes, "an int >= 0", 0)
         freed = self._evict(nbytes)
         self._budget = self._resident_bytes
         return freed

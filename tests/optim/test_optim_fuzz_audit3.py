@@ -135,6 +135,6 @@ def test_evict_size_that_is_not_an_int_is_refused_in_one_line(nbytes):
     # "1" and None raised "'<' not supported between instances of 'str' and 'int'"; 1.5 and True were taken
     optimizer = _stepped(PagedAdamW)
     resident = optimizer.resident_bytes
-    with pytest.raises(TypeError, match=rf"^evict needs nbytes, an int >= 0, got {nbytes!r}$".replace(".", r"\.")):
+    with pytest.raises(TypeError, match=rf"^evict's nbytes must be an int >= 0, got {nbytes!r}$".replace(".", r"\.")):
         optimizer.evict(nbytes)
     assert optimizer.resident_bytes == resident and optimizer.budget is None

@@ -190,7 +190,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 def test_bad_evict_and_budget_raise():
     paged = PagedAdamW(make_params())
-    with pytest.raises(ValueError, match="evict needs nbytes >= 0, got -5"):
+    with pytest.raises(ValueError, match="evict's nbytes must be an int >= 0, got -5"):
         paged.evict(-5)
     with pytest.raises(ValueError, match="gpu_budget_bytes must be None or >= 0, got -1"):
         paged.budget = -1
