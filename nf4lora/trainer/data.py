@@ -16,6 +16,7 @@ micro-batches is a pure function of (seed, micro-batch index), so resuming needs
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -111,11 +112,16 @@ def read_records(path: str | Path) -> list[Record]:
 def _read_text(path: Path) -> str:
     """The file as text, a UTF-8 byte order mark dropped and CRLF / CR line ends read as LF."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except IsADirectoryError:
         raise UsageError(f"data file {path} is a directory; pass a {'/'.join(SUFFIXES)} file") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    body = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the offset in the file, byte order mark included
+        raise UsageError(f"data file {path} is not UTF-8 text (byte {len(data) - len(body) + exc.start}); save it "
+                         f"as UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
         raise UsageError(f"data file {path} is empty; {_HINT}")
     return text
@@ -128,7 +134,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_json_object)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise UsageError(f"{path} line {number}: malformed JSON ({_json_problem(exc)}); fix or remove that "
                              f"line") from None
@@ -140,10 +146,10 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
 
 def _read_json(path: Path, text: str) -> list[Record]:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json, as datasets accepts
-            return _read_jsonl(path, text)
+        if exc.msg == "Extra data" and _is_one_line_object(text[:exc.pos]):
+            return _read_jsonl(path, text)  # JSON Lines saved as .json, as datasets accepts
         raise UsageError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
     except (ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: unreadable JSON ({_json_problem(exc)}); fix the file") from None
@@ -160,11 +166,35 @@ def _read_json(path: Path, text: str) -> list[Record]:
     return records
 
 
+class RepeatedKey(ValueError):
+    """A JSON object names a key twice; json.loads would keep the last value and silently drop the others."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object as a dict, refusing a repeated key as a repeated CSV column is."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise RepeatedKey(f"key {repeated!r} appears twice in one object")
+    return fields
+
+
+def _is_one_line_object(head: str) -> bool:
+    """Whether the first JSON value of a file, ``head``, is an object on one line: the first record of JSON Lines,
+    not a document that is followed by garbage."""
+    head = head.strip()
+    return head.startswith("{") and "\n" not in head
+
+
 def _json_problem(exc: ValueError | RecursionError) -> str:
-    """What json.loads refused: its own message, or one of the two failures that carry no position (nesting past
-    the recursion limit; an integer past Python's 4300-digit limit, whose advice to raise it is not the user's)."""
+    """What json.loads refused: its own message, a repeated key, or one of the two failures that carry no position
+    (nesting past the recursion limit; an integer past Python's 4300-digit limit, whose advice to raise it is not
+    the user's)."""
     if isinstance(exc, json.JSONDecodeError):
         return exc.msg
+    if isinstance(exc, RepeatedKey):
+        return str(exc)
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc).split(";")[0]
@@ -184,8 +214,9 @@ def _read_txt(path: Path, text: str) -> list[Record]:
 
 def _read_csv(path: Path, text: str) -> list[Record]:
     # Whole lines, so quoted cells keep their line breaks. strict: an unclosed quote is an error, not a cell that
-    # silently swallows every row after it.
-    reader = csv.DictReader(io.StringIO(text), strict=True)
+    # silently swallows every row after it. Not DictReader: it skips blank lines inside its next(), which hides the
+    # line a row starts on.
+    reader = csv.reader(io.StringIO(text), strict=True)
     # csv refuses cells over 131072 characters by default; a long document in one cell is ordinary training data.
     limit = csv.field_size_limit(CSV_CELL_LIMIT)
     try:
@@ -194,24 +225,26 @@ def _read_csv(path: Path, text: str) -> list[Record]:
         csv.field_size_limit(limit)
 
 
-def _csv_records(path: Path, reader: csv.DictReader) -> list[Record]:
+def _csv_records(path: Path, reader: Any) -> list[Record]:
+    """Rows of a ``csv.reader`` as records keyed by the header row, each named by the line it starts on; blank
+    lines between rows are skipped."""
     number = 1  # the line the row being read starts on
     try:
-        if not reader.fieldnames:
+        header = next(reader, [])
+        if not header:
             raise UsageError(f"{path} line 1: missing CSV header; the first row must name the columns")
-        repeated = [name for i, name in enumerate(reader.fieldnames) if name in reader.fieldnames[:i]]
+        repeated = [name for i, name in enumerate(header) if name in header[:i]]
         if repeated:
             raise UsageError(f"{path} line 1: column {repeated[0]!r} appears twice in the header; rename one of "
                              f"them")
         records = []
         number = reader.line_num + 1
         for row in reader:
-            extra = row.pop(None, [])
-            if extra or any(v is None for v in row.values()):
-                cells = sum(v is not None for v in row.values()) + len(extra)
-                raise UsageError(f"{path} line {number}: row has {cells} cells but the header has "
-                                 f"{len(reader.fieldnames)} columns")
-            records.append(Record(dict(row), f"{path} line {number}"))
+            if row:
+                if len(row) != len(header):
+                    raise UsageError(f"{path} line {number}: row has {len(row)} cells but the header has "
+                                     f"{len(header)} columns")
+                records.append(Record(dict(zip(header, row)), f"{path} line {number}"))
             number = reader.line_num + 1
     except csv.Error as exc:
         raise UsageError(f"{path} line {number}: malformed CSV ({exc}); a quoted cell ends with a quote followed by "
@@ -251,7 +284,7 @@ def detect_format(records: Sequence[Record], record_format: str = "auto") -> str
                 continue
             if key not in record.fields:
                 raise UsageError(f"{record.where}: record has no {key!r} field (keys: "
-                                 f"{', '.join(sorted(record.fields)) or 'none'}); {record_format} records need "
+                                 f"{_key_list(record.fields)}); {record_format} records need "
                                  f"{' and '.join(FIELDS[record_format])}")
             if not isinstance(value, str):
                 raise UsageError(f"{record.where}: field {key!r} is {type(value).__name__}, expected a string")
@@ -261,6 +294,12 @@ def detect_format(records: Sequence[Record], record_format: str = "auto") -> str
                 raise UsageError(f"{record.where}: field {key!r} holds the unpaired surrogate "
                                  f"{value[exc.start]!r} at character {exc.start}; fix or remove that record") from None
     return record_format
+
+
+def _key_list(fields: dict[str, Any]) -> str:
+    """The record's keys for a one-line message: sorted, a key holding a line break or other unprintable character
+    written as its repr."""
+    return ", ".join(key if key.isprintable() else repr(key) for key in sorted(fields)) or "none"
 
 
 def split_prompt(record: Record, record_format: str) -> tuple[str | None, str]:
@@ -302,7 +341,8 @@ def build_examples(records: Iterable[Record], record_format: str, encode: Callab
 
 
 def pack(examples: Sequence[Example], max_len: int) -> list[Example]:
-    """Greedy first-fit in order: concatenate examples into rows of at most ``max_len`` tokens."""
+    """Next-fit in order: concatenate examples into rows of at most ``max_len`` tokens, starting a new row when the
+    next example does not fit in the current one (examples are never reordered)."""
     rows: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
