@@ -199,6 +199,8 @@ def write_checkpoint(out_dir: str, tensors: dict[str, torch.Tensor], config: dic
     """
     from safetensors.torch import save_file
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file; valid: a directory (new or existing) to write the checkpoint into")
     os.makedirs(out_dir, exist_ok=True)
     groups: list[list[str]] = [[]]
     used = 0

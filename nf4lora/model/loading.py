@@ -395,7 +395,21 @@ def _checkpoint_tensors(model: Llama) -> dict[str, torch.Tensor]:
             tensors[prefix + pname] = t
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    _refuse_foreign_tensors(model, tensors)
     return tensors
+
+
+def _refuse_foreign_tensors(model: Llama, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that a Llama checkpoint of `model.config` has no key for (a LoRA layer's `base_layer` and
+    `lora_A`/`lora_B`): written, neither load_model nor transformers could read the checkpoint back. A 4-bit
+    weight's bitsandbytes entries (`{key}.absmax`, ...) belong to its `{key}`."""
+    with torch.device("meta"):
+        known = set(Llama(model.config).state_dict())
+    foreign = [key for key in tensors if key not in known and key.partition(".weight.")[0] + ".weight" not in known]
+    if foreign:
+        raise ValueError(f"the model has {len(foreign)} tensor(s) that a Llama checkpoint has no place for, e.g. "
+                         f"{foreign[:3]}; valid: merge the adapters first (merge_and_unload) or save them apart "
+                         f"(save_adapter)")
 
 
 def save_pretrained(model: Llama, out_dir: str, max_shard_bytes: int | None = None) -> None:

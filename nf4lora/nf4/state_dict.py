@@ -221,6 +221,9 @@ def from_bnb_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weig
     blocksize = _meta_field(meta, meta_key, "blocksize", _is_blocksize, _BLOCKSIZES_TEXT)
     dtype_name = _meta_field(meta, meta_key, "dtype", _is_dtype_name, ", ".join(_DTYPES))
     shape = torch.Size(_meta_field(meta, meta_key, "shape", _is_shape, "a list of non-negative integers"))
+    if shape.numel() == 0:  # bitsandbytes writes empty weights (NaN nested_offset included); quantize refuses them
+        raise ValueError(f"{meta_key!r} has shape {list(shape)}, which holds no elements; valid: a shape with at "
+                         f"least one element")
     packed = _require(state_dict, prefix)
     absmax = _require(state_dict, f"{prefix}.absmax")
     double_quant = "nested_offset" in meta
