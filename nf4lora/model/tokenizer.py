@@ -8,7 +8,9 @@ the tokenizer itself. As in transformers, `special_tokens_map.json`'s `bos_token
 tokenizer_config.json's when that has no `added_tokens_decoder` (older checkpoints). Llama has no pad token;
 `pad_id` then falls back to `eos_id`, which is safe because padded positions are masked. Values of the wrong type in
 these files are a one-line ValueError naming the file, key and value.
-Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers. Intentional
+Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers; so do the tokens a
+fine-tune added past a `tokenizer.model` (ChatML's `<|im_start|>`), which tokenizer.json's `added_tokens` and
+tokenizer_config.json's `added_tokens_decoder` list (their `lstrip`/`rstrip` are not honoured). Intentional
 differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
 ignores them unless the tokenizer class rewrites its post-processor), leading whitespace (or a leading "▁") in a
 sentencepiece text keeps sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special
@@ -56,22 +58,32 @@ def _plain_ids(ids, special_ids: set, vocab_size: int) -> list[int]:
     return [i for i in ids if i not in special_ids and i < vocab_size]
 
 
-def _marked_special(path: str, decoder) -> set[int]:
-    """The ids that tokenizer_config.json's `added_tokens_decoder` ({"id": {"content": ..., "special": bool}}) marks
-    special; transformers skips them in decode even where tokenizer.json does not."""
+def _added_token_entries(path: str, key: str, entries) -> dict[int, tuple[str, bool]]:
+    """{id: (content, special)} of tokenizer.json's `added_tokens` ([{"id": int, "content": str, "special": bool}])
+    or tokenizer_config.json's `added_tokens_decoder` ({"<id>": {"content": str, "special": bool}}); transformers
+    skips the special ones in decode even where tokenizer.json does not mark them."""
     try:
-        return {int(k) for k, token in decoder.items() if token.get("special") is True}
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError(f"{path}: added_tokens_decoder={decoder!r} is not a map of id to token; valid: "
-                         f"{{\"<id>\": {{\"content\": string, \"special\": bool}}}}") from None
+        pairs = entries.items() if isinstance(entries, dict) else ((token["id"], token) for token in entries)
+        tokens = {int(i): (token["content"], token.get("special") is True) for i, token in pairs}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        tokens = None
+    if tokens is None or not all(isinstance(content, str) for content, _ in tokens.values()):
+        valid = '{"<id>": {"content": string, "special": bool}}' if key == "added_tokens_decoder" else \
+            '[{"id": int, "content": string, "special": bool}]'
+        raise ValueError(f"{path}: {key}={repr(entries)[:200]} does not list added tokens; valid: {valid}")
+    return tokens
 
 
 class _SpecialTokens:
     """bos/eos/pad ids and add-bos/eos flags resolved from the JSON files next to the tokenizer."""
 
-    def __init__(self, model_dir: str, token_to_id, defaults: dict):
+    def __init__(self, model_dir: str, token_to_id, defaults: dict, added: dict | None = None):
+        """`added`: {id: (content, special)} of tokens the tokenizer lacks; `added_tokens_decoder`'s join them."""
         tok_path = os.path.join(model_dir, "tokenizer_config.json")
         tok_cfg = _read_json(tok_path)
+        self.added = {**(added or {}), **_added_token_entries(
+            tok_path, "added_tokens_decoder", tok_cfg.get("added_tokens_decoder", {}))}
+        added_ids = {content: i for i, (content, _) in self.added.items()}
         token_paths = {}
         if "added_tokens_decoder" not in tok_cfg:  # where transformers reads the legacy file, and lets it win
             map_path = os.path.join(model_dir, "special_tokens_map.json")
@@ -93,13 +105,15 @@ class _SpecialTokens:
             text = _token_text(token_paths.get(key, tok_path), key, tok_cfg.get(key))
             ident = token_to_id(text) if text is not None else None
             if ident is None:
+                ident = added_ids.get(text)
+            if ident is None:
                 ident = next(iter(gen_ids.get(f"{name}_token_id", [])), None)
             return defaults.get(name) if ident is None else ident
 
         self.bos_id, self.eos_id, self.pad_id = resolve("bos"), resolve("eos"), resolve("pad")
         if self.pad_id is None:
             self.pad_id = self.eos_id
-        self.marked_special = _marked_special(tok_path, tok_cfg.get("added_tokens_decoder", {}))
+        self.marked_special = {i for i, (_, special) in self.added.items() if special}
         eos_ids = [self.eos_id, *gen_ids.get("eos_token_id", [])]
         self.eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         self.add_bos = _flag(tok_path, tok_cfg, "add_bos_token")
@@ -110,8 +124,15 @@ class _SpecialTokens:
         return self.bos_id, self.eos_id, self.pad_id, self.eos_ids
 
     def special_ids(self) -> set[int]:
-        """The configured BOS/EOS/pad and `added_tokens_decoder`'s special ids: transformers marks them special."""
+        """The configured BOS/EOS/pad and the special added tokens: transformers marks them special."""
         return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None} | self.marked_special
+
+
+# A serialized ModelProto field 3 (normalizer_spec) holding only NormalizerSpec field 3 (add_dummy_prefix) = false.
+# Protobuf merges a repeated message field into the earlier one, so appending this to a model turns its dummy prefix
+# off and keeps the rest: how the text after a special token is encoded (the "<unk>"-prefix trick of transformers'
+# slow tokenizer lost characters when BPE merged across its ">").
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
 class SentencePieceTokenizer:
@@ -134,21 +155,25 @@ class SentencePieceTokenizer:
             return ident if ident >= 0 else None
 
         own_ids = {"bos": own(self.sp.bos_id()), "eos": own(self.sp.eos_id()), "pad": own(self.sp.pad_id())}
-        special = _SpecialTokens(model_dir, token_to_id, own_ids)
+        json_path = os.path.join(model_dir, "tokenizer.json")
+        json_added = _added_token_entries(json_path, "added_tokens", _read_json(json_path).get("added_tokens", []))
+        special = _SpecialTokens(model_dir, token_to_id, own_ids, json_added)
         self.bos_id, self.eos_id, self.pad_id, self.eos_ids = special.ids()
         self.add_bos = True if special.add_bos is None else special.add_bos
         self.add_eos = bool(special.add_eos)
-        # Like transformers, "<s>", "</s>", "<unk>" written in the text are those tokens (sentencepiece alone would
-        # spell them out), and the text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
         self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
         self.special_ids.update(special.special_ids())
-        pieces = [self.sp.id_to_piece(i) for i in self.special_ids if i < self.vocab_size]
-        pieces.sort(key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")")
-        self._legacy = bool(special.legacy)
-        # transformers' trick for the text after a special token: encode it behind "<unk>" spelt out, drop those ids
-        self._unk_text = self.sp.id_to_piece(self.sp.unk_id())
-        self._unk_text_ids = len(self.sp.encode(self._unk_text))
+        # Like transformers, "<s>", "</s>", "<unk>" and the added tokens the .model lacks (a fine-tune's ChatML
+        # "<|im_start|>") written in the text are those tokens (sentencepiece alone would spell them out), and the
+        # text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
+        added = {content: i for i, (content, _) in special.added.items() if content and token_to_id(content) is None}
+        self._split_ids = {self.sp.id_to_piece(i): i for i in self.special_ids if i < self.vocab_size} | added
+        self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self._split_ids, key=len, reverse=True)))
+                                      + ")")
+        no_prefix = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
+        self._sp_after_special = self.sp if special.legacy else no_prefix
+        # decode writes an added token that is not special as the .model's pieces that spell it
+        self._spellings = {i: no_prefix.encode(content) for content, i in added.items() if i not in self.special_ids}
 
     @property
     def vocab_size(self) -> int:
@@ -159,7 +184,7 @@ class SentencePieceTokenizer:
         ids = []
         for k, part in enumerate(self._special_re.split(text)):
             if k % 2:
-                ids.append(self.sp.piece_to_id(part))
+                ids.append(self._split_ids[part])
             elif part:
                 ids += self._encode_plain(part, after_special=k > 0)
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
@@ -171,14 +196,13 @@ class SentencePieceTokenizer:
     def _encode_plain(self, text: str, after_special: bool) -> list[int]:
         """sentencepiece's ids of `text`, which holds no special token; after one, without the dummy-prefix space
         unless `legacy`."""
-        if not after_special or self._legacy:
-            return self.sp.encode(text)
-        return self.sp.encode(self._unk_text + text)[self._unk_text_ids:]
+        return (self._sp_after_special if after_special else self.sp).encode(text)
 
     def decode(self, ids) -> str:
-        """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces, `added_tokens_decoder`'s special
-        ones) decode to nothing."""
-        return self.sp.decode(_plain_ids(ids, self.special_ids, self.vocab_size))
+        """Text of `ids`; special tokens (BOS, EOS, pad, unk, other control pieces, special added tokens) decode to
+        nothing."""
+        spelt = [piece for i in map(int, ids) for piece in self._spellings.get(i, (i,))]
+        return self.sp.decode(_plain_ids(spelt, self.special_ids, self.vocab_size))
 
 
 class HFTokenizer:
