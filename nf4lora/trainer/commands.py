@@ -220,8 +220,14 @@ def stream_generate(model: torch.nn.Module, tokenizer: Any, text: str, max_new_t
             break
         new.append(int(token[0]))
         decoded = tokenizer.decode(new)
+        # A character split over byte tokens decodes to U+FFFD until its last byte arrives: wait for it, since text
+        # already emitted cannot be taken back.
+        if not decoded.endswith("\ufffd"):
+            emit(decoded[len(shown):])
+            shown = decoded
+    decoded = tokenizer.decode(new)
+    if decoded != shown:  # generation stopped inside a character: its replacement marks are the text
         emit(decoded[len(shown):])
-        shown = decoded
     return new
 
 

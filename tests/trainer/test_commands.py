@@ -162,3 +162,32 @@ def test_merge_and_generate_quantize_the_base_from_the_dtype_the_run_trained_in(
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(run), "--out", str(merged),
                  "--dtype", "fp32", "--device", "cpu"]) == 0
+
+
+def test_streamed_text_waits_for_the_last_byte_of_a_character_split_over_tokens(monkeypatch):
+    # byte tokens of UTF-8 text, decoded as byte-fallback tokenizers do: U+FFFD until a character is whole
+    import nf4lora.model as model_api
+    from nf4lora.trainer.commands import stream_generate
+
+    text = "héllo 😀 wörld 中文" + "😀"[:1]
+    tokens = list(text.encode("utf-8"))[:-2]  # generation stops inside the last emoji: its marks are the end
+
+    class ByteTokenizer:
+        eos_ids = (1000,)
+
+        def encode(self, text, bos=True, eos=False):
+            return [7]
+
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    def fake_stream(model, prompts, max_new_tokens, *args, **kwargs):
+        for token in tokens:
+            yield torch.tensor([token])
+
+    monkeypatch.setattr(model_api, "generate_stream", fake_stream)
+    pieces = []
+    new = stream_generate(None, ByteTokenizer(), "prompt", len(tokens), 0.0, None, None, 0, pieces.append)
+    assert new == tokens
+    assert "".join(pieces) == bytes(tokens).decode("utf-8", errors="replace")
+    assert all(not p.endswith("\ufffd") for p in pieces[:-1])
