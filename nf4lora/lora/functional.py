@@ -38,14 +38,17 @@ class LoraAddFunction(torch.autograd.Function):
         out = _addmm_into(y, xa, lora_b, scaling)
         if out is y:
             ctx.mark_dirty(y)
-        ctx.save_for_backward(x2d, xa, lora_a, lora_b)
+        ctx.save_for_backward(x_lora, xa, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.x_shape = x_lora.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2d, xa, lora_a, lora_b = ctx.saved_tensors
+        x_lora, xa, lora_a, lora_b = ctx.saved_tensors
+        x2d = x_lora.reshape(-1, x_lora.shape[-1])
+        if torch.is_grad_enabled():  # create_graph=True: xa, made outside autograd, redone inside for a 2nd derivative
+            xa = x2d @ lora_a.t()
         g2d = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_a = grad_b = None
         # (M, r) = grad_y @ B * scaling: the only product of the wide grad_y needed for A and x.
@@ -78,6 +81,7 @@ def lora_add(y: torch.Tensor, x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b
     x_lora: (..., K) in y.dtype; lora_a: (r, K) and lora_b: (N, r) in y.dtype (cast by the caller,
     so that autograd returns their gradients in the parameters' dtype). Returns the result, which
     is ``y`` itself when it was updated in place. Under ``torch.autocast`` the matmuls still run in y.dtype.
+    Supports double backward.
     """
     if autocast_dtype(y.device) is not None:
         with torch.autocast(y.device.type, enabled=False):

@@ -23,8 +23,9 @@ Every op counts: at 4096 x 4096 a step is bound by host time, not by the GPU (ab
 launch on the H200 machine's host), so the node issues 8 ops forward and 7 backward; on CUDA the
 engine adds no casts after it (A's and B's gradients already arrive in fp32).
 
-Saved for backward: x_lora (needed for grad_A), xa = x_lora @ A.T (M, r), A, B, and the weight
-as given (the packed ``QuantizedTensor`` for NF4: dequantized again in backward, never stored).
+Saved for backward: x_lora (needed for grad_A), xa = x_lora @ A.T (M, r), A and B (as stored and as cast), and the
+weight as given (the packed ``QuantizedTensor`` for NF4: dequantized again in backward, never stored). A backward
+with ``create_graph=True`` recomputes xa and the casts inside autograd, so second derivatives are the plain formula's.
 """
 
 from __future__ import annotations
@@ -81,12 +82,18 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.lora_dtype = lora_a.dtype if lora_b.dtype == lora_a.dtype else None
         ctx.shapes = (x.shape, x_lora.shape)
-        ctx.save_for_backward(xl2d, xa, weight_t, a, b)
+        ctx.save_for_backward(x_lora, xa, weight_t, a, b, lora_a, lora_b)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        xl2d, xa, weight_t, a, b = ctx.saved_tensors
+        x_lora, xa, weight_t, a, b, lora_a, lora_b = ctx.saved_tensors
+        xl2d = x_lora.reshape(-1, x_lora.shape[-1])
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): xa and the casts were made outside autograd; redone from the inputs, the
+            # gradients below carry their terms into a second derivative
+            a, b = lora_a.to(a.dtype), lora_b.to(b.dtype)
+            xa = xl2d @ a.t()
         weight = weight_t if ctx.qweight is None else ctx.qweight
         scaling = ctx.scaling
         g2d = grad_y.reshape(-1, grad_y.shape[-1])
@@ -117,6 +124,26 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_xl, None, None, grad_bias, grad_a, grad_b, None
 
 
+def check_shapes(x, x_lora, weight, bias, lora_a, lora_b) -> None:
+    """Raise a one-line ValueError unless x, x_lora (..., K), weight (N, K), bias (N,) or None, lora_a (r, K) and
+    lora_b (N, r) fit together (N and K read from the weight, r from lora_a); x_lora must have x's shape, not just
+    its number of rows. One chain of comparisons when they fit: it runs on every layer of every step."""
+    n, k = weight.shape if len(weight.shape) == 2 else (-1, -1)
+    r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if (x.shape[-1:] == (k,) and x_lora.shape == x.shape and lora_a.shape == (r, k) and lora_b.shape == (n, r)
+            and (bias is None or bias.shape == (n,))):
+        return
+    wrong = {name: tuple(t.shape) for name, t in (("weight", weight), ("lora_a", lora_a)) if len(t.shape) != 2}
+    if not wrong:
+        expected = {"x": (*x.shape[:-1], k), "x_lora": x.shape, "lora_a": (r, k), "lora_b": (n, r), "bias": (n,)}
+        operands = {"x": x, "x_lora": x_lora, "lora_a": lora_a, "lora_b": lora_b, "bias": bias}
+        wrong = {
+            name: tuple(t.shape) for name, t in operands.items() if t is not None and t.shape != expected[name]
+        }
+    raise ValueError(f"lora_linear got shapes {wrong} for a weight of shape {tuple(weight.shape)}; expected "
+                     "weight (N, K), x and x_lora (..., K) of one shape, bias (N,), lora_a (r, K), lora_b (N, r)")
+
+
 def lora_linear(
     x: torch.Tensor,
     x_lora: torch.Tensor,
@@ -133,7 +160,8 @@ def lora_linear(
     storage dtype, fp32 by default): the matmuls run in x.dtype and their gradients come back in
     theirs. Pass ``x_lora=x`` (the same object) when there is no dropout, so that grad_x comes out
     of a single GEMM. Returns (..., N) in x.dtype; under ``torch.autocast``, x, x_lora, bias and a dense weight are
-    cast to autocast's dtype first and the result is in that dtype (``dispatch.autocast_dtype``).
+    cast to autocast's dtype first and the result is in that dtype (``dispatch.autocast_dtype``). Operands of other
+    shapes raise ValueError (``check_shapes``). Supports double backward.
     """
     dtype = autocast_dtype(x.device)
     if dtype is not None:
@@ -142,6 +170,7 @@ def lora_linear(
             casts = [xc if x_lora is x else x_lora.to(dtype)]
             casts += [t if t is None or isinstance(t, QuantizedTensor) else t.to(dtype) for t in (weight, bias)]
             return lora_linear(xc, *casts, lora_a, lora_b, scaling)
+    check_shapes(x, x_lora, weight, bias, lora_a, lora_b)
     dense = weight if isinstance(weight, torch.Tensor) else None
     wrong = {
         name: t.dtype for name, t in (("x_lora", x_lora), ("bias", bias), ("weight", dense))

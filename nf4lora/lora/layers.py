@@ -167,7 +167,7 @@ class LoraLinear(nn.Module):
         active = [] if self.disable_adapters or self.merged else [n for n in self.active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x)
-        if torch.is_grad_enabled() and active[0] not in self.lora_magnitude_vector:
+        if torch.is_grad_enabled() and active[0] not in self.lora_magnitude_vector and not self._trains_base_weight():
             # Training: the first plain-LoRA adapter runs fused with the base matmul (fused.py).
             y, rest = self._fused_forward(active[0], x), active[1:]
         else:
@@ -175,6 +175,11 @@ class LoraLinear(nn.Module):
         for name in rest:
             y = self._add_adapter_output(name, x, y)
         return y
+
+    def _trains_base_weight(self) -> bool:
+        """Whether the base weight takes gradients (an nn.Linear weight left trainable, as peft then trains it): the
+        fused node treats its weight as frozen, so such a base runs unfused."""
+        return isinstance(self.base_layer, nn.Linear) and self.base_layer.weight.requires_grad
 
     def _compute_input(self, x: torch.Tensor) -> torch.Tensor:
         """x in the base's compute dtype (NF4Linear casts its input; nn.Linear takes x as is)."""
