@@ -1,8 +1,9 @@
 """`generate`: batched autoregressive decoding with the KV cache: greedy, temperature, top-k and top-p sampling.
 
 Prompts of different lengths are left-padded; the padding is masked out of attention and skipped by the position
-ids, so each row decodes exactly as it would alone. Rows stop at any EOS id and are then filled with `pad_id`;
-decoding stops when every row has stopped or after `max_new_tokens`.
+ids, so each row's greedy tokens are those it would get alone (sampled rows draw from one generator, so a row's
+samples also depend on the rows batched with it, as in transformers). Rows stop at any EOS id and are then filled
+with `pad_id`; decoding stops when every row has stopped or after `max_new_tokens`.
 
 With `cuda_graph=True` (CUDA only) each single-token decode step is captured once in a CUDA graph and replayed:
 the step has fixed shapes because it reads every cache slot under a mask built from the slot index tensor, which
@@ -32,6 +33,7 @@ STATIC_CACHE_MULTIPLE = 256
 GRAPH_MIN_NEW_TOKENS = 8
 # The ids that fit the int64 tensors generate builds from them: [INT64_MIN, INT64_END).
 INT64_MIN, INT64_END = -(2**63), 2**63
+FLOAT32 = torch.finfo(torch.float32)
 
 
 def _as_batch(prompts, attention_mask, pad_id: int, pad_marks_padding: bool, vocab_size: int,
@@ -138,6 +140,40 @@ def _pad_id_or_none(pad_id) -> int | None:
     return value
 
 
+def _is_int(x) -> bool:
+    """Whether x is an integer that is not a bool (which Python counts as one)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """Whether x is a real number that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_decoding(arguments: dict, as_flags: bool = False) -> None:
+    """Raise one ValueError line when one of `arguments` ({name: value}, names among max_new_tokens, temperature,
+    top_k, top_p and seed) breaks its rule: naming every given argument (`need ...; got max_new_tokens=0, ...`), or
+    with `as_flags` the first bad one as the flag that set it (`--top-k -3 must be >= 0 (0 = no top-k cut)`)."""
+    unset = "" if as_flags else " or None"  # a flag has no None: --top-k 0 and --top-p 1 cut nothing
+    # name -> (test, what it must be); each test is written so that NaN, which fails every comparison, fails it
+    rules = {
+        "max_new_tokens": (lambda v: _is_int(v) and v >= 1, ">= 1 (an int)"),
+        "temperature": (lambda v: _is_real(v) and 0 <= v < float("inf"), "a finite number >= 0 (0 = greedy)"),
+        "top_k": (lambda v: v is None or _is_int(v) and v >= (0 if as_flags else 1),
+                  ">= 0 (0 = no top-k cut)" if as_flags else ">= 1 (an int) or None"),
+        "top_p": (lambda v: v is None or _is_real(v) and 0 < v <= 1, f"in (0, 1]{unset}"),
+        "seed": (lambda v: v is None or _is_int(v) and -(2**63) <= v < 2**64, f"an int in [-2**63, 2**64){unset}"),
+    }
+    bad = [(name, value, rules[name][1]) for name, value in arguments.items() if not rules[name][0](value)]
+    if not bad:
+        return
+    if as_flags:
+        name, value, must = bad[0]
+        raise ValueError(f"--{name.replace('_', '-')} {value} must be {must}")
+    raise ValueError(f"need {', '.join(f'{name} {rules[name][1]}' for name in arguments)}; got "
+                     f"{', '.join(f'{name}={value!r}' for name, value in arguments.items())}")
+
+
 def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed=None,
                              as_flags: bool = False) -> None:
     """The one set of rules for the decoding arguments of `generate` and of the `nf4lora generate` command:
@@ -149,46 +185,34 @@ def check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed=Non
     the first bad one as the flag that set it (`--top-k -3 must be >= 0 (0 = no top-k cut)`), where top_k 0 is the
     flag's spelling of no cut.
     """
-    def is_int(x) -> bool:
-        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    _check_decoding(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed), as_flags)
 
-    def is_real(x) -> bool:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
-    unset = "" if as_flags else " or None"  # a flag has no None: --top-k 0 and --top-p 1 cut nothing
-    # (argument, value, valid, what it must be); each test is written so that NaN, which fails every comparison,
-    # fails it
-    rules = (
-        ("max_new_tokens", max_new_tokens, is_int(max_new_tokens) and max_new_tokens >= 1, ">= 1 (an int)"),
-        ("temperature", temperature, is_real(temperature) and 0 <= temperature < float("inf"),
-         "a finite number >= 0 (0 = greedy)"),
-        ("top_k", top_k, top_k is None or is_int(top_k) and top_k >= (0 if as_flags else 1),
-         ">= 0 (0 = no top-k cut)" if as_flags else ">= 1 (an int) or None"),
-        ("top_p", top_p, top_p is None or is_real(top_p) and 0 < top_p <= 1, f"in (0, 1]{unset}"),
-        ("seed", seed, seed is None or is_int(seed) and -(2**63) <= seed < 2**64, f"an int in [-2**63, 2**64){unset}"),
-    )
-    bad = [(name, value, must) for name, value, valid, must in rules if not valid]
-    if not bad:
-        return
-    if as_flags:
-        name, value, must = bad[0]
-        raise ValueError(f"--{name.replace('_', '-')} {value} must be {must}")
-    raise ValueError(f"need {', '.join(f'{name} {must}' for name, _, _, must in rules)}; got "
-                     f"{', '.join(f'{name}={value!r}' for name, value, _, _ in rules)}")
+def _check_scores(scores, name: str) -> None:
+    """Refuse, in one line, what is not a (batch, vocab) float tensor with vocab >= 1."""
+    if not (isinstance(scores, torch.Tensor) and scores.dim() == 2 and scores.dtype.is_floating_point
+            and scores.shape[1] >= 1):
+        is_tensor = isinstance(scores, torch.Tensor)
+        got = f"shape {tuple(scores.shape)} {scores.dtype}" if is_tensor else type(scores).__name__
+        raise ValueError(f"{name} must be a (batch, vocab) float tensor with vocab >= 1, got {got}")
 
 
 def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """scores (B, vocab) float with tokens outside the top-k and outside the top-p nucleus set to -inf.
 
     Same rules as transformers' TopK/TopP warpers: ties at the k-th value are kept, and the nucleus keeps the
-    smallest set of most likely tokens whose probability reaches `top_p` (at least one token).
+    smallest set of most likely tokens whose probability reaches `top_p` (at least one token). top_k an int >= 1
+    and top_p in (0, 1], each None for no cut, as `check_sampling_arguments` says; anything else is refused.
     """
+    _check_scores(scores, "scores")
+    _check_decoding(dict(top_k=top_k, top_p=top_p))
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1)
-        drop_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - float(top_p)
         drop_sorted[:, -1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return scores
@@ -196,13 +220,19 @@ def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token (B,) int64 from logits (B, vocab): argmax when temperature == 0, else sampled after temperature
-    scaling, then top-k, then top-p filtering (transformers' order)."""
+    """Next token (B,) int64 from logits (B, vocab) float: argmax when temperature == 0, else sampled after
+    temperature scaling, then top-k, then top-p filtering (transformers' order). The arguments follow
+    `check_sampling_arguments`; anything else is refused."""
+    _check_scores(logits, "logits")
+    _check_decoding(dict(temperature=temperature, top_k=top_k, top_p=top_p))
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float()
     # Shifted so that the best score is 0 (softmax and both filters are blind to a shift): a tiny temperature then
-    # sends the others to -inf, where it overflowed the best one to inf and softmax gave NaN.
+    # sends the others to -inf, where it overflowed the best one to inf and softmax gave NaN. The temperature is
+    # held to float32's normal range, which already gives both limits: below it, it rounded to 0 (0 / 0 = NaN for
+    # the best score); above it, to inf (-inf / inf = NaN for a filtered-out one).
+    temperature = float(min(max(temperature, FLOAT32.tiny), FLOAT32.max))
     scores = filter_logits((scores - scores.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
