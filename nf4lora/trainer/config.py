@@ -93,7 +93,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-4, "peak learning rate")
     schedule: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULES)
-    warmup_steps: int = _opt(0, "linear warmup steps")
+    warmup_steps: int = _opt(0, "linear warmup steps: step s (from 0) of W uses lr * (s + 1) / (W + 1), then the schedule")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(0.3, "gradient clipping norm (0 disables); 0.3 as in QLoRA")
     optimizer: str = _opt("paged-adamw-32bit", "optimizer", OPTIMIZERS)
