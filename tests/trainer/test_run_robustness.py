@@ -132,7 +132,7 @@ def deny(monkeypatch, method, target):
 
 def test_a_data_file_this_user_may_not_read_is_one_line_exit_2(capsys, tmp_path, fast_flags, data_file, monkeypatch):
     """A file of another user on a shared cluster (simulated: root reads anything). It was a traceback."""
-    deny(monkeypatch, "read_text", data_file)
+    deny(monkeypatch, "open", data_file)  # what read_text and read_bytes go through
     code, err = run_cli(capsys, "train", *fast_flags, "--output-dir", tmp_path / "out")
     assert_one_line(code, err)
     assert err.endswith(f"Permission denied: '{data_file}'") and not (tmp_path / "out").exists(), err
