@@ -36,12 +36,15 @@ from nf4lora.files import publish_files
 from nf4lora.jsonfile import read_json_object
 from nf4lora.lora.config import LoraConfig
 from nf4lora.lora.model import (
-    active_adapters, delete_adapter, inject_lora, set_adapter, without_unmatched_entries,
+    active_adapters, delete_adapter, inject_lora, lora_layers, set_adapter, without_unmatched_entries,
 )
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PICKLE_NAME = "adapter_model.bin"
+# a parameter name inside an adapter's own modules (its LoRA weights, DoRA magnitude or modules_to_save copy)
+_ADAPTER_PART = re.compile(r"(^|\.)(lora_A|lora_B|lora_magnitude_vector|modules_to_save)\.")
 
 
 def peft_key_map(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
@@ -92,8 +95,14 @@ def _bias_key(model: nn.Module, name: str, adapter_name: str, bias_mode: str) ->
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors ``save_adapter`` writes, under peft's keys (detached, contiguous copies)."""
-    return {k: p.detach().contiguous().clone() for k, p in peft_key_map(model, adapter_name).items()}
+    """The tensors ``save_adapter`` writes, under peft's keys (detached, contiguous copies).
+
+    A base bias is written without the LoRA biases merged into it (``LoraLinear.unmerged_bias``): loading adds them
+    again, as the adapters' own ``lora_B.bias``.
+    """
+    unmerged = {id(layer.base_layer.bias): layer.unmerged_bias() for _, layer in lora_layers(model)}
+    keys = peft_key_map(model, adapter_name)
+    return {k: unmerged.get(id(p), p).detach().contiguous().clone() for k, p in keys.items()}
 
 
 def save_adapter(
@@ -139,7 +148,8 @@ def _unchanged_base_keys(model: nn.Module, extra: dict[str, torch.Tensor], path:
     them over the base (cast to the base's dtype: an fp32 copy over a bf16 model); equal ones change nothing.
     One that differs (a resized or retrained embedding) is an error: this package loads adapters, never base weights.
     """
-    base = {PEFT_PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    named = model.named_parameters(remove_duplicate=False)
+    base = {PEFT_PREFIX + n: p for n, p in named if not _ADAPTER_PART.search(n)}
     keys = set()
     for key in extra.keys() & base.keys():
         tensor, param = extra[key], base[key]
@@ -153,6 +163,46 @@ def _unchanged_base_keys(model: nn.Module, extra: dict[str, torch.Tensor], path:
     return keys
 
 
+def _read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory/adapter_model.safetensors``; never a pickled ``adapter_model.bin``, which can run
+    code when loaded."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = f" (it holds {PICKLE_NAME}, a pickle, which nf4lora does not load: re-save it with peft's " \
+                  "safe_serialization=True)" if os.path.isfile(os.path.join(directory, PICKLE_NAME)) else ""
+        raise ValueError(f"{path} does not exist{pickled}; expected peft's {WEIGHTS_NAME} next to {CONFIG_NAME}")
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def _check_tensors(model: nn.Module, expected: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor],
+                   path: str) -> None:
+    """Raise unless ``tensors`` (the file's) hold exactly the ``expected`` keys, each floating and of its
+    parameter's shape, besides base weights equal to the model's (``_unchanged_base_keys``)."""
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = {k: tensors[k] for k in tensors.keys() - expected.keys()}
+    unexpected = sorted(extra.keys() - _unchanged_base_keys(model, extra, path))
+    if missing or unexpected:
+        unprefixed = "" if not tensors or any(k.startswith(PEFT_PREFIX) for k in tensors) else \
+            f" (no key starts with peft's prefix {PEFT_PREFIX!r})"
+        raise ValueError(f"{path} does not fit the model{unprefixed}: missing keys {_some_keys(missing)}, "
+                         f"unexpected keys {_some_keys(unexpected)}")
+    for key, param in expected.items():
+        tensor = tensors[key]
+        if tensor.shape != param.shape:
+            raise ValueError(f"{path}: key {key} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{path}: key {key} has dtype {tensor.dtype}, expected a floating dtype such as "
+                             f"{param.dtype}")
+
+
+def _some_keys(keys: list[str], shown: int = 4) -> str:
+    """``keys`` in one bounded phrase (a 7B adapter has hundreds): the first ``shown`` and how many more."""
+    return f"{keys[:shown]} and {len(keys) - shown} more" if len(keys) > shown else str(keys)
+
+
 def load_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
     lora_dtype: torch.dtype = torch.float32,
@@ -160,35 +210,20 @@ def load_adapter(
     """Inject adapter ``adapter_name`` as configured in ``directory`` and load its weights; returns ``model``.
 
     The file's keys must equal the ones the injected adapter expects (``peft_key_map``) and every
-    shape must match; otherwise a ValueError names the missing and unexpected keys (or the shape)
-    and the model is left as it was. The adapter becomes the active one. As in peft, list entries of
-    ``target_modules`` / ``modules_to_save`` that select no module are ignored (the key check covers
-    them), and base weights that peft saves beside the adapter (``save_embedding_layers``, e.g. of a
-    targeted ``lm_head``) are accepted when they equal the model's.
+    tensor must be floating, of its parameter's shape; otherwise a ValueError names the missing and unexpected keys
+    (or the shape, or the dtype) and the model is left as it was. A pickled ``adapter_model.bin`` is never loaded.
+    The adapter becomes the active one. As in peft, list entries of ``target_modules`` / ``modules_to_save`` that
+    select no module are ignored (the key check covers them), and base weights that peft saves beside the adapter
+    (``save_embedding_layers``, e.g. of a targeted ``lm_head``) are accepted when they equal the model's.
     """
     config = without_unmatched_entries(model, read_adapter_config(directory, lora_dtype))
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist; expected peft's {WEIGHTS_NAME} next to {CONFIG_NAME}")
-    try:
-        tensors = load_file(path)
-    except SafetensorError as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    tensors = _read_weights(directory)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     active = active_adapters(model) if hasattr(model, "lora_configs") else None
     inject_lora(model, config, adapter_name)
     try:
         expected = peft_key_map(model, adapter_name)
-        missing = sorted(set(expected) - set(tensors))
-        extra = {k: tensors[k] for k in tensors.keys() - expected.keys()}
-        unexpected = sorted(extra.keys() - _unchanged_base_keys(model, extra, path))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not fit the model: missing keys {missing}, unexpected keys {unexpected}")
-        for key, param in expected.items():
-            if tensors[key].shape != param.shape:
-                raise ValueError(
-                    f"{path}: key {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}"
-                )
+        _check_tensors(model, expected, tensors, os.path.join(directory, WEIGHTS_NAME))
     except ValueError:
         delete_adapter(model, adapter_name)
         if active is not None:

@@ -236,18 +236,24 @@ class LoraConfig:
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"peft_type={peft_type!r} is not supported; expected 'LORA'")
+        # peft tests these options for truth: unset (None, False, {} or []) is each one's default
         for key, default in _PEFT_INERT_DEFAULTS.items():
             value = d.get(key, default)
-            if value != default and not (value is None and default in ({}, None)):
+            if not _is_unset(value):
                 raise ValueError(f"peft option {key}={value!r} is not supported; expected {default!r}")
         fields = {f.name for f in dataclasses.fields(cls)} - {"lora_dtype"}
         known = fields | set(_PEFT_INERT_DEFAULTS) | set(_PEFT_METADATA)
         # options of a newer peft may change the math: refuse any that is set rather than ignore it
-        unknown = {k: v for k, v in d.items() if k not in known and v not in (None, False, {}, [])}
+        unknown = {k: v for k, v in d.items() if k not in known and not _is_unset(v)}
         if unknown:
             raise ValueError(f"peft options {unknown} are not known to nf4lora; expected them absent or unset")
         kwargs = {name: d[name] for name in fields if name in d}
         return cls(**kwargs, lora_dtype=lora_dtype)
+
+
+def _is_unset(value: Any) -> bool:
+    """Whether a peft option holds an empty value: None, False (or 0), {} or []."""
+    return value in (None, False, {}, [])
 
 
 def _is_number(value: Any) -> bool:

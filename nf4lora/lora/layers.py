@@ -241,6 +241,14 @@ class LoraLinear(nn.Module):
         bias = self.base_layer.bias
         return None if bias is None else self._fold_bias(names, bias.detach().float()).to(dtype)
 
+    def unmerged_bias(self) -> torch.Tensor | None:
+        """(out,) base bias without the LoRA biases of the merged adapters, in the bias's dtype (the bias itself when
+        none is merged); None for a base without a bias. What a bias mode saves: loading adds the LoRA biases again."""
+        bias = self.base_layer.bias
+        if bias is None or not self.merged_adapters:
+            return bias
+        return self._fold_bias(self.merged_adapters[::-1], bias.detach().float(), sign=-1.0).to(bias.dtype)
+
     def check_mergeable(self, adapter_names: list[str] | None = None) -> None:
         """Raise if adapters ``adapter_names`` (default: the active ones) hold a LoRA bias and the base layer has no
         bias to fold it into (peft refuses that merge too)."""
@@ -310,8 +318,7 @@ class LoraLinear(nn.Module):
         if not self.merged_adapters:
             return
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        w = weight.float()
-        unmerged = self.merged_adapters[::-1]
+        w, unmerged_bias = weight.float(), self.unmerged_bias()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -321,7 +328,7 @@ class LoraLinear(nn.Module):
             w = w - delta
         weight.copy_(w.to(weight.dtype))
         if bias is not None:
-            bias.copy_(self._fold_bias(unmerged, bias.float(), sign=-1.0).to(bias.dtype))
+            bias.copy_(unmerged_bias)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -209,7 +209,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
     Freezes every base parameter, then leaves trainable: the LoRA parameters of this adapter, its
     ``modules_to_save`` copies, and the biases that ``config.bias`` selects (``"all"``: every bias in
-    the model; ``"lora_only"``: the biases of the layers this adapter wraps).
+    the model; ``"lora_only"``: the biases of the layers this adapter wraps). As in peft, at most one adapter of
+    a model may have a bias mode.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config is a {type(config).__name__}, not a LoraConfig; expected LoraConfig(...) (from a "
@@ -218,6 +219,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already injected; existing adapters: {sorted(configs)}")
     check_adapter_name(adapter_name)
+    _check_one_bias_mode(configs, config)
     to_save = _modules_to_save_names(model, config)
     targets = _target_names(model, config, to_save)
     unmatched_keys = _unmatched_pattern_keys(config, targets)
@@ -239,6 +241,16 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     _freeze_base(model)
     set_adapter(model, adapter_name)
     return model
+
+
+def _check_one_bias_mode(configs: dict[str, LoraConfig], config: LoraConfig) -> None:
+    """Refuse a second adapter with a bias mode, as peft does: both would train and load the same base biases, so
+    loading or training one would silently change the other's outputs."""
+    biased = sorted(n for n, c in configs.items() if c.bias != "none")
+    if config.bias != "none" and biased:
+        raise ValueError(f"bias={config.bias!r} for a second adapter with a bias mode (adapter {biased[0]!r} has "
+                         f"bias={configs[biased[0]].bias!r}); expected bias='none' here, since adapters with bias "
+                         "modes share the base biases (peft allows only one)")
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
