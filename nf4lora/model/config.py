@@ -1,9 +1,9 @@
 """`LlamaConfig`: the architecture hyper-parameters, read from and written to Hugging Face `config.json`.
 
 One typed dataclass covers Llama 1/2/3/3.x and the models that share `LlamaForCausalLM`'s config (TinyLlama,
-SmolLM, Mistral-style GQA without a sliding window). `from_hf_dict` accepts both config dialects that exist on the
-hub: transformers < 5 (`rope_theta` + `rope_scaling`) and transformers >= 5 (`rope_parameters`). `to_hf_dict`
-writes both, so either version of transformers reads our checkpoints.
+SmolLM, Mistral-style GQA without a sliding window, or with one no shorter than the inputs). `from_hf_dict` accepts
+both config dialects that exist on the hub: transformers < 5 (`rope_theta` + `rope_scaling`) and transformers >= 5
+(`rope_parameters`). `to_hf_dict` writes both, so either version of transformers reads our checkpoints.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from nf4lora.jsonfile import read_json_object
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+HIDDEN_ACTS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 # The special-token ids that generation_config.json may set; where it does, transformers' generate uses them.
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# transformers' MistralConfig defaults where they differ from LlamaConfig's: a Mistral config.json without these keys
+# means these values (a missing sliding_window is a 4096-token window, not none)
+_MISTRAL_DEFAULTS = {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32, "sliding_window": 4096}
 
 
 @dataclass
@@ -30,7 +34,9 @@ class LlamaConfig:
     `extra` keeps the config.json keys without a field here (e.g. `quantization_config`); it is not compared.
     `rope_scaling` is None for plain RoPE, or a dict with `rope_type` in `ROPE_TYPES` and that type's parameters
     (`factor` for "linear"; `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`
-    for "llama3"). `eos_token_id` may be a list (Llama 3 instruct stops on several ids).
+    for "llama3", whose `original_max_position_embeddings` defaults to `max_position_embeddings` as in transformers
+    5). `eos_token_id` may be a list (Llama 3 instruct stops on several ids). `sliding_window` (None, or at least
+    `max_position_embeddings`) is not applied: `Llama.forward` refuses inputs longer than it.
     """
 
     vocab_size: int = 32000
@@ -48,6 +54,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    sliding_window: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -74,8 +81,12 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; valid: 'silu'")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; valid: {list(HIDDEN_ACTS)}")
+        window = self.sliding_window
+        if window is not None and not (_is_int(window) and window >= self.max_position_embeddings):
+            raise ValueError(f"sliding_window={window!r} attention is not supported; valid: null (or an int "
+                             f">= max_position_embeddings={self.max_position_embeddings})")
         for name in ("rms_norm_eps", "rope_theta"):
             _check_positive_number(name, getattr(self, name))
         # a truthy string such as "false" would otherwise tie the head or add biases the checkpoint lacks
@@ -83,7 +94,7 @@ class LlamaConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         check_token_ids({name: getattr(self, name) for name in GENERATION_IDS})
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def rope_type(self) -> str:
@@ -115,6 +126,8 @@ class LlamaConfig:
             raise ValueError(f"{source}: missing required keys {missing}")
         names = {f.name for f in fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         kwargs = {k: raw[k] for k in names if k in raw}
+        if model_type == "mistral" or (model_type is None and archs and "MistralForCausalLM" in archs):
+            kwargs = {**_MISTRAL_DEFAULTS, **kwargs}
         # transformers >= 5 reads a set rope_scaling before rope_parameters (its own dialect: theta and scaling in
         # one dict), and theta from that dict before the top-level rope_theta; so do we
         rope_key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
@@ -123,18 +136,19 @@ class LlamaConfig:
             raise ValueError(f"{source}: {rope_key}={rope!r} must be a dict or null")
         rope = dict(rope)
         kwargs["rope_theta"] = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+        # transformers >= 5 moves two top-level keys into the RoPE parameters: partial_rotary_factor where the dict
+        # sets none, and (llama3) original_max_position_embeddings over the dict's own
+        if "partial_rotary_factor" in raw:
+            rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
+        if "original_max_position_embeddings" in raw and _rope_type(rope) == "llama3":
+            rope["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
         kwargs["rope_scaling"] = rope or None
         kwargs["extra"] = {k: v for k, v in raw.items()
                            if k not in names and k not in ("rope_theta", "rope_scaling", "rope_parameters")}
         try:
-            config = cls(**kwargs)
+            return cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
-        window = raw.get("sliding_window")
-        if window is not None and not (_is_int(window) and window >= config.max_position_embeddings):
-            raise ValueError(f"{source}: sliding_window={window!r} attention is not supported; valid: null (or an int "
-                             f">= max_position_embeddings={config.max_position_embeddings})")
-        return config
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> LlamaConfig:
@@ -197,19 +211,31 @@ def check_token_ids(ids: dict) -> None:
             raise ValueError(f"{name}={value!r} is not a token id; valid: {valid}")
 
 
-def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
+def _rope_type(scaling: dict) -> str:
+    """The RoPE type a rope_scaling / rope_parameters dict names: `rope_type`, else transformers 4's `type`."""
+    return scaling.get("rope_type") or scaling.get("type") or "default"
+
+
+def _normalize_rope_scaling(scaling: dict | None, max_position_embeddings: int) -> dict | None:
     """Validate `rope_scaling` and return it with `rope_type` set, or None for plain RoPE."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
         raise ValueError(f"rope_scaling={scaling!r} must be a dict or null")
     scaling = dict(scaling)
-    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    rope_type = _rope_type(scaling)
+    scaling.pop("rope_type", None)
     scaling.pop("type", None)
+    rotary = scaling.pop("partial_rotary_factor", 1)
+    # transformers' Llama ignores it for plain RoPE and fails on it for scaled RoPE: neither rotates part of the head
+    if not (isinstance(rotary, numbers.Real) and not isinstance(rotary, bool) and rotary == 1):
+        raise ValueError(f"partial_rotary_factor={rotary!r} is not supported (Llama rotates the whole head); valid: 1")
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}; valid: {list(ROPE_TYPES)}")
     if rope_type == "default":
         return None
+    if rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
     needed = ("factor",) if rope_type == "linear" else _LLAMA3_ROPE_KEYS
     missing = [k for k in needed if k not in scaling]
     if missing:

@@ -308,6 +308,7 @@ class Llama(nn.Module):
                 cache.set_padding(attention_mask.to(cache.key_mask.device))
             mask, is_causal, cache_position, n_keys = _mask_with_cache(cache, cache_position, t, device)
             kv_slots = list(zip(cache.k, cache.v))
+        _check_sliding_window(self.config.sliding_window, n_keys)
         if position_ids is None:
             position_ids = (_segment_positions(segment_ids) if segment_ids is not None
                             else cache_position.unsqueeze(0).expand(b, t))
@@ -341,6 +342,14 @@ class Llama(nn.Module):
             h, pending = h[:, -logits_to_keep:], pending[:, -logits_to_keep:]
         _, normed = self.model.norm(pending, residual=h)
         return self.lm_head(normed.to(_head_device(self.lm_head)))
+
+
+def _check_sliding_window(window: int | None, n_keys: int) -> None:
+    """Refuse attending over more than the config's `sliding_window` keys (`n_keys`: the cache slots a call reads, or
+    its own tokens without a cache): past the window transformers masks the oldest keys, which this model attends."""
+    if window is not None and n_keys > window:
+        raise ValueError(f"{n_keys} attended tokens exceed sliding_window={window} of the config, which nf4lora does "
+                         f"not apply; valid: at most {window} tokens (cache slots) per sequence")
 
 
 def _head_device(head: nn.Module) -> torch.device:
