@@ -49,6 +49,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
     """A local directory for `path_or_id`: the directory itself, or a hub snapshot of the files matching
     `patterns` (cache first, honours HF_HUB_OFFLINE). Errors name the path or id and what to do."""
     path = os.fspath(path_or_id)
+    if path.startswith("~") and not os.path.exists(path):
+        path = os.path.expanduser(path)  # as a shell would; no hub id starts with "~"
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

@@ -32,6 +32,7 @@ BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", 
 FLOAT_STORAGE_DTYPES = ("F64", "F32", "F16", "BF16")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclasses.dataclass
@@ -53,6 +54,16 @@ class LoadOptions:
     device_map: str | torch.device | None = None
 
     def __post_init__(self) -> None:
+        from nf4lora.nf4.tensor import check_blocksize
+
+        # checked even for a dense load, which ignores them: a typo must not wait for the first quantized load
+        self.blocksize = check_blocksize(self.blocksize)
+        for flag in ("double_quant", "gradient_checkpointing"):
+            # bool("no") is True: a string or number here would silently switch the option on
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} is not a bool; valid: True, False")
+        if self.compute_dtype is not None:
+            self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
         # one name is one module: iterating the string would skip single-letter "modules" and so nothing
         if isinstance(self.skip_modules, str):
             self.skip_modules = (self.skip_modules,)
@@ -75,12 +86,30 @@ class LoadOptions:
         return cls(**options)
 
 
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str, name: str = "dtype") -> torch.dtype:
+    """`dtype` (a torch dtype or a name such as "bf16" or "torch.float32") as a torch dtype; a ValueError naming the
+    argument `name` and the valid values otherwise."""
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype {dtype!r} is not supported; valid: {sorted(_DTYPES)}")
+    raise ValueError(f"{name} {dtype!r} is not supported; valid: {sorted(_DTYPES)}")
+
+
+def _checkpoint_dtype(config: LlamaConfig, index: dict[str, TensorEntry], model_dir: str) -> torch.dtype:
+    """dtype="auto" as transformers resolves it: config.json's dtype (torch_dtype before transformers 5), else the
+    dtype of the checkpoint's first float tensor."""
+    declared = config.extra.get("dtype") or config.extra.get("torch_dtype")
+    if declared is not None:
+        source = f"{model_dir}/config.json's dtype"
+    else:
+        stored = next((e.dtype for e in index.values() if e.dtype in FLOAT_STORAGE_DTYPES), None)
+        declared, source = _SAFETENSORS_DTYPES.get(stored, stored), f"{model_dir}'s float tensors"
+    try:
+        return parse_dtype(declared)
+    except ValueError:
+        raise ValueError(f"dtype='auto' resolves to {declared!r} ({source}); valid: {sorted(_DTYPES)}, or pass "
+                         f"one of them as dtype") from None
 
 
 def _skipped(name: str, skip_modules) -> bool:
@@ -159,17 +188,33 @@ def _estimate_layer_bytes(config, index: dict[str, TensorEntry], quantize: bool,
     return per_layer, other
 
 
-def _check_device(device) -> None:
-    """Refuse a device string torch cannot parse, or a CUDA device this machine does not have, in one line."""
-    if device == "auto":
+def _resolve_device(device, device_map):
+    """The one device that `device` and its alias `device_map` name; refuses two that disagree (device's default,
+    "cpu", gives way to any device_map)."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, (str, torch.device)) and str(device) not in ("cpu", str(device_map)):
+        raise ValueError(f"device={str(device)!r} and device_map={str(device_map)!r} disagree; valid: pass one of "
+                         f"them, or both the same")
+    return device_map
+
+
+def _check_device(device, name: str = "device") -> None:
+    """Refuse, in one line naming the argument `name`, a device torch cannot parse, one the loader does not place
+    tensors on (meta would leave every weight unloaded; mps, xpu, ... are not supported), or a CUDA device this
+    machine does not have."""
+    if isinstance(device, str) and device == "auto":
         return
+    valid = "'cpu', 'cuda', 'cuda:N', 'auto'"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; valid: 'cpu', 'cuda', 'cuda:N', 'auto'") from None
+        raise ValueError(f"{name}={device!r} is not a device; valid: {valid}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}={str(device)!r} is not supported; valid: {valid}")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"device={str(device)!r} but {count} CUDA device(s) are visible; valid: 'cpu', 'auto'"
+        raise ValueError(f"{name}={str(device)!r} but {count} CUDA device(s) are visible; valid: 'cpu', 'auto'"
                          + "".join(f", 'cuda:{i}'" for i in range(count)))
 
 
@@ -192,6 +237,8 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
                device: str | torch.device = "cpu", **options) -> Llama:
     """Load a Llama checkpoint (local HF directory or hub id) as a `Llama` in eval mode.
 
+    dtype: of the dense tensors and of the weights quantized; "auto" is config.json's dtype (else the checkpoint's),
+    as in transformers.
     quantization: None (dense), "nf4" or "fp4": linears of the decoder are quantized on `device` as they are read;
     embeddings, norms and `skip_modules` stay in `dtype`. Pre-quantized bitsandbytes checkpoints load as stored
     (4-bit linears 4-bit, dense ones dense), with quantization None or their own type.
@@ -202,10 +249,11 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is not supported; valid: {list(QUANTIZATIONS)}")
     opts = LoadOptions.from_kwargs(options)
-    dtype = parse_dtype(dtype)
-    if opts.device_map is not None:
-        device = opts.device_map
-    _check_device(device)
+    auto_dtype = isinstance(dtype, str) and dtype == "auto"
+    if not auto_dtype:
+        dtype = parse_dtype(dtype)
+    device = _resolve_device(device, opts.device_map)
+    _check_device(device, "device_map" if opts.device_map is not None else "device")
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir)
     config.update_from_generation_config(model_dir)
@@ -215,8 +263,10 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
                          f"re-quantize it; valid: None or {stored_type!r}")
     if stored_type is not None:
         quantization = None  # the checkpoint says which linears are 4-bit; its dense ones stay dense
-    compute_dtype = parse_dtype(opts.compute_dtype) if opts.compute_dtype is not None else stored_compute_dtype or dtype
     index = checkpoint_index(model_dir)
+    if auto_dtype:
+        dtype = _checkpoint_dtype(config, index, model_dir)
+    compute_dtype = opts.compute_dtype or stored_compute_dtype or dtype
     devices = _layer_devices(device, config, index, quantization is not None, opts, dtype)
     with torch.device("meta"):
         model = Llama(config)
