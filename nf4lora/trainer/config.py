@@ -40,6 +40,13 @@ RESUME_KEYS = ("model", "quantization", "blocksize", "double_quant", "lora_r", "
                "data", "val_data", "val_fraction", "record_format", "template")
 
 
+# Free text that is tokenized (or matched against module names), so it must be encodable as UTF-8: a command line
+# holding bytes that are not UTF-8 reaches Python as lone surrogates, which the tokenizer cannot take.
+TEXT_FIELDS = ("template", "sample_prompt", "target_modules")
+# An empty path would be read as "." (or, for --output-dir, as no flag at all).
+PATH_FIELDS = ("model", "data", "val_data", "output_dir", "resume")
+
+
 class UsageError(ValueError):
     """A problem with the user's input; the CLI prints the one-line message and exits with code 2."""
 
@@ -68,7 +75,8 @@ class TrainConfig:
                                            "its tokens are masked out of the loss")
     max_len: int = _opt(256, "maximum tokens per sequence; longer examples are truncated")
     packing: bool = _opt(False, "pack several short examples per sequence, attention kept within each example")
-    output_dir: str | None = _opt(None, "run directory (default: runs/<timestamp>)")
+    output_dir: str | None = _opt(None, "run directory (default: the run directory of --resume, else "
+                                        "runs/<timestamp>)")
     overwrite: bool = _opt(False, "replace the run that --output-dir holds; its files are kept aside (in a hidden "
                                   ".replaced-* directory there) until the new run saves its first checkpoint, and "
                                   "put back if it stops before that")
@@ -93,7 +101,8 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-4, "peak learning rate")
     schedule: str = _opt("constant", "learning-rate schedule after warmup", SCHEDULES)
-    warmup_steps: int = _opt(0, "linear warmup steps: step s (from 0) of W uses lr * (s + 1) / (W + 1), then the schedule")
+    warmup_steps: int = _opt(
+        0, "linear warmup steps: step s (from 0) of W uses lr * (s + 1) / (W + 1), then the schedule")
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     max_grad_norm: float = _opt(0.3, "gradient clipping norm (0 disables); 0.3 as in QLoRA")
     optimizer: str = _opt("paged-adamw-32bit", "optimizer", OPTIMIZERS)
@@ -147,16 +156,31 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
-        try:
-            self.template.format(prompt="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UsageError(f"--template {self.template!r} cannot be filled in ({type(exc).__name__}: {exc}); "
-                             f"{{prompt}} is its only placeholder, and a literal brace is written twice") from None
-        # Parsed, not searched: "{{prompt}}" is the literal text {prompt}, and "{prompt!s}" is a placeholder.
-        if "prompt" not in {name for _, name, _, _ in string.Formatter().parse(self.template)}:
-            raise UsageError(f"--template {self.template!r} must contain the placeholder {{prompt}}")
+        for name in TEXT_FIELDS:
+            _check_unicode(name, getattr(self, name))
+        for name in PATH_FIELDS:
+            if getattr(self, name) == "":
+                raise UsageError(f"--{_flag(name)} '' is empty; pass a path, or leave the flag out for its default")
+        self._check_template()
         if not self.target_modules.strip():
             raise UsageError("--target-modules is empty; use all-linear or names such as q_proj,v_proj")
+
+    def _check_template(self) -> None:
+        """``{prompt}`` (with a conversion or format spec) is the one placeholder: ``{prompt.x}`` or ``{prompt[0]}``
+        would reach into the prompt string, and ``{prompt.upper}`` fill in a method's repr."""
+        only = "{prompt} is its only placeholder, and a literal brace is written twice"
+        try:
+            self.template.format(prompt="")
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise UsageError(f"--template {self.template!r} cannot be filled in ({type(exc).__name__}: {exc}); "
+                             f"{only}") from None
+        # Parsed, not searched: "{{prompt}}" is the literal text {prompt}, and "{prompt!s}" is a placeholder.
+        names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        others = sorted(names - {"prompt"})
+        if others:
+            raise UsageError(f"--template {self.template!r} has the placeholder {{{others[0]}}}; {only}")
+        if "prompt" not in names:
+            raise UsageError(f"--template {self.template!r} must contain the placeholder {{prompt}}")
 
     def check_warmup(self, total_steps: int) -> None:
         """Refuse a warmup longer than the run, once the run's length in optimizer steps is known."""
@@ -194,6 +218,18 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_unicode(name: str, value: str | None) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates: bytes that were not UTF-8), naming its first bad
+    character."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"--{_flag(name)} {value!r} is not UTF-8 text (character {exc.start} is "
+                         f"{value[exc.start]!r}); pass UTF-8 text") from None
 
 
 def _kind(name: str) -> type:
@@ -311,5 +347,5 @@ def requested_resume(args: argparse.Namespace) -> str | None:
     if getattr(args, "resume", None):
         return args.resume
     if getattr(args, "config", None):
-        return load_toml(args.config).get("resume")
+        return _coerce("resume", load_toml(args.config).get("resume"), f"--config {args.config}")
     return None

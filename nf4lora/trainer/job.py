@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -183,8 +184,12 @@ def run_length(config: TrainConfig, per_epoch: int) -> tuple[int, int]:
     epochs do and its last step may take fewer than ``grad_accum`` of them."""
     if config.max_steps:
         return config.max_steps, config.max_steps * config.grad_accum
+    exact = config.epochs * per_epoch
+    if not math.isfinite(exact):
+        raise UsageError(f"--epochs {config.epochs:g} of {per_epoch} micro-batches each overflows a float; use at "
+                         f"most {sys.float_info.max / per_epoch:g}, or --max-steps")
     # Rounded first: 1.1 * 50 is 55.00000000000001 in floats, which must not become a 56th micro-batch.
-    micro_batches = max(1, math.ceil(round(config.epochs * per_epoch, 9)))
+    micro_batches = max(1, math.ceil(round(exact, 9)))
     return math.ceil(micro_batches / config.grad_accum), micro_batches
 
 
