@@ -325,8 +325,13 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
         raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {device}")
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_len = t + max_new_tokens
+    window = config.sliding_window
+    if window is not None and cache_len > window:  # refused before any token, not by the forward midway
+        raise ValueError(f"{t} prompt tokens + max_new_tokens={max_new_tokens} exceed the config's sliding_window="
+                         f"{window}, which nf4lora does not apply; valid: at most {window} tokens in all")
     if static_cache or cuda_graph or compile:  # fixed-shape steps read every slot anyway
         cache_len = -(-cache_len // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+        cache_len = cache_len if window is None else min(cache_len, window)  # no slot past the window
     cache = model.new_cache(b, cache_len)
     padded = not bool(mask.all())
     # padding slots are masked out, so any id serves there; 0 is one the embedding has, unlike pad_id perhaps

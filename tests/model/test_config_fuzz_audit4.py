@@ -203,3 +203,22 @@ def test_swish_is_silu(tmp_path):
     # transformers' ACT2FN maps "swish" to SiLU; refused before
     reference = _save(tmp_path, {**TINY, "hidden_act": "swish"})
     _assert_logits_match(reference, load_model(tmp_path, dtype=torch.float32), TINY["vocab_size"], t=7)
+
+
+def test_generate_refuses_a_run_past_the_sliding_window_before_any_token_and_fits_its_static_cache(tmp_path):
+    # generate ran until the forward refused midway (tokens already streamed), and a static cache rounded up to 256
+    # slots read past a window the tokens fitted in
+    from nf4lora.model import generate, generate_stream
+
+    window = int(torch.randint(8, 12, ()))
+    config = {**TINY, "max_position_embeddings": window, "sliding_window": window}
+    reference = _save(tmp_path, config, transformers.MistralForCausalLM, transformers.MistralConfig)
+    ours = load_model(tmp_path, dtype=torch.float32)
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 3)).tolist()
+    with pytest.raises(ValueError, match=rf"^3 prompt tokens \+ max_new_tokens={window - 2} exceed the config's "
+                                         rf"sliding_window={window}, .*; valid: at most {window} tokens in all$"):
+        generate_stream(ours, prompt, max_new_tokens=window - 2, eos_ids=())
+    out = generate(ours, prompt, max_new_tokens=window - 3, eos_ids=(), static_cache=True)
+    expected = reference.generate(torch.tensor(prompt), max_new_tokens=window - 3, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    assert out.tolist() == expected.tolist()
