@@ -82,7 +82,7 @@ def resolve_code(quant_type: str, code: torch.Tensor | None = None) -> tuple[tor
     outside = code[~((code >= -1) & (code <= 1))]  # NaN fails both comparisons
     if outside.numel():
         raise ValueError(f"custom codebook values must be finite and in [-1, 1], got {outside.tolist()}")
-    return code, "custom"
+    return code.detach(), "custom"  # a codebook that requires grad must not put the weights in an autograd graph
 
 
 @functools.cache

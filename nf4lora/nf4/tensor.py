@@ -58,8 +58,21 @@ class QuantState:
         names = ("absmax", "code", "offset", "nested_absmax", "nested_code")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def to(self, device: torch.device | str) -> QuantState:
+    def to(self, device: torch.device | str | int) -> QuantState:
+        """This state on `device`; the stored dtypes never change (a cast would corrupt the uint8 absmax)."""
+        device = check_device(device)
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
+
+
+def check_device(device: torch.device | str | int) -> torch.device:
+    """``device`` as a torch.device, or a one-line TypeError: a quantized tensor moves between devices but never
+    changes dtype (dequantize(dtype) chooses the output dtype)."""
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(
+            f"a quantized tensor moves to a device only, got {device!r}; valid: a torch.device, a device string "
+            f"such as 'cpu' or 'cuda:0', or a CUDA index (use .dequantize(dtype) for another dtype)"
+        )
+    return torch.device(device)
 
 
 def check_decodes_finite(state: QuantState, what: str, valid: str) -> None:
@@ -108,6 +121,9 @@ class QuantizedTensor:
     """
 
     def __init__(self, packed: torch.Tensor, state: QuantState):
+        if not isinstance(packed, torch.Tensor) or not isinstance(state, QuantState):
+            got = f"{type(packed).__name__} and {type(state).__name__}"
+            raise TypeError(f"QuantizedTensor needs a uint8 torch.Tensor of packed codes and a QuantState, got {got}")
         numel = state.shape.numel()
         if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 2):
             raise ValueError(
@@ -154,8 +170,10 @@ class QuantizedTensor:
         """The decoded tensor, shape `self.shape`, in `dtype` (default: the original dtype)."""
         return dequantize(self, dtype)
 
-    def to(self, device: torch.device | str) -> QuantizedTensor:
-        return QuantizedTensor(self.packed.to(device), self.state.to(device))
+    def to(self, device: torch.device | str | int) -> QuantizedTensor:
+        """This tensor on `device` (packed codes and state); `QuantState.to` says what is refused."""
+        state = self.state.to(device)
+        return QuantizedTensor(self.packed.to(state.absmax.device), state)
 
     def __repr__(self) -> str:
         kind = f"{self.state.quant_type}{'+dq' if self.state.double_quant else ''}"
@@ -209,6 +227,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     Values are `code[idx] * absmax[block]` computed in float32 and rounded once to `dtype`, bit-exact with
     bitsandbytes' `dequantize_4bit` on the CPU.
     """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize needs a QuantizedTensor, got {type(q).__name__}; valid: the result of quantize()")
     dtype = dtype or q.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"cannot dequantize to {dtype}; valid: float32, float16, bfloat16")
