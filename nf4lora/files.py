@@ -60,18 +60,30 @@ def publish_files(directory: Path, writers: dict[str, Callable[[Path], object]],
     fsync_dir(directory)
 
 
+def replaced_path(final: Path) -> Path:
+    """Where :func:`publish_directory` moves the old ``final`` aside while the new one takes its name."""
+    return final.with_name(f".{final.name}.old.tmp")
+
+
+def restore_replaced(final: Path) -> None:
+    """Finish a :func:`publish_directory` that a crash stopped between its two renames: the old ``final`` comes back
+    when no new one took its name, and goes when one did."""
+    old = replaced_path(final)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
+
 def publish_directory(tmp: Path, final: Path) -> None:
     """Make the complete directory ``tmp`` appear as ``final`` in one rename: flushed to disk first, replacing a
     ``final`` already there (re-saving a step, ``--overwrite``) only once the new one is whole, and the parent then
     flushed, since the rename itself survives a power cut only once the directory entry is on disk. The old ``final``
     is moved aside first and comes back if the new one's rename fails, or at the next publish after a crash."""
     fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old.tmp")
-    if old.exists():  # left by a crash between the two renames below
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, final)
+    old = replaced_path(final)
+    restore_replaced(final)
     if final.exists():
         os.replace(final, old)
         try:

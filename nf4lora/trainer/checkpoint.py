@@ -12,7 +12,8 @@ Layout of ``<run>/checkpoint-<step>/``:
 A checkpoint directory only ever appears complete: it is written as ``.checkpoint-<step>.tmp``, flushed to disk,
 then renamed with ``os.replace`` (atomic on POSIX within one file system), and the run directory is flushed so
 that the rename is on disk too. A crash mid-write leaves a ``.tmp`` directory that is ignored and cleaned up by the
-next save. A resume checks the manifest first, then reads ``trainer_state.pt`` with
+next save, which also brings back a checkpoint that a crash left moved aside while re-saving its step. A resume
+checks the manifest first, then reads ``trainer_state.pt`` with
 ``torch.load(weights_only=True)``: tensors, plain Python values and NumPy's RNG array only, so a checkpoint from
 elsewhere cannot run code.
 
@@ -36,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from nf4lora.files import publish_directory
+from nf4lora.files import publish_directory, restore_replaced
 from nf4lora.jsonfile import read_json_object
 
 from .config import RESUME_KEYS, TrainConfig, UsageError
@@ -52,7 +53,10 @@ SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr", "lr_lambdas")
 # would be silently ignored, so it is refused like a change to RESUME_KEYS.
 RESTORED_KEYS = {"lr": "optimizer and scheduler state", "weight_decay": "optimizer state",
                  "lora_dropout": "adapter_config.json"}
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+# the names save_checkpoint writes, and only those: ASCII digits without leading zeros ("\d" takes "１２" as 12)
+_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
+_TEMP = re.compile(r"^\.checkpoint-[0-9]+\.tmp$")
+_REPLACED = re.compile(r"^\.(checkpoint-[0-9]+)\.old\.tmp$")  # files.replaced_path of a checkpoint
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -103,8 +107,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
     peft-format adapter. A save that fails (a full disk) removes its partial copy, which would hold the space the
     next attempt needs, and re-raises."""
     run_dir = Path(run_dir)
-    for stale in run_dir.glob(".checkpoint-*.tmp"):
-        shutil.rmtree(stale)
+    _recover_interrupted_saves(run_dir)
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     tmp.mkdir(parents=True)
@@ -117,6 +120,22 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
         raise
     publish_directory(tmp, final)
     return final
+
+
+def _recover_interrupted_saves(run_dir: Path) -> None:
+    """Clear what a save stopped by a crash left in ``run_dir``: its temp copy goes, and a checkpoint it had moved
+    aside to replace (``.checkpoint-<step>.old.tmp``, whole) comes back unless the new one took its place."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.iterdir():
+        if not _TEMP.match(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:  # a file or link of that name would make every save fail
+            path.unlink()
+    for checkpoint in _checkpoint_dirs(run_dir):
+        restore_replaced(checkpoint)
 
 
 def _sha256(path: Path) -> str:
@@ -137,10 +156,14 @@ def write_manifest(directory: Path) -> None:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    run_dir = Path(run_dir)
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and
-             (p / STATE_FILE).is_file()] if run_dir.is_dir() else []
-    return [p for _, p in sorted(found)]
+    return [path for path in _checkpoint_dirs(Path(run_dir)) if (path / STATE_FILE).is_file()]
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` paths of ``run_dir`` by step, those that exist or were moved aside to be replaced."""
+    names = {_REPLACED.sub(r"\1", path.name) for path in run_dir.iterdir()} if run_dir.is_dir() else set()
+    steps = {int(m.group(1)): name for name in names if (m := _NAME.match(name))}
+    return [run_dir / steps[step] for step in sorted(steps)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
