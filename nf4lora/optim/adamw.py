@@ -28,7 +28,8 @@ The tensors are views of the live state, as torch's are (deep-copy to keep a sna
 copies), except `absmax1` and `absmax2`, copies so that `torch.save` takes the dict. `load_state_dict` copies the
 tensors into the optimizer's own buffers, accepts torch.optim.AdamW's 32-bit dicts, and refuses a dict whose
 structure, groups, parameter counts, state kinds or shapes differ from this optimizer's (or that asks for amsgrad,
-maximize, or torch.optim.Adam's L2 weight decay).
+maximize, or torch.optim.Adam's L2 weight decay). Both run torch's state-dict hooks. `copy.deepcopy` and pickle
+give a working optimizer (torch.save of the optimizer object does not: a state buffer is viewed as two dtypes).
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ def _check_saved_indices(saved_groups: list[dict]) -> None:
             listed.add(index)
 
 
+def _hook_result(result, state_dict: dict) -> dict:
+    """The state dict a torch state-dict hook hands on: the one it returned, or `state_dict` when it returned None."""
+    return state_dict if result is None else result
+
+
 @dataclass
 class DevicePlan:
     """The part of a step on one device: the fused update of the resident segments, and (PagedAdamW) the pages
@@ -278,6 +284,15 @@ class AdamW(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self._plan: _StepPlan | None = None
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def __getstate__(self) -> dict:
+        """torch's pickled state (defaults, state, param groups) plus this optimizer's settings, so that `copy.deepcopy`
+        and pickling give a working optimizer; the step plan is rebuilt at the next step."""
+        return {**super().__getstate__(), "optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._plan = None
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's `add_param_group`, refusing (and not adding) a group with bad hyperparameters or dtypes, without
@@ -410,7 +425,10 @@ class AdamW(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict:
-        """torch's layout: {"state": {index: entry}, "param_groups": [...]}; entries per the module docstring."""
+        """torch's layout: {"state": {index: entry}, "param_groups": [...]}; entries per the module docstring. Runs
+        the hooks of torch's `register_state_dict_pre_hook` / `register_state_dict_post_hook` as torch does."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         groups, start = [], 0
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
@@ -426,10 +444,17 @@ class AdamW(torch.optim.Optimizer):
                     # storage viewed as two dtypes
                     entry[name] = tensor.clone() if name.startswith("absmax") else tensor.view(p.shape)
                 state[index] = entry
-        return {"state": state, "param_groups": groups}
+        state_dict = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = _hook_result(post_hook(self, state_dict), state_dict)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore hyperparameters and states from `state_dict()` output of an optimizer over the same parameters."""
+        """Restore hyperparameters and states from `state_dict()` output of an optimizer over the same parameters.
+        Runs the hooks of torch's `register_load_state_dict_pre_hook` (which may return a new dict) and
+        `register_load_state_dict_post_hook` as torch does."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = _hook_result(pre_hook(self, state_dict), state_dict)
         _check_structure(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -461,6 +486,8 @@ class AdamW(torch.optim.Optimizer):
             state = self.state[p]
             state["step"] = int(entry["step"])
             self._load_state_tensors(p, state, entry)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _check_entry(self, index: int, p: torch.Tensor, entry: dict) -> dict:
         fields = STATE_FIELDS_8 if self.eight_bit(p) else STATE_FIELDS_32

@@ -97,6 +97,16 @@ class PagedAdamW(AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits,
                          min_8bit_size=min_8bit_size)
 
+    def __getstate__(self) -> dict:
+        """AdamW's, plus the paging settings; the side streams and the pending write-back are per process."""
+        self._wait_writeback()
+        return {**super().__getstate__(), "page_bytes": self.page_bytes, "_budget": self._budget,
+                "_resident_bytes": self._resident_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._streams, self._writeback = {}, None
+
     # -- budget ---------------------------------------------------------------------------------------------------
 
     @property
