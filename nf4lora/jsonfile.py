@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
@@ -19,3 +20,20 @@ def read_json_object(path: str | os.PathLike) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+class RepeatedKey(ValueError):
+    """A JSON object names a key twice: json.loads would keep the last value and silently drop the others."""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} appears twice in one object")
+        self.key = key
+
+
+def object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' ``object_pairs_hook``: the object as a dict, raising RepeatedKey for a key it names twice."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        seen: set[str] = set()
+        raise RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return fields

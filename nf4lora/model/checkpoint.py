@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from nf4lora.files import publish_files
-from nf4lora.jsonfile import read_json_object
+from nf4lora.jsonfile import RepeatedKey, object_without_repeats, read_json_object
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # A header larger than this is not a real checkpoint (transformers' largest shards have headers of a few MB).
@@ -76,19 +76,6 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
         raise FileNotFoundError(f"hub id {path!r} could not be fetched: {reason}") from None
 
 
-class _DuplicateKey(Exception):
-    """A JSON object names one key twice (json.loads would silently keep the last)."""
-
-
-def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     """Parse and validate the header of one safetensors file; returns {name: TensorEntry}.
 
@@ -107,11 +94,11 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
             raise ValueError(f"{path}: corrupt safetensors header: it claims {n} header bytes in a {size}-byte file")
         raw = f.read(n)
     try:
-        header = json.loads(raw, object_pairs_hook=_object_without_duplicates)
+        header = json.loads(raw, object_pairs_hook=object_without_repeats)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
-    except _DuplicateKey as e:
-        raise ValueError(f"{path}: corrupt safetensors header: {e.args[0]!r} is listed twice; valid: each tensor "
+    except RepeatedKey as e:
+        raise ValueError(f"{path}: corrupt safetensors header: {e.key!r} is listed twice; valid: each tensor "
                          f"once") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")

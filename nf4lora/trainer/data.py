@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from nf4lora.jsonfile import RepeatedKey, object_without_repeats
+
 from .config import RECORD_FORMATS, UsageError
 
 IGNORE_INDEX = -100
@@ -134,7 +136,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line, object_pairs_hook=_json_object)
+            value = json.loads(line, object_pairs_hook=object_without_repeats)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise UsageError(f"{path} line {number}: malformed JSON ({_json_problem(exc)}); fix or remove that "
                              f"line") from None
@@ -146,7 +148,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
 
 def _read_json(path: Path, text: str) -> list[Record]:
     try:
-        value = json.loads(text, object_pairs_hook=_json_object)
+        value = json.loads(text, object_pairs_hook=object_without_repeats)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and _is_one_line_object(text[:exc.pos]):
             return _read_jsonl(path, text)  # JSON Lines saved as .json, as datasets accepts
@@ -164,20 +166,6 @@ def _read_json(path: Path, text: str) -> list[Record]:
             raise UsageError(f"{path} record {index}: expected a JSON object, got {type(item).__name__}")
         records.append(Record(item, f"{path} record {index}"))
     return records
-
-
-class RepeatedKey(ValueError):
-    """A JSON object names a key twice; json.loads would keep the last value and silently drop the others."""
-
-
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads' object_pairs_hook: the object as a dict, refusing a repeated key as a repeated CSV column is."""
-    fields = dict(pairs)
-    if len(fields) < len(pairs):
-        seen: set[str] = set()
-        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise RepeatedKey(f"key {repeated!r} appears twice in one object")
-    return fields
 
 
 def _is_one_line_object(head: str) -> bool:
