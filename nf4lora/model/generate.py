@@ -207,6 +207,11 @@ def filter_logits(scores: torch.Tensor, top_k: int | None = None, top_p: float |
     """
     _check_scores(scores, "scores")
     _check_decoding(dict(top_k=top_k, top_p=top_p))
+    return _filter_logits(scores, top_k, top_p)
+
+
+def _filter_logits(scores: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """``filter_logits`` on arguments already checked."""
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -225,6 +230,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     `check_sampling_arguments`; anything else is refused."""
     _check_scores(logits, "logits")
     _check_decoding(dict(temperature=temperature, top_k=top_k, top_p=top_p))
+    return _sample_next(logits, temperature, top_k, top_p, generator)
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """``sample_next`` on arguments already checked: by it, or by ``check_sampling_arguments`` once per ``generate``
+    call, so that a decode step's sampling pays no argument checks."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float()
@@ -233,7 +245,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     # held to float32's normal range, which already gives both limits: below it, it rounded to 0 (0 / 0 = NaN for
     # the best score); above it, to inf (-inf / inf = NaN for a filtered-out one).
     temperature = float(min(max(temperature, FLOAT32.tiny), FLOAT32.max))
-    scores = filter_logits((scores - scores.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
+    scores = _filter_logits((scores - scores.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -355,7 +367,7 @@ def _steps(model, cache: KVCache, step, static: bool, logits: torch.Tensor, pos:
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        sampled = sample_next(logits[:, -1], *sampling)
+        sampled = _sample_next(logits[:, -1], *sampling)
         yield torch.where(finished, torch.full_like(sampled, pad_id), sampled)
         finished |= torch.isin(sampled, eos_tensor)
         if i == max_new_tokens - 1:
