@@ -45,13 +45,22 @@ class TensorEntry:
     nbytes: int
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] = MODEL_FILES) -> str:
+def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] = MODEL_FILES,
+                      revision: str | None = None) -> str:
     """A local directory for `path_or_id`: the directory itself, or a hub snapshot of the files matching
-    `patterns` (cache first, honours HF_HUB_OFFLINE). Errors name the path or id and what to do."""
+    `patterns` at `revision` (a branch, tag or commit hash; None is main), cache first, honouring HF_HUB_OFFLINE.
+    A revision with a local directory is refused: a directory has one version. Errors name the path or id and what
+    to do."""
+    if revision is not None and not (isinstance(revision, str) and revision):
+        raise ValueError(f"revision={revision!r} is not a revision; valid: a branch, tag or commit hash of the hub "
+                         f"repo, or None (main)")
     path = os.fspath(path_or_id)
     if path.startswith("~") and not os.path.exists(path):
         path = os.path.expanduser(path)  # as a shell would; no hub id starts with "~"
     if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} picks a version of a hub id, but {path} is a local directory; "
+                             f"valid: revision=None for a local directory")
         return path
     if os.path.exists(path):
         raise ValueError(f"{path} is a file; pass the model directory that holds config.json")
@@ -61,19 +70,20 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: tuple[str, ...] =
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    at_revision = "" if revision is None else f" at revision {revision!r}"
     try:
-        return snapshot_download(path, allow_patterns=list(patterns))
+        return snapshot_download(path, revision=revision, allow_patterns=list(patterns))
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"{path!r} is not a local directory, and as a hub id it is not in the local Hugging Face cache and the "
-            f"hub cannot be reached "
+            f"{path!r} is not a local directory, and as a hub id{at_revision} it is not in the local Hugging Face "
+            f"cache and the hub cannot be reached "
             f"(offline: HF_HUB_OFFLINE is set or there is no network); download it first or pass a local directory"
         ) from None
     except HFValidationError as e:
         raise ValueError(f"{path!r} is neither a local directory nor a valid hub id ('org/name'): {e}") from None
     except HfHubHTTPError as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]  # the hub's messages run over several lines
-        raise FileNotFoundError(f"hub id {path!r} could not be fetched: {reason}") from None
+        raise FileNotFoundError(f"hub id {path!r}{at_revision} could not be fetched: {reason}") from None
 
 
 def read_safetensors_header(path: str) -> dict[str, TensorEntry]:

@@ -234,7 +234,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype | str = torch.bfloat16,
-               device: str | torch.device = "cpu", **options) -> Llama:
+               device: str | torch.device = "cpu", *, revision: str | None = None, **options) -> Llama:
     """Load a Llama checkpoint (local HF directory or hub id) as a `Llama` in eval mode.
 
     dtype: of the dense tensors and of the weights quantized; "auto" is config.json's dtype (else the checkpoint's),
@@ -243,6 +243,8 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     embeddings, norms and `skip_modules` stay in `dtype`. Pre-quantized bitsandbytes checkpoints load as stored
     (4-bit linears 4-bit, dense ones dense), with quantization None or their own type.
     device: "cpu", "cuda", "cuda:N", or "auto" to spread decoder layers over the visible GPUs by free memory.
+    revision: of a hub id, a branch, tag or commit hash (None: main), as in transformers; refused for a local
+    directory.
     options: see `LoadOptions` (blocksize, double_quant, compute_dtype, skip_modules, gradient_checkpointing).
     The bos/eos/pad ids that generation_config.json sets replace config.json's, as in transformers' generate.
     """
@@ -254,7 +256,7 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
         dtype = parse_dtype(dtype)
     device = _resolve_device(device, opts.device_map)
     _check_device(device, "device_map" if opts.device_map is not None else "device")
-    model_dir = resolve_model_dir(path_or_id)
+    model_dir = resolve_model_dir(path_or_id, revision=revision)
     config = LlamaConfig.from_file(model_dir)
     config.update_from_generation_config(model_dir)
     stored_type, stored_compute_dtype = _prequantized_format(config, model_dir) or (None, None)
@@ -366,7 +368,8 @@ class _CheckpointReader:
         if key not in self.index:
             return None
         self.check_entry(key, (out_features,))
-        return self.read(key).to(self.device_of(key), self.compute_dtype)
+        # through the load dtype, as transformers + bitsandbytes hold it (and cast it to compute_dtype per forward)
+        return self.read(key).to(self.device_of(key), self.dtype).to(self.compute_dtype)
 
     def load_quantized(self, module_name: str) -> None:
         from nf4lora.kernels import quantize
@@ -488,7 +491,10 @@ def _skip_modules(model: Llama) -> list[str]:
 
 
 def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = None) -> None:
-    """Write a 4-bit `model` in transformers + bitsandbytes' format (loadable by `from_pretrained` and by us)."""
+    """Write a 4-bit `model` in transformers + bitsandbytes' format (loadable by `from_pretrained` and by us).
+
+    The 4-bit linears' biases, held in their compute dtype, are written in the model's dtype (its embeddings', which
+    config.json's torch_dtype names), as transformers writes them."""
     quantized = [m for m in model.modules() if _is_quantized(m)]
     if not quantized:
         raise ValueError("save_quantized needs a 4-bit model (NF4Linear layers); use save_pretrained for dense ones")
@@ -505,4 +511,9 @@ def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = Non
         "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": _skip_modules(model),
     }
-    write_checkpoint(out_dir, _checkpoint_tensors(model), config, max_shard_bytes)
+    tensors = _checkpoint_tensors(model)
+    dtype = model.model.embed_tokens.weight.dtype
+    for name, module in model.named_modules():
+        if _is_quantized(module) and module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.to(dtype)
+    write_checkpoint(out_dir, tensors, config, max_shard_bytes)

@@ -4,13 +4,15 @@ Both kinds expose `.encode(text) -> list[int]`, `.decode(ids) -> str`, `.bos_id`
 `.eos_ids` (every id that ends generation). Special tokens come, in this order of precedence, from
 `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`, `add_eos_token`),
 `generation_config.json` (`bos_token_id`, `eos_token_id` int or list, `pad_token_id`; a negative id means none), then
-the tokenizer itself. As in transformers, `special_tokens_map.json`'s `bos_token`/`eos_token`/`pad_token` override
-tokenizer_config.json's when that has no `added_tokens_decoder` (older checkpoints). Llama has no pad token;
-`pad_id` then falls back to `eos_id`, which is safe because padded positions are masked. Values of the wrong type in
-these files are a one-line ValueError naming the file, key and value.
+the tokenizer itself; tokenizer_config.json's `"bos_token": null` (Qwen's) means no BOS, as in transformers: `bos_id`
+is None and encode adds none (a null EOS or pad is looked up further). As in transformers, `special_tokens_map.json`'s
+`bos_token`/`eos_token`/`pad_token` override tokenizer_config.json's when that has no `added_tokens_decoder` (older
+checkpoints). Llama has no pad token; `pad_id` then falls back to `eos_id`, which is safe because padded positions
+are masked. Values of the wrong type in these files are a one-line ValueError naming the file, key and value.
 Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers; so do the tokens a
 fine-tune added past a `tokenizer.model` (ChatML's `<|im_start|>`), which tokenizer.json's `added_tokens` and
-tokenizer_config.json's `added_tokens_decoder` list (their `lstrip`/`rstrip` are not honoured). Intentional
+tokenizer_config.json's `added_tokens_decoder` list, each taking the whitespace on its left/right with it where it is
+marked `lstrip`/`rstrip`, as in transformers. Intentional
 differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
 ignores them unless the tokenizer class rewrites its post-processor), leading whitespace (or a leading "▁") in a
 sentencepiece text keeps sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special
@@ -24,10 +26,27 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
 from .config import GENERATION_IDS, check_token_ids
 from nf4lora.jsonfile import read_json_object
+
+
+# What the tokenizers library strips next to an added token marked lstrip/rstrip: Rust's char::is_whitespace, the
+# Unicode White_Space set (str.isspace() also counts U+001C..U+001F, which tokenizers keeps).
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+              "\u2028\u2029\u202f\u205f\u3000"
+
+
+class _AddedToken(NamedTuple):
+    """An added token's entry: its text, whether it is special, and whether it takes the whitespace on its
+    left (`lstrip`) / right (`rstrip`) when split out of a text."""
+
+    content: str
+    special: bool
+    lstrip: bool = False
+    rstrip: bool = False
 
 
 def _read_json(path: str) -> dict:
@@ -58,16 +77,17 @@ def _plain_ids(ids, special_ids: set, vocab_size: int) -> list[int]:
     return [i for i in ids if i not in special_ids and i < vocab_size]
 
 
-def _added_token_entries(path: str, key: str, entries) -> dict[int, tuple[str, bool]]:
-    """{id: (content, special)} of tokenizer.json's `added_tokens` ([{"id": int, "content": str, "special": bool}])
-    or tokenizer_config.json's `added_tokens_decoder` ({"<id>": {"content": str, "special": bool}}); transformers
-    skips the special ones in decode even where tokenizer.json does not mark them."""
+def _added_token_entries(path: str, key: str, entries) -> dict[int, _AddedToken]:
+    """{id: _AddedToken} of tokenizer.json's `added_tokens` ([{"id": int, "content": str, "special": bool, "lstrip":
+    bool, "rstrip": bool}]) or tokenizer_config.json's `added_tokens_decoder` ({"<id>": {"content": str, ...}});
+    transformers skips the special ones in decode even where tokenizer.json does not mark them."""
     try:
         pairs = entries.items() if isinstance(entries, dict) else ((token["id"], token) for token in entries)
-        tokens = {int(i): (token["content"], token.get("special") is True) for i, token in pairs}
+        tokens = {int(i): _AddedToken(token["content"], *(token.get(flag) is True for flag in _AddedToken._fields[1:]))
+                  for i, token in pairs}
     except (AttributeError, KeyError, TypeError, ValueError):
         tokens = None
-    if tokens is None or not all(isinstance(content, str) for content, _ in tokens.values()):
+    if tokens is None or not all(isinstance(token.content, str) for token in tokens.values()):
         valid = '{"<id>": {"content": string, "special": bool}}' if key == "added_tokens_decoder" else \
             '[{"id": int, "content": string, "special": bool}]'
         raise ValueError(f"{path}: {key}={repr(entries)[:200]} does not list added tokens; valid: {valid}")
@@ -78,12 +98,12 @@ class _SpecialTokens:
     """bos/eos/pad ids and add-bos/eos flags resolved from the JSON files next to the tokenizer."""
 
     def __init__(self, model_dir: str, token_to_id, defaults: dict, added: dict | None = None):
-        """`added`: {id: (content, special)} of tokens the tokenizer lacks; `added_tokens_decoder`'s join them."""
+        """`added`: {id: _AddedToken} of tokens the tokenizer lacks; `added_tokens_decoder`'s join them."""
         tok_path = os.path.join(model_dir, "tokenizer_config.json")
         tok_cfg = _read_json(tok_path)
         self.added = {**(added or {}), **_added_token_entries(
             tok_path, "added_tokens_decoder", tok_cfg.get("added_tokens_decoder", {}))}
-        added_ids = {content: i for i, (content, _) in self.added.items()}
+        added_ids = {token.content: i for i, token in self.added.items()}
         token_paths = {}
         if "added_tokens_decoder" not in tok_cfg:  # where transformers reads the legacy file, and lets it win
             map_path = os.path.join(model_dir, "special_tokens_map.json")
@@ -102,6 +122,8 @@ class _SpecialTokens:
 
         def resolve(name: str) -> int | None:
             key = f"{name}_token"
+            if name == "bos" and key in tok_cfg and tok_cfg[key] is None:
+                return None  # Qwen's: no BOS, as in transformers (neither generation_config.json's nor the .model's)
             text = _token_text(token_paths.get(key, tok_path), key, tok_cfg.get(key))
             ident = token_to_id(text) if text is not None else None
             if ident is None:
@@ -113,7 +135,7 @@ class _SpecialTokens:
         self.bos_id, self.eos_id, self.pad_id = resolve("bos"), resolve("eos"), resolve("pad")
         if self.pad_id is None:
             self.pad_id = self.eos_id
-        self.marked_special = {i for i, (_, special) in self.added.items() if special}
+        self.marked_special = {i for i, token in self.added.items() if token.special}
         eos_ids = [self.eos_id, *gen_ids.get("eos_token_id", [])]
         self.eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         self.add_bos = _flag(tok_path, tok_cfg, "add_bos_token")
@@ -166,8 +188,11 @@ class SentencePieceTokenizer:
         # Like transformers, "<s>", "</s>", "<unk>" and the added tokens the .model lacks (a fine-tune's ChatML
         # "<|im_start|>") written in the text are those tokens (sentencepiece alone would spell them out), and the
         # text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
-        added = {content: i for i, (content, _) in special.added.items() if content and token_to_id(content) is None}
+        added = {token.content: i for i, token in special.added.items()
+                 if token.content and token_to_id(token.content) is None}
         self._split_ids = {self.sp.id_to_piece(i): i for i in self.special_ids if i < self.vocab_size} | added
+        self._strips = {token.content: (token.lstrip, token.rstrip) for token in special.added.values()
+                        if token.content in self._split_ids and (token.lstrip or token.rstrip)}
         self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self._split_ids, key=len, reverse=True)))
                                       + ")")
         no_prefix = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
@@ -182,7 +207,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS/EOS per the config unless `bos`/`eos` say otherwise."""
         ids = []
-        for k, part in enumerate(self._special_re.split(text)):
+        for k, part in enumerate(self._split(text)):
             if k % 2:
                 ids.append(self._split_ids[part])
             elif part:
@@ -192,6 +217,17 @@ class SentencePieceTokenizer:
         if (self.add_eos if eos is None else eos) and self.eos_id is not None:
             ids = [*ids, self.eos_id]
         return ids
+
+    def _split(self, text: str) -> list[str]:
+        """`text` as [plain, token, plain, ..., plain], without the whitespace next to a token that strips it."""
+        parts = self._special_re.split(text)
+        for k in range(1, len(parts), 2):
+            lstrip, rstrip = self._strips.get(parts[k], (False, False))
+            if lstrip:
+                parts[k - 1] = parts[k - 1].rstrip(_WHITESPACE)
+            if rstrip:
+                parts[k + 1] = parts[k + 1].lstrip(_WHITESPACE)
+        return parts
 
     def _encode_plain(self, text: str, after_special: bool) -> list[int]:
         """sentencepiece's ids of `text`, which holds no special token; after one, without the dummy-prefix space
@@ -251,9 +287,10 @@ class HFTokenizer:
         return self.tok.decode(_plain_ids(ids, self.special_ids, self.vocab_size), skip_special_tokens=True)
 
 
-def load_tokenizer(path_or_id) -> SentencePieceTokenizer | HFTokenizer:
-    """The tokenizer of a local model directory or hub id: `tokenizer.model` if present, else `tokenizer.json`."""
-    model_dir = resolve_model_dir(path_or_id, TOKENIZER_FILES)
+def load_tokenizer(path_or_id, revision: str | None = None) -> SentencePieceTokenizer | HFTokenizer:
+    """The tokenizer of a local model directory or hub id (at `revision`, a branch, tag or commit hash; None: main):
+    `tokenizer.model` if present, else `tokenizer.json`."""
+    model_dir = resolve_model_dir(path_or_id, TOKENIZER_FILES, revision)
     if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
         return SentencePieceTokenizer(model_dir)
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):

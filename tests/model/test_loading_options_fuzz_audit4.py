@@ -215,7 +215,7 @@ def test_device_and_device_map(checkpoints):
         load_model(path, device_map={"": "cpu"})
 
 
-@pytest.mark.parametrize("options", [{"quant_storage": torch.bfloat16}, {"revision": "main", "blocksze": 64}])
+@pytest.mark.parametrize("options", [{"quant_storage": torch.bfloat16}, {"trust_remote_code": True, "blocksze": 64}])
 def test_unknown_options_are_named_with_the_valid_ones(checkpoints, options):
     with pytest.raises(TypeError, match=rf"unknown option\(s\) {sorted(options)!r}".replace("[", r"\[")
                        + r"; valid: \['blocksize', 'double_quant'"):
