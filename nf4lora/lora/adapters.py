@@ -22,9 +22,11 @@ key loading accepts is a base weight that peft saved beside the adapter (``save_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -203,6 +205,23 @@ def _some_keys(keys: list[str], shown: int = 4) -> str:
     return f"{keys[:shown]} and {len(keys) - shown} more" if len(keys) > shown else str(keys)
 
 
+@contextlib.contextmanager
+def _merges_held(model: nn.Module) -> Iterator[None]:
+    """Inside the block the merged LoRA layers of ``model`` read as unmerged, so that injecting an adapter (whose
+    ``set_adapter`` unmerges them) leaves their merged weights alone; their merges are back on exit.
+
+    An unmerge restores a weight only up to rounding, so a load that fails after it would leave the model changed.
+    """
+    held = {layer: layer.merged_adapters for _, layer in lora_layers(model) if layer.merged}
+    for layer in held:
+        layer.merged_adapters = []
+    try:
+        yield
+    finally:
+        for layer, names in held.items():
+            layer.merged_adapters = names
+
+
 def load_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
     lora_dtype: torch.dtype = torch.float32,
@@ -220,17 +239,19 @@ def load_adapter(
     tensors = _read_weights(directory)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     active = active_adapters(model) if hasattr(model, "lora_configs") else None
-    inject_lora(model, config, adapter_name)
-    try:
-        expected = peft_key_map(model, adapter_name)
-        _check_tensors(model, expected, tensors, os.path.join(directory, WEIGHTS_NAME))
-    except ValueError:
-        delete_adapter(model, adapter_name)
-        if active is not None:
-            set_adapter(model, active)
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        raise
+    with _merges_held(model):
+        inject_lora(model, config, adapter_name)
+        try:
+            expected = peft_key_map(model, adapter_name)
+            _check_tensors(model, expected, tensors, os.path.join(directory, WEIGHTS_NAME))
+        except ValueError:
+            delete_adapter(model, adapter_name)
+            if active is not None:
+                set_adapter(model, active)
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+            raise
+    set_adapter(model, adapter_name)  # now unmerges the merged layers, as injecting the adapter does
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key])

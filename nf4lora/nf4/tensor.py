@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+import numpy as np
 import torch
 
 from .blockwise import (
@@ -114,6 +115,15 @@ def check_blocksize(blocksize: int) -> int:
     return int(blocksize)
 
 
+def check_double_quant(double_quant: object) -> bool:
+    """``double_quant`` as a Python bool (NumPy's bool accepted), or a one-line TypeError naming it: ``bool("no")``
+    is True, so a string or a number would silently switch double quantization on."""
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise TypeError(f"double_quant={double_quant!r} ({type(double_quant).__name__}) is not a bool; valid: True, "
+                        f"False")
+    return bool(double_quant)
+
+
 class QuantizedTensor:
     """A tensor stored as packed 4-bit codes plus a `QuantState`.
 
@@ -199,6 +209,7 @@ def quantize(
     if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES or w.numel() == 0:
         check_float_input(w, "weight")
     blocksize = check_blocksize(blocksize)
+    double_quant = check_double_quant(double_quant)
     w = w.detach()  # quantizing a Parameter must keep no autograd graph (nor its float copy of w) alive
     code, quant_type = resolve_code(quant_type, code)
     code = code.to(w.device)

@@ -28,8 +28,8 @@ The tensors are views of the live state, as torch's are (deep-copy to keep a sna
 copies), except `absmax1` and `absmax2`, copies so that `torch.save` takes the dict. `load_state_dict` copies the
 tensors into the optimizer's own buffers, accepts torch.optim.AdamW's 32-bit dicts, and refuses a dict whose
 structure, groups, parameter counts, state kinds or shapes differ from this optimizer's (or that asks for amsgrad,
-maximize, or torch.optim.Adam's L2 weight decay). Both run torch's state-dict hooks. `copy.deepcopy` and pickle
-give a working optimizer (torch.save of the optimizer object does not: a state buffer is viewed as two dtypes).
+maximize, or torch.optim.Adam's L2 weight decay). Both run torch's state-dict hooks. `copy.deepcopy`, pickle and
+`torch.save` of the optimizer object give a working optimizer that continues bit for bit.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,8 @@ def state_views(buffer: torch.Tensor, numel: int, eight_bit: bool) -> dict[str, 
     return {name: buffer[offset:offset + count * dtype.itemsize].view(dtype) for name, dtype, count, offset in layout}
 
 
+# what a parameter's state holds besides its step and byte buffer, all derived from the buffer
+_BUFFER_VIEWS = ("segment", *STATE_FIELDS_32, *STATE_FIELDS_8)
 _UNSUPPORTED = ("amsgrad", "maximize")  # torch.optim.AdamW options this AdamW does not implement
 
 
@@ -286,13 +289,21 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def __getstate__(self) -> dict:
-        """torch's pickled state (defaults, state, param groups) plus this optimizer's settings, so that `copy.deepcopy`
-        and pickling give a working optimizer; the step plan is rebuilt at the next step."""
-        return {**super().__getstate__(), "optim_bits": self.optim_bits, "min_8bit_size": self.min_8bit_size}
+        """torch's pickled state (defaults, state, param groups) plus this optimizer's settings, so that
+        `copy.deepcopy`, pickle and `torch.save` give a working optimizer. A parameter's state goes without the typed
+        views of its byte buffer and its segment (torch.save refuses one storage viewed as two dtypes), which
+        `__setstate__` rebuilds; the step plan is rebuilt at the next step."""
+        state = defaultdict(dict, {p: {k: v for k, v in entry.items() if k not in _BUFFER_VIEWS}
+                                   for p, entry in self.state.items()})
+        return {**super().__getstate__(), "state": state, "optim_bits": self.optim_bits,
+                "min_8bit_size": self.min_8bit_size}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plan = None
+        for p, entry in self.state.items():
+            if "buffer" in entry:
+                self._attach_buffer(p, entry, entry["buffer"])
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's `add_param_group`, refusing (and not adding) a group with bad hyperparameters or dtypes, without
@@ -317,10 +328,13 @@ class AdamW(torch.optim.Optimizer):
         return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        eight_bit = self.eight_bit(p)
-        _, nbytes = state_layout(p.numel(), eight_bit)
-        state["buffer"] = torch.zeros(nbytes, dtype=torch.uint8, device=p.device)
-        state.update(state_views(state["buffer"], p.numel(), eight_bit))
+        _, nbytes = state_layout(p.numel(), self.eight_bit(p))
+        self._attach_buffer(p, state, torch.zeros(nbytes, dtype=torch.uint8, device=p.device))
+
+    def _attach_buffer(self, p: torch.Tensor, state: dict, buffer: torch.Tensor) -> None:
+        """Make `buffer` ((nbytes,) uint8, `state_layout`) hold `p`'s state: its field views and segment."""
+        state["buffer"] = buffer
+        state.update(state_views(buffer, p.numel(), self.eight_bit(p)))
         state["segment"] = Segment(p, None, 0, p.numel(), self._state_tensors(p, state))
 
     def _state_tensors(self, p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:

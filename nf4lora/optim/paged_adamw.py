@@ -68,6 +68,18 @@ class _Page:
     def device(self) -> torch.device:
         return self.param.device
 
+    def __getstate__(self) -> tuple:
+        """The page without its views and segment, which `place` rebuilds (torch.save refuses one storage viewed as
+        two dtypes)."""
+        return self.param, self.start, self.numel, self.eight_bit, self.buffer, self.resident
+
+    def __setstate__(self, state: tuple) -> None:
+        param, start, numel, eight_bit, buffer, resident = state
+        self.__init__(param, start, numel, eight_bit)
+        if not resident and param.is_cuda and not buffer.is_pinned():  # unpickling drops the pinning
+            buffer = _host_buffer(buffer.numel(), param.device).copy_(buffer)
+        self.place(buffer, resident)
+
     def place(self, buffer: torch.Tensor, resident: bool) -> None:
         self.buffer, self.resident = buffer, resident
         self.views = state_views(buffer, self.numel, self.eight_bit)

@@ -12,8 +12,8 @@ Layout of ``<run>/checkpoint-<step>/``:
 A checkpoint directory only ever appears complete: it is written as ``.checkpoint-<step>.tmp``, flushed to disk,
 then renamed with ``os.replace`` (atomic on POSIX within one file system), and the run directory is flushed so
 that the rename is on disk too. A crash mid-write leaves a ``.tmp`` directory that is ignored and cleaned up by the
-next save, which also brings back a checkpoint that a crash left moved aside while re-saving its step. A resume
-checks the manifest first, then reads ``trainer_state.pt`` with
+next save, which also brings back a checkpoint that a crash left moved aside while re-saving its step (as a resume
+does before it picks the latest checkpoint). A resume checks the manifest first, then reads ``trainer_state.pt`` with
 ``torch.load(weights_only=True)``: tensors, plain Python values and NumPy's RNG array only, so a checkpoint from
 elsewhere cannot run code.
 
@@ -134,6 +134,11 @@ def _recover_interrupted_saves(run_dir: Path) -> None:
             shutil.rmtree(path)
         else:  # a file or link of that name would make every save fail
             path.unlink()
+    _restore_moved_aside(run_dir)
+
+
+def _restore_moved_aside(run_dir: Path) -> None:
+    """Bring back every checkpoint of ``run_dir`` that a crashed re-save left moved aside (``restore_replaced``)."""
     for checkpoint in _checkpoint_dirs(run_dir):
         restore_replaced(checkpoint)
 
@@ -167,10 +172,15 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint inside a run directory."""
+    """A checkpoint directory, or the latest checkpoint inside a run directory. A checkpoint that a crashed re-save
+    left moved aside comes back first, as the next save would bring it back: otherwise a run directory resumes from
+    the checkpoint before it."""
     path = Path(path)
+    if _NAME.match(path.name):
+        restore_replaced(path)
     if (path / STATE_FILE).is_file():
         return path
+    _restore_moved_aside(path)
     checkpoints = list_checkpoints(path)
     if not checkpoints:
         raise UsageError(f"--resume {path}: no {STATE_FILE} there and no checkpoint-<step> directories; point it "

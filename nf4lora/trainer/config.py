@@ -110,7 +110,9 @@ class TrainConfig:
     seed: int = _opt(42, "seed for weights, data order, dropout and sampling")
     # Checkpoints, evaluation, logging
     save_steps: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end)")
-    eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: only at the end)")
+    # None (never a flag or TOML value): the demo's default, DEMO_DEFAULTS' interval where there is evaluation data
+    eval_steps: int | None = _opt(0, "evaluate every N optimizer steps (0: only at the end); N > 0 needs evaluation "
+                                     "data")
     logging_steps: int = _opt(1, "write a metrics line every N optimizer steps")
     resume: str | None = _opt(None, "resume exactly from a checkpoint directory, or from the latest checkpoint "
                                     "in a run directory")
@@ -143,7 +145,7 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= {low}")
         for name in ("max_steps", "save_steps", "eval_steps", "warmup_steps", "max_new_tokens"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if self.max_steps == 0 and self.epochs <= 0:
             raise UsageError(f"--epochs {self.epochs} must be > 0 when --max-steps is 0")
@@ -188,6 +190,12 @@ class TrainConfig:
             length = f"--max-steps {self.max_steps}" if self.max_steps else f"--epochs {self.epochs}"
             raise UsageError(f"--warmup-steps {self.warmup_steps} must be in [0, {total_steps}], the run's "
                              f"{total_steps} optimizer steps ({length})")
+
+    def eval_interval(self) -> int:
+        """Optimizer steps between evaluations (0: only at the end). ``eval_steps`` None is the demo's default, every
+        ``DEMO_DEFAULTS["eval_steps"]`` steps, which a run without evaluation data ignores where it refuses a value
+        the user set."""
+        return DEMO_DEFAULTS["eval_steps"] if self.eval_steps is None else self.eval_steps
 
     def target_modules_value(self) -> str | list[str]:
         """``all-linear``, a regex (kept as one string), or a list of name suffixes."""
@@ -334,7 +342,8 @@ def config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None = No
         base = {k: v for k, v in saved.items() if k in _fields() and k not in ("resume", "overwrite", "output_dir")}
         values = {**base, **values}
     elif values.get("model") is None and values.get("data") is None:
-        demo = dict(DEMO_DEFAULTS)
+        # eval_steps None: the demo's interval, unlike one the user sets, needs no evaluation data (eval_interval)
+        demo = {**DEMO_DEFAULTS, "eval_steps": None}
         if isinstance(values.get("max_steps"), int) and values["max_steps"] > 0:
             # The demo's warmup is sized for its own run length; a shorter explicit --max-steps shortens it too.
             demo["warmup_steps"] = min(demo["warmup_steps"], values["max_steps"])

@@ -289,6 +289,21 @@ def _check_resume_step(config: TrainConfig, resume_from: Path | None, state: dic
                      f"{total_steps}; raise {flag} (now {value}) to train further")
 
 
+def _check_eval_data(config: TrainConfig, val_records: list[Record], val_dropped: int) -> None:
+    """Refuse an ``--eval-steps`` set by the user when the run has no evaluation data, where it would silently never
+    evaluate. The demo's default (None) asks for evaluations only where there is data."""
+    if not config.eval_steps or len(val_records) > val_dropped:
+        return
+    if val_records:
+        why = f"--max-len {config.max_len} leaves all {val_dropped} validation examples without response tokens"
+    elif config.val_fraction > 0:
+        why = f"--data holds too few records to split --val-fraction {config.val_fraction:g} off"
+    else:
+        why = "--val-fraction is 0 and there is no --val-data"
+    raise UsageError(f"--eval-steps {config.eval_steps} asks for evaluations, but the run has no evaluation data "
+                     f"({why}); pass --val-data FILE or a --val-fraction above 0, or --eval-steps 0")
+
+
 def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """Token ids of a text piece without BOS/EOS (the example builder adds those itself)."""
     return lambda text: tokenizer.encode(text, bos=False, eos=False)
@@ -346,6 +361,7 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
         if dropped == len(train_records):
             raise UsageError(f"all {dropped} training examples lose every response token to --max-len "
                              f"{config.max_len}; raise --max-len")
+        _check_eval_data(config, val_records, val_dropped)
         if config.packing:
             rows, val_rows = pack(rows, config.max_len), pack(val_rows, config.max_len)
         # a checkpoint saved before the order had versions was trained on version 1's

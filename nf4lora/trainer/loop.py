@@ -285,7 +285,7 @@ class Trainer:
         """Train to ``total_steps`` or until a stop request; returns a summary."""
         self.progress = Progress(self.total_steps, self.state.step, self.config.progress)
         first_step, first_loss, last_loss = self.state.step + 1, None, None
-        last_eval = None
+        last_eval, interval = None, self.config.eval_interval()
         previous = self._install_sigint()
         try:
             while self.state.step < self.total_steps and not self.stop_requested:
@@ -298,7 +298,7 @@ class Trainer:
                 self.progress.update(record)
                 if self.on_step is not None:
                     self.on_step(self, record)
-                if (self.config.eval_steps and step % self.config.eval_steps == 0) or step == self.total_steps:
+                if (interval and step % interval == 0) or step == self.total_steps:
                     last_eval = self.evaluate()
                     if last_eval is not None:
                         self._write_metrics(metrics, last_eval)
