@@ -17,6 +17,7 @@ base cannot be merged in place: its merged weight (and bias) is produced densely
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -57,6 +58,12 @@ def base_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(base, nn.Linear):
         return F.linear(x, base.weight.detach().to(x.dtype))
     return nf4_linear(x, base.weight, None)
+
+
+def base_bias(base: nn.Module) -> torch.Tensor | None:
+    """The bias ``base`` adds, as its forward adds it: ``nn.Linear``'s as held, ``NF4Linear``'s cast to its compute
+    dtype (it holds it in the model's); None without one."""
+    return base.bias if isinstance(base, nn.Linear) else base.compute_bias()
 
 
 class DoraMagnitude(nn.Module):
@@ -197,7 +204,7 @@ class LoraLinear(nn.Module):
         x_lora = x if isinstance(dropout, nn.Identity) else dropout(x)
         base, lora_b_bias = self.base_layer, self.lora_B[name].bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        bias = base.bias
+        bias = base_bias(base)
         if lora_b_bias is not None:  # rides in the node's bias (an (N,) add; its gradient flows back through it)
             lora_term = self.scaling[name] * lora_b_bias.to(x.dtype)
             bias = lora_term if bias is None else bias + lora_term
@@ -217,18 +224,20 @@ class LoraLinear(nn.Module):
         if self.training and isinstance(dropout, nn.Dropout):
             base_nobias = base_matmul(self.base_layer, x_lora)
         elif self.base_layer.bias is not None:
-            base_nobias = y - self.base_layer.bias.to(dtype)
+            base_nobias = y - base_bias(self.base_layer).to(dtype)
         else:
             base_nobias = y
         magnitude = self.lora_magnitude_vector[name].weight
         return dora_update(y, base_nobias, x_lora, lora_a, lora_b, magnitude, self.dora_norm(name), self.scaling[name])
 
-    def merged_weight(self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def merged_weight(self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32,
+                      base_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense (out, in) weight in ``dtype`` with ``adapter_names`` (default: the active ones) folded in,
-        in the order given, as ``forward`` applies them. Starts from the dequantized weight on an NF4 base."""
+        in the order given, as ``forward`` applies them, in fp32 from the base weight in ``base_dtype`` (on an NF4
+        base, its dequantization to it: peft's 4-bit merge takes the weight's own dtype)."""
         if self.merged:
             raise ValueError(f"adapters {self.merged_adapters} are merged into the base already; unmerge() first")
-        base = dense_weight(self.base_layer.weight, torch.float32)
+        base = dense_weight(self.base_layer.weight, base_dtype).float()
         return self._fold(self._adapter_names(adapter_names), base)[0].to(dtype)
 
     def merged_bias(
@@ -240,6 +249,22 @@ class LoraLinear(nn.Module):
         self.check_mergeable(names)
         bias = self.base_layer.bias
         return None if bias is None else self._fold_bias(names, bias.detach().float()).to(dtype)
+
+    def merged_dtypes(self, adapter_names: list[str] | None = None) -> tuple[torch.dtype, torch.dtype | None]:
+        """The dtypes peft forms a merge into a 4-bit base in (weight, bias; None for a base without a bias): the base
+        weight's original dtype and the base bias's, each promoted by the dtypes of what the LoRA adapters among
+        ``adapter_names`` (default: the active ones) add to it (B @ A; the LoRA biases), since peft adds them as
+        they are: fp32 adapters on an fp16 base give fp32. A DoRA adapter's merge casts back to the weight's dtype.
+        """
+        names = self._adapter_names(adapter_names)
+        added = [p.dtype for n in names if n not in self.lora_magnitude_vector
+                 for p in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        weight = functools.reduce(torch.promote_types, added, self.base_layer.weight.dtype)
+        bias = self.base_layer.bias
+        if bias is None:
+            return weight, None
+        lora_biases = [self.lora_B[n].bias.dtype for n in names if self.lora_B[n].bias is not None]
+        return weight, functools.reduce(torch.promote_types, lora_biases, bias.dtype)
 
     def unmerged_bias(self) -> torch.Tensor | None:
         """(out,) base bias without the LoRA biases of the merged adapters, in the bias's dtype (the bias itself when

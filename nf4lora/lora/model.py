@@ -31,6 +31,7 @@ from torch import nn
 
 from nf4lora.lora.config import ALL_LINEAR, LoraConfig, layer_index, pattern_key_matches
 from nf4lora.lora.layers import LoraLinear, ModulesToSave, adapter_name_list, check_adapter_name, is_linear
+from nf4lora.nf4 import quantize
 from nf4lora.nf4.linear import NF4Linear, frozen_linear
 
 OUTPUT_HEAD_NAMES = ("lm_head",)
@@ -410,7 +411,8 @@ def merge_and_unload(
 
     Dense bases keep their dtype. An NF4 base becomes an ``nn.Linear`` in its compute dtype holding
     the dequantized weight plus the update, or, with ``requantize=True``, an ``NF4Linear`` of that
-    merged weight (formed in the base weight's own dtype, as peft does) with the base's quantization settings;
+    merged weight and bias (formed in the dtypes peft forms them in: ``LoraLinear.merged_dtypes``) with the base's
+    quantization settings;
     this warns, because re-quantizing rounds the small update against NF4's coarse grid and the merged model no
     longer equals the adapted one.
     ``ModulesToSave`` wrappers are replaced by the active adapter's copy.
@@ -430,16 +432,13 @@ def merge_and_unload(
             layer.merge(_held(layer, adapter_names))
             _set_submodule(model, name, base)
             continue
-        # re-quantized from the merge in the weight's own dtype, as peft re-quantizes it: rounding it to a lower
-        # compute dtype first would move every block's absmax and so the NF4 code of nearly every element
-        dtype = base.weight.dtype if requantize else base.compute_dtype
         held = _held(layer, adapter_names)
-        dense = frozen_linear(layer.merged_weight(held, dtype), layer.merged_bias(held, base.compute_dtype))
         if requantize:
-            state = base.weight.state
-            dense = NF4Linear.from_linear(dense, blocksize=state.blocksize, quant_type=state.quant_type,
-                                          double_quant=state.double_quant, compute_dtype=base.compute_dtype)
-        _set_submodule(model, name, dense)
+            merged = _requantized_merge(layer, held)
+        else:
+            merged = frozen_linear(layer.merged_weight(held, base.compute_dtype),
+                                   layer.merged_bias(held, base.compute_dtype))
+        _set_submodule(model, name, merged)
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             active = [n for n in module.active_adapters if n in module.modules_to_save]
@@ -447,6 +446,19 @@ def merge_and_unload(
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+def _requantized_merge(layer: LoraLinear, adapter_names: list[str] | None) -> NF4Linear:
+    """An ``NF4Linear`` of ``layer``'s NF4 base with ``adapter_names`` (None: the active ones) folded in, quantized
+    with the base's settings, as peft's merge leaves a ``Linear4bit``: weight and bias formed in the dtypes peft's
+    sums give (``LoraLinear.merged_dtypes``). Rounding the merged weight to a narrower dtype first would move every
+    block's absmax and so the NF4 code of nearly every element."""
+    base, state = layer.base_layer, layer.base_layer.weight.state
+    weight_dtype, bias_dtype = layer.merged_dtypes(adapter_names)
+    merged = layer.merged_weight(adapter_names, weight_dtype, base_dtype=base.weight.dtype)
+    weight = quantize(merged, blocksize=state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant)
+    bias = None if bias_dtype is None else layer.merged_bias(adapter_names, bias_dtype)
+    return NF4Linear(weight, bias, base.compute_dtype)
 
 
 def _param_count(model: nn.Module) -> tuple[int, int, int, int]:

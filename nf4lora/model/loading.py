@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import re
 
 import torch
@@ -78,11 +79,13 @@ class LoadOptions:
                                  f"valid: names such as 'lm_head', suffixes such as 'down_proj', or regexes") from None
 
     @classmethod
-    def from_kwargs(cls, options: dict) -> LoadOptions:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
+    def from_kwargs(cls, options: dict, keywords: tuple[str, ...] = ()) -> LoadOptions:
+        """The options of ``options``; unknown names are refused in one line naming the valid ones: the fields and
+        ``keywords``, the caller's own keyword arguments (a misspelt one lands among the options)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(fields))
         if unknown:
-            raise TypeError(f"load_model got unknown option(s) {unknown}; valid: {valid}")
+            raise TypeError(f"load_model got unknown option(s) {unknown}; valid: {fields + list(keywords)}")
         return cls(**options)
 
 
@@ -250,7 +253,7 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is not supported; valid: {list(QUANTIZATIONS)}")
-    opts = LoadOptions.from_kwargs(options)
+    opts = LoadOptions.from_kwargs(options, _LOAD_MODEL_KEYWORDS)
     auto_dtype = isinstance(dtype, str) and dtype == "auto"
     if not auto_dtype:
         dtype = parse_dtype(dtype)
@@ -278,6 +281,10 @@ def load_model(path_or_id, quantization: str | None = None, dtype: torch.dtype |
     model.inv_freq = model.inv_freq.to(devices[0])
     model.gradient_checkpointing = opts.gradient_checkpointing
     return model.eval()
+
+
+# load_model's own keyword arguments (not path_or_id nor **options), named with the options when one is misspelt
+_LOAD_MODEL_KEYWORDS = tuple(inspect.signature(load_model).parameters)[1:-1]
 
 
 class _CheckpointReader:
@@ -368,8 +375,8 @@ class _CheckpointReader:
         if key not in self.index:
             return None
         self.check_entry(key, (out_features,))
-        # through the load dtype, as transformers + bitsandbytes hold it (and cast it to compute_dtype per forward)
-        return self.read(key).to(self.device_of(key), self.dtype).to(self.compute_dtype)
+        # in the load dtype, as transformers + bitsandbytes hold it (NF4Linear casts it to compute_dtype per forward)
+        return self.read(key).to(self.device_of(key), self.dtype)
 
     def load_quantized(self, module_name: str) -> None:
         from nf4lora.kernels import quantize
@@ -493,8 +500,7 @@ def _skip_modules(model: Llama) -> list[str]:
 def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = None) -> None:
     """Write a 4-bit `model` in transformers + bitsandbytes' format (loadable by `from_pretrained` and by us).
 
-    The 4-bit linears' biases, held in their compute dtype, are written in the model's dtype (its embeddings', which
-    config.json's torch_dtype names), as transformers writes them."""
+    The 4-bit linears' biases are written in the dtype they are held in (the model's), as transformers writes them."""
     quantized = [m for m in model.modules() if _is_quantized(m)]
     if not quantized:
         raise ValueError("save_quantized needs a 4-bit model (NF4Linear layers); use save_pretrained for dense ones")
@@ -511,9 +517,4 @@ def save_quantized(model: Llama, out_dir: str, max_shard_bytes: int | None = Non
         "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": _skip_modules(model),
     }
-    tensors = _checkpoint_tensors(model)
-    dtype = model.model.embed_tokens.weight.dtype
-    for name, module in model.named_modules():
-        if _is_quantized(module) and module.bias is not None:
-            tensors[f"{name}.bias"] = module.bias.to(dtype)
-    write_checkpoint(out_dir, tensors, config, max_shard_bytes)
+    write_checkpoint(out_dir, _checkpoint_tensors(model), config, max_shard_bytes)

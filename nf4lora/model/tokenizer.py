@@ -11,8 +11,10 @@ checkpoints). Llama has no pad token; `pad_id` then falls back to `eos_id`, whic
 are masked. Values of the wrong type in these files are a one-line ValueError naming the file, key and value.
 Special tokens written in the text (`</s>`, `<|eot_id|>`) encode to their ids, as in transformers; so do the tokens a
 fine-tune added past a `tokenizer.model` (ChatML's `<|im_start|>`), which tokenizer.json's `added_tokens` and
-tokenizer_config.json's `added_tokens_decoder` list, each taking the whitespace on its left/right with it where it is
-marked `lstrip`/`rstrip`, as in transformers. Intentional
+tokenizer_config.json's `added_tokens_decoder` list, found as transformers' tokenizers library finds them: those
+marked `normalized: false` first, then the `normalized` ones in the text between, leftmost-longest, a `single_word`
+one only where no word character touches it, each taking the whitespace on its left/right with it where it is marked
+`lstrip`/`rstrip` (a converted Llama tokenizer has no normalizer, so `normalized` changes only that order). Intentional
 differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
 ignores them unless the tokenizer class rewrites its post-processor), leading whitespace (or a leading "▁") in a
 sentencepiece text keeps sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from typing import NamedTuple
 
 from .checkpoint import TOKENIZER_FILES, resolve_model_dir
@@ -37,16 +40,39 @@ from nf4lora.jsonfile import read_json_object
 # Unicode White_Space set (str.isspace() also counts U+001C..U+001F, which tokenizers keeps).
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
               "\u2028\u2029\u202f\u205f\u3000"
+# Beside letters, Rust's Unicode \w (what a single_word token must not touch) counts decimal digits, every
+# mark, connector punctuation, letter number, the joiners and the circled and squared letters (Other_Alphabetic).
+_WORD_CATEGORIES = {"Mn", "Mc", "Me", "Nd", "Nl", "Pc"}
+_WORD_EXTRA = {"\u200c", "\u200d", *map(chr, range(0x24B6, 0x24EA)), *map(chr, range(0x1F130, 0x1F14A)),
+               *map(chr, range(0x1F150, 0x1F16A)), *map(chr, range(0x1F170, 0x1F18A))}
 
 
 class _AddedToken(NamedTuple):
-    """An added token's entry: its text, whether it is special, and whether it takes the whitespace on its
-    left (`lstrip`) / right (`rstrip`) when split out of a text."""
+    """An added token's entry, as tokenizers' AddedToken: its text, whether it is special, whether it takes the
+    whitespace on its left (`lstrip`) / right (`rstrip`) when split out of a text, whether it matches only where no
+    word character touches it (`single_word`), and whether it is matched after the others, in the text between
+    them (`normalized`; absent: true unless special)."""
 
     content: str
     special: bool
     lstrip: bool = False
     rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+
+    @classmethod
+    def from_entry(cls, token: dict) -> _AddedToken:
+        """The token of a JSON entry {"content": str, "special": bool, "lstrip": bool, ...}; a flag that is not true
+        is false."""
+        special = token.get("special") is True
+        normalized = token["normalized"] is True if "normalized" in token else not special
+        lstrip, rstrip, single_word = (token.get(flag) is True for flag in ("lstrip", "rstrip", "single_word"))
+        return cls(token["content"], special, lstrip, rstrip, single_word, normalized)
+
+
+def _is_word_char(char: str) -> bool:
+    """Whether `char` is a word character of Rust's Unicode regex \\w, which tokenizers' single_word checks."""
+    return char.isalpha() or char in _WORD_EXTRA or unicodedata.category(char) in _WORD_CATEGORIES
 
 
 def _read_json(path: str) -> dict:
@@ -83,8 +109,7 @@ def _added_token_entries(path: str, key: str, entries) -> dict[int, _AddedToken]
     transformers skips the special ones in decode even where tokenizer.json does not mark them."""
     try:
         pairs = entries.items() if isinstance(entries, dict) else ((token["id"], token) for token in entries)
-        tokens = {int(i): _AddedToken(token["content"], *(token.get(flag) is True for flag in _AddedToken._fields[1:]))
-                  for i, token in pairs}
+        tokens = {int(i): _AddedToken.from_entry(token) for i, token in pairs}
     except (AttributeError, KeyError, TypeError, ValueError):
         tokens = None
     if tokens is None or not all(isinstance(token.content, str) for token in tokens.values()):
@@ -185,20 +210,21 @@ class SentencePieceTokenizer:
         self.add_eos = bool(special.add_eos)
         self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
         self.special_ids.update(special.special_ids())
-        # Like transformers, "<s>", "</s>", "<unk>" and the added tokens the .model lacks (a fine-tune's ChatML
-        # "<|im_start|>") written in the text are those tokens (sentencepiece alone would spell them out), and the
-        # text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
-        added = {token.content: i for i, token in special.added.items()
-                 if token.content and token_to_id(token.content) is None}
+        # Like transformers, "<s>", "</s>", "<unk>" and the added tokens (a fine-tune's ChatML "<|im_start|>"; one the
+        # .model has too is split out all the same) written in the text are those tokens (sentencepiece alone would
+        # spell them out), and the text after one gets sentencepiece's dummy-prefix space only if `legacy` is true.
+        added = {token.content: i for i, token in special.added.items() if token.content}
         self._split_ids = {self.sp.id_to_piece(i): i for i in self.special_ids if i < self.vocab_size} | added
-        self._strips = {token.content: (token.lstrip, token.rstrip) for token in special.added.values()
-                        if token.content in self._split_ids and (token.lstrip or token.rstrip)}
-        self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self._split_ids, key=len, reverse=True)))
-                                      + ")")
+        # the .model's own specials match as tokenizers' special tokens do: not normalized, no flags
+        listed = {token.content: token for token in special.added.values()}
+        self._tokens = {text: listed.get(text, _AddedToken(text, True)) for text in self._split_ids}
+        self._token_res = [_alternation([text for text, token in self._tokens.items() if token.normalized == wanted])
+                           for wanted in (False, True)]
         no_prefix = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
         self._sp_after_special = self.sp if special.legacy else no_prefix
         # decode writes an added token that is not special as the .model's pieces that spell it
-        self._spellings = {i: no_prefix.encode(content) for content, i in added.items() if i not in self.special_ids}
+        self._spellings = {i: no_prefix.encode(content) for content, i in added.items()
+                           if i not in self.special_ids and token_to_id(content) is None}
 
     @property
     def vocab_size(self) -> int:
@@ -219,15 +245,33 @@ class SentencePieceTokenizer:
         return ids
 
     def _split(self, text: str) -> list[str]:
-        """`text` as [plain, token, plain, ..., plain], without the whitespace next to a token that strips it."""
-        parts = self._special_re.split(text)
-        for k in range(1, len(parts), 2):
-            lstrip, rstrip = self._strips.get(parts[k], (False, False))
-            if lstrip:
-                parts[k - 1] = parts[k - 1].rstrip(_WHITESPACE)
-            if rstrip:
-                parts[k + 1] = parts[k + 1].lstrip(_WHITESPACE)
-        return parts
+        """`text` as [plain, token, plain, ..., plain], as tokenizers' AddedVocabulary splits it: the tokens not
+        normalized first, then the normalized ones in each plain stretch between."""
+        exact, normalized = self._token_res
+        parts = self._find_tokens(text, exact)
+        return [found for k, part in enumerate(parts) for found in ([part] if k % 2 else
+                                                                     self._find_tokens(part, normalized))]
+
+    def _find_tokens(self, text: str, token_re: re.Pattern | None) -> list[str]:
+        """`text` as [plain, token, plain, ..., plain] by the tokens `token_re` matches (leftmost-longest, one match
+        after another): a single_word token is skipped where a word character touches it, and the whitespace beside
+        a token that strips it (lstrip/rstrip) leaves the plain text."""
+        if token_re is None:
+            return [text]
+        parts, done = [], 0
+        for match in token_re.finditer(text):
+            start, stop = match.span()
+            token = self._tokens[match.group()]
+            if token.single_word and ((start > 0 and _is_word_char(text[start - 1]))
+                                      or (stop < len(text) and _is_word_char(text[stop]))):
+                continue
+            if token.lstrip:
+                start = max(len(text[:start].rstrip(_WHITESPACE)), done)
+            if token.rstrip:
+                stop = len(text) - len(text[stop:].lstrip(_WHITESPACE))
+            parts += [text[done:start], token.content]
+            done = stop
+        return [*parts, text[done:]]
 
     def _encode_plain(self, text: str, after_special: bool) -> list[int]:
         """sentencepiece's ids of `text`, which holds no special token; after one, without the dummy-prefix space
@@ -239,6 +283,12 @@ class SentencePieceTokenizer:
         nothing."""
         spelt = [piece for i in map(int, ids) for piece in self._spellings.get(i, (i,))]
         return self.sp.decode(_plain_ids(spelt, self.special_ids, self.vocab_size))
+
+
+def _alternation(texts: list[str]) -> re.Pattern | None:
+    """A pattern matching any of `texts`, the longest first (so leftmost-longest, as tokenizers' matcher); None for
+    none."""
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
 
 
 class HFTokenizer:

@@ -17,8 +17,9 @@ class NF4Linear(nn.Module):
     """y = x @ dequantize(W).T + b, with W (out_features, in_features) stored in 4 bits.
 
     The weight is frozen and is not a Parameter; the bias, if any, is a Parameter (frozen by LoRA injection unless
-    its bias mode trains it). Inputs are cast to `compute_dtype` (default: the weight's original dtype) and the
-    output is cast back to the input's dtype, as `Linear4bit` does (an fp32 model may compute in bf16). The state
+    its bias mode trains it) held in the dtype it was given (the model's), so that saving it loses nothing. Inputs
+    and the bias are cast to `compute_dtype` (default: the weight's original dtype) and the output is cast back to
+    the input's dtype, as `Linear4bit` does (an fp32 model may compute in bf16). The state
     dict uses bitsandbytes' keys (`nf4/state_dict.py`), so checkpoints move both ways between nf4lora and
     transformers + bitsandbytes.
     """
@@ -37,7 +38,7 @@ class NF4Linear(nn.Module):
             raise TypeError(f"compute_dtype {self.compute_dtype!r} is not supported; valid: float32, float16, bfloat16")
         if bias is not None:
             check_bias(bias, self.out_features)
-        self.bias = nn.Parameter(bias.to(self.compute_dtype), requires_grad=False) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @classmethod
     def from_linear(
@@ -55,7 +56,13 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features), any floating dtype -> (..., out_features) in x's dtype."""
-        return output_in_dtype(nf4_linear(in_compute_dtype(x, self.compute_dtype), self.weight, self.bias), x.dtype)
+        return output_in_dtype(nf4_linear(in_compute_dtype(x, self.compute_dtype), self.weight, self.compute_bias()),
+                               x.dtype)
+
+    def compute_bias(self) -> torch.Tensor | None:
+        """The bias as forward adds it: (out_features,) in ``compute_dtype``, differentiable to ``bias``; None without
+        one. ``Linear4bit`` casts its bias so too."""
+        return None if self.bias is None else self.bias.to(self.compute_dtype)
 
     @staticmethod
     def forward_group(layers: list[NF4Linear], x: torch.Tensor) -> list[torch.Tensor]:
