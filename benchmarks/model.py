@@ -1,12 +1,14 @@
 """Benchmark loading, decoding and prefill of a Llama-2-7B-shaped model: nf4lora vs transformers (+ bitsandbytes).
 
     PYTHONPATH=.bnb:. python benchmarks/model.py [--out DIR] [--ckpt-dir DIR] [--layers 32] [--no-peers]
+                                                 [--device cuda|auto]
 
 A random Llama-2-7B-shaped checkpoint (bf16, ~13.5 GB, 2 GiB shards as transformers writes them) is written to
 local disk tensor by tensor (one shard in host memory at a time), then each system loads it onto the GPU in turn:
 
 - nf4lora: `load_model(quantization="nf4")`, double quantization, blocksize 64, bf16 compute; decode both eager
-  and with the decode step captured in a CUDA graph;
+  and with the decode step captured in a CUDA graph (with `--device auto`, split over the visible GPUs: one graph
+  per GPU's run of layers);
 - transformers + bitsandbytes 4-bit: `from_pretrained` with the same `BitsAndBytesConfig`, `generate` with its
   KV cache;
 - transformers bf16.
@@ -134,8 +136,8 @@ def write_random_checkpoint(cfg: BenchConfig, device: str) -> tuple[str, float]:
 
 
 def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    for i in range(torch.cuda.device_count()):  # every GPU: a split model's work spans them
+        torch.cuda.synchronize(i)
 
 
 def _free():
@@ -144,20 +146,27 @@ def _free():
         torch.cuda.empty_cache()
 
 
+def _on_gpus(device: str) -> bool:
+    """Whether --device puts the model on GPUs: "cuda", "cuda:N", or "auto" (split over the visible ones)."""
+    return device == "auto" or device.startswith("cuda")
+
+
 def measure_load(load):
-    """(model, seconds, peak extra GPU bytes during load, resident extra GPU bytes after)."""
+    """(model, seconds, peak extra GPU bytes during load, resident extra GPU bytes after), summed over the GPUs
+    (the peaks of a model split over GPUs are each GPU's own)."""
     _free()
-    cuda = torch.cuda.is_available()
-    base = torch.cuda.memory_allocated() if cuda else 0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    gpus = range(torch.cuda.device_count())
+    base = sum(torch.cuda.memory_allocated(i) for i in gpus)
+    for i in gpus:
+        torch.cuda.reset_peak_memory_stats(i)
     start = time.perf_counter()
     model = load()
     _sync()
     seconds = time.perf_counter() - start
-    if not cuda:
+    if not gpus:
         return model, seconds, None, model_nbytes(model)
-    return model, seconds, torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+    peak = sum(torch.cuda.max_memory_allocated(i) for i in gpus) - base
+    return model, seconds, peak, sum(torch.cuda.memory_allocated(i) for i in gpus) - base
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -229,7 +238,7 @@ def bench_ours(cfg, path, device, prompt, long_prompt, rows, checks):
     if not checks["ours_triton_vs_reference_rel"] <= check_rel(cfg.layers):  # NaN fails too
         raise AssertionError(f"nf4lora Triton vs reference logits rel err {checks['ours_triton_vs_reference_rel']}")
     modes = {"eager": dict(cuda_graph=False)}
-    if device.startswith("cuda"):
+    if _on_gpus(device):
         modes["CUDA graph"] = dict(cuda_graph=True)
         # The graph replays the static-cache step's kernels exactly; the prefix path picks other SDPA kernels, so on
         # random weights (near-flat logits) its greedy tokens may legitimately diverge: reported, not asserted.
@@ -329,11 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                       kv_heads=max(1, args.hidden // 128))
     device = args.device
     env = environment(extra_packages=("transformers", "bitsandbytes", "safetensors"))
-    ceilings = device_ceilings() if device.startswith("cuda") else {}
-    path, write_s = write_random_checkpoint(cfg, device)
+    ceilings = device_ceilings() if _on_gpus(device) else {}
+    first = "cuda" if device == "auto" else device  # a split model takes its inputs on the first GPU
+    path, write_s = write_random_checkpoint(cfg, first)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab, (1, cfg.prompt_tokens), generator=gen).to(device)
-    long_prompt = torch.randint(3, cfg.vocab, (1, cfg.prefill_tokens), generator=gen).to(device)
+    prompt = torch.randint(3, cfg.vocab, (1, cfg.prompt_tokens), generator=gen).to(first)
+    long_prompt = torch.randint(3, cfg.vocab, (1, cfg.prefill_tokens), generator=gen).to(first)
     rows, checks = [], {"checkpoint_write_s": round(write_s, 1)}
     ours_logits = bench_ours(cfg, path, device, prompt, long_prompt, rows, checks)
     if cfg.peers:

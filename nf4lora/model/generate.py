@@ -9,8 +9,9 @@ With `cuda_graph=True` (CUDA only) each single-token decode step is captured onc
 the step has fixed shapes because it reads every cache slot under a mask built from the slot index tensor, which
 removes the per-kernel launch cost that dominates batch-1 decode of a 4-bit model (2.74 against 29.9 ms/token
 for a 7B model on an H200, benchmarks/results/2026-11-28_model_h200.md). By default (`cuda_graph=None`) that is the
-path for a model on one CUDA device asked for GRAPH_MIN_NEW_TOKENS tokens or more. With EOS ids, whether every row
-has ended is read once the next step is queued, so the host's per-step work overlaps the GPU's.
+path for a model on CUDA asked for GRAPH_MIN_NEW_TOKENS tokens or more. A model split over GPUs (`device_map="auto"`)
+replays one graph per run of layers on one GPU (`_GraphedDecodeStep`). With EOS ids, whether every row has ended
+is read once the next step is queued, so the host's per-step work overlaps the GPU's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .llama import KVCache, Llama, check_token_ids, token_id_error
+from .llama import KVCache, Llama, check_token_ids, head_device, token_id_error
 
 
 # Fixed-shape decoding rounds its cache up to a multiple of this many slots, so that calls whose prompt and
@@ -249,10 +250,41 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, to
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-class _GraphedDecodeStep:
-    """One captured decode step: (token (B, 1), position (B, 1), slot (1,)) -> logits (B, 1, vocab)."""
+def _device_runs(model: Llama) -> list[tuple[torch.device, list[tuple]]]:
+    """A decode step's stages in order, grouped into runs on one device: ("embed",) (the embeddings and the layers'
+    inputs), ("layers", range) and ("output",) (the final norm and the head)."""
+    stages = [(model.model.embed_tokens.weight.device, ("embed",))]
+    stages += [(layer.device, ("layers", range(i, i + 1))) for i, layer in enumerate(model.model.layers)]
+    stages.append((model.model.norm.weight.device, ("output",)))
+    runs = []
+    for device, stage in stages:
+        if not runs or runs[-1][0] != device:
+            runs.append((device, [stage]))
+        elif stage[0] == "layers" and runs[-1][1][-1][0] == "layers":  # consecutive layers: one range
+            runs[-1][1][-1] = ("layers", range(runs[-1][1][-1][1].start, stage[1].stop))
+        else:
+            runs[-1][1].append(stage)
+    return runs
 
-    def __init__(self, model, cache: KVCache, batch: int, device: torch.device):
+
+def _graphs_supported(model: Llama) -> bool:
+    """Whether `_GraphedDecodeStep` takes this model: every parameter on a GPU, the final norm with the head (a graph
+    records one device's work, and the output stage is not cut)."""
+    return (all(p.device.type == "cuda" for p in model.parameters())
+            and head_device(model.lm_head) == model.model.norm.weight.device)
+
+
+class _GraphedDecodeStep:
+    """One decode step replayed from CUDA graphs: (token (B, 1), position (B, 1), slot (1,)) -> logits (B, 1, vocab).
+
+    A model on one GPU is one graph of its whole forward (compiled or not). A graph records one device's work, so the
+    step of a model split over GPUs is cut where the hidden state changes GPU (`_device_runs`): one graph per run,
+    replayed in order, with the hidden state and the layers' inputs (positions, mask, slot: a few KiB) copied to the
+    next GPU in between. The kernels are those of the fixed-shape eager step, so the tokens are too.
+    """
+
+    def __init__(self, model, runs: list[tuple[torch.device, list[tuple]]], cache: KVCache, batch: int,
+                 device: torch.device):
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         # Warm-up writes land in the last slot, which the real final step overwrites before anyone reads it.
@@ -263,16 +295,55 @@ class _GraphedDecodeStep:
             for _ in range(2):  # autotuning and lazy init happen here, outside the capture
                 model(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
+        self.segments = []  # (graph, [(static input on the run's GPU, the previous run's output)])
+        state = None
+        for run_device, stages in runs:
+            copies = []
+            if state is not None:
+                state, copies = _moved_state(state, run_device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(run_device), torch.cuda.graph(graph, stream=torch.cuda.Stream(run_device)):
+                if len(runs) == 1:  # the whole forward: a compiled model is called as such
+                    state = model(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
+                else:
+                    state = self._run(model, cache, stages, state)
+            self.segments.append((graph, copies))
+        self.logits = state
+
+    def _run(self, model, cache: KVCache, stages: list[tuple], state):
+        """Run `stages` from state (h, pending, LayerInputs), or None before the embeddings; return the next state,
+        or the logits after the output stage."""
+        for stage in stages:
+            if stage[0] == "embed":
+                h, inputs = model.embed_inputs(self.ids, position_ids=self.pos, cache=cache, cache_position=self.slot)
+                state = (h, None, inputs)
+            elif stage[0] == "layers":
+                h, pending, inputs = state
+                state = (*model.decoder_layers(h, pending, stage[1], inputs), inputs)
+            else:
+                return model.output_logits(*state[:2])
+        return state
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
         self.ids.copy_(ids)
         self.pos.copy_(pos)
         self.slot.fill_(slot)
-        self.graph.replay()
+        for graph, copies in self.segments:
+            for static, produced in copies:  # torch orders a copy between GPUs after both sides' queued work
+                static.copy_(produced)
+            graph.replay()
         return self.logits
+
+
+def _moved_state(state, device: torch.device):
+    """Static copies on `device` of a run's output state (h, pending, LayerInputs) -> (the state the next run reads,
+    [(static copy, output)] to refresh before each replay). The caches stay where their layers are."""
+    h, pending, inputs = state
+    produced = (h, pending, inputs.position_ids, inputs.mask, inputs.cache_position)
+    static = [None if t is None else torch.empty_like(t, device=device) for t in produced]
+    copies = [(s, t) for s, t in zip(static, produced) if t is not None]
+    h, pending, position_ids, mask, cache_position = static
+    return (h, pending, inputs._replace(position_ids=position_ids, mask=mask, cache_position=cache_position)), copies
 
 
 def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
@@ -291,8 +362,9 @@ def generate(model: Llama, prompts, max_new_tokens: int = 128, temperature: floa
     static_cache: decode with fixed-shape steps that read every cache slot under a mask (instead of the filled
     prefix); implied by cuda_graph (replay each decode step from a CUDA graph) and by compile (run decode steps
     through `torch.compile`, which fuses the small elementwise kernels; compiled once per model and batch shape).
-    cuda_graph=None (the default) turns graphs on for a model whose parameters all sit on one CUDA device and
-    max_new_tokens >= GRAPH_MIN_NEW_TOKENS; pass False for eager steps.
+    cuda_graph=None (the default) turns graphs on for a model whose parameters all sit on CUDA devices and
+    max_new_tokens >= GRAPH_MIN_NEW_TOKENS (on several GPUs: one graph per GPU's run of layers, without compile);
+    pass False for eager steps.
     """
     ids, steps = _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, seed,
                         attention_mask, static_cache, cuda_graph, compile)
@@ -330,11 +402,15 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
     device = model.model.embed_tokens.weight.device
     ids, mask = _as_batch(prompts, attention_mask, pad_id, pad_marks_padding, config.vocab_size, device)
     b, t = ids.shape
+    runs = _device_runs(model)
+    graphable = _graphs_supported(model) and (len(runs) == 1 or not compile)
     if cuda_graph is None:
-        cuda_graph = (device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
-                      and all(p.device == device for p in model.parameters()))
+        cuda_graph = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS and graphable
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on CUDA, it is on {device}")
+    if cuda_graph and not graphable:
+        raise ValueError("cuda_graph=True on a model split over devices needs every parameter on a GPU, the final "
+                         "norm and lm_head on one, and compile=False; valid: cuda_graph=False or None (automatic)")
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_len = t + max_new_tokens
     window = config.sliding_window
@@ -351,7 +427,7 @@ def _start(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, p
                    cache=cache, logits_to_keep=1)
     if compile:
         model = torch.compile(model, dynamic=False)
-    step = _GraphedDecodeStep(model, cache, b, device) if cuda_graph else None
+    step = _GraphedDecodeStep(model, runs, cache, b, device) if cuda_graph else None
     static = static_cache or compile
     # sampled where the logits are: the head's device
     generator = None if seed is None else torch.Generator(device=logits.device).manual_seed(int(seed))

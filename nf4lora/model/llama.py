@@ -16,6 +16,8 @@ Masks accepted by `Llama.forward` (True / 1 = may attend):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +77,17 @@ def _inference_kernels(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return not torch.compiler.is_compiling() and use_triton(x.device)
 
 
+class LayerInputs(NamedTuple):
+    """What every decoder layer of one forward call reads besides the hidden state (`Llama.embed_inputs`)."""
+
+    position_ids: torch.Tensor  # (B, T) or (1, T) int64
+    mask: torch.Tensor | None  # bool (True = may attend) or additive, broadcast to (B, heads, T, n_keys); None: none
+    is_causal: bool  # attention among the T new tokens is causal (with mask None)
+    kv_slots: list | None  # per layer the (k, v) caches, each (B, n_kv_heads, max_len, head_dim); None: no cache
+    cache_position: torch.Tensor  # (T,) int64 cache slots the new keys/values go to
+    n_keys: int  # cache slots (or, without a cache, tokens) attended
+
+
 class KVCache:
     """Preallocated keys/values for every layer: k[i], v[i] (B, n_kv_heads, max_len, head_dim) in `dtype`, which
     must be the model's (`Llama.forward` refuses another: the decode kernels and SDPA take one dtype).
@@ -84,11 +97,14 @@ class KVCache:
     capturable in a CUDA graph when the caller passes `cache_position` as a tensor.
     """
 
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, devices):
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype: torch.dtype, devices,
+                 mask_device=None):
+        """`devices`: each layer's device, where its k and v go; `mask_device`: key_mask's, default devices[0]."""
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
-        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=devices[0])
+        mask_device = devices[0] if mask_device is None else mask_device
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=mask_device)
         self.has_padding = False
         self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
         self.seen = 0
@@ -245,6 +261,7 @@ class Llama(nn.Module):
         if self.lm_head.weight.device.type != "meta":
             inv_freq = inv_freq.to(self.lm_head.weight.device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _inv_freq_on
         self.gradient_checkpointing = False
         self.init_weights(init_std)
         self.tie_weights()
@@ -266,9 +283,10 @@ class Llama(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, in the model's dtype, on each
-        layer's device."""
-        return KVCache(self.config, batch_size, max_len, self.model.embed_tokens.weight.dtype,
-                       [layer.device for layer in self.model.layers])
+        layer's device; its key mask sits with the embeddings, where each call builds its attention mask."""
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, weight.dtype, [layer.device for layer in self.model.layers],
+                       mask_device=weight.device)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
                 cache_position=None, logits_to_keep: int = 0):
@@ -278,7 +296,20 @@ class Llama(nn.Module):
         With `cache`, new keys/values go to slots `cache_position` (T,) int64; when None, the next `cache.seen`
         slots are used and attention reads only the filled prefix. With a tensor `cache_position` every slot is
         read under a mask (fixed shapes for CUDA graphs). A 2D `attention_mask` with a cache covers slots [0, L).
+
+        The three stages are methods of their own (`embed_inputs`, `decoder_layers`, `output_logits`), so that a
+        decode step of a model split over GPUs can be recorded as one CUDA graph per GPU.
         """
+        h, inputs = self.embed_inputs(input_ids, attention_mask, position_ids, segment_ids, cache, cache_position)
+        h, pending = self.decoder_layers(h, None, range(len(self.model.layers)), inputs)
+        if cache is not None and cache_position is None:
+            cache.seen += input_ids.shape[1]
+        return self.output_logits(h, pending, logits_to_keep)
+
+    def embed_inputs(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
+                     cache_position=None) -> tuple[torch.Tensor, LayerInputs]:
+        """`forward`'s first stage, its arguments checked as it documents: the embeddings (B, T, hidden) of
+        input_ids (B, T) int64 and the `LayerInputs` that every decoder layer of the call reads."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -288,7 +319,6 @@ class Llama(nn.Module):
         # decoding feeds back tokens sampled on the head's device; the embeddings may sit on another GPU
         input_ids = input_ids.to(self.model.embed_tokens.weight.device)
         device = input_ids.device
-        auto_slots = cache is not None and cache_position is None
         if cache is None:
             cache_position = torch.arange(t, device=device)
             n_keys = t
@@ -318,30 +348,52 @@ class Llama(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(h.dtype)  # SDPA wants an additive mask in the query's dtype
+        return h, LayerInputs(position_ids, mask, is_causal, kv_slots, cache_position, n_keys)
+
+    def decoder_layers(self, h: torch.Tensor, pending: torch.Tensor | None, indices: range,
+                       inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder layers `indices` on the hidden state h + pending (each (B, T, hidden); pending None before
+        the first layer) and return the pair (h', pending') that the next layer or `output_logits` takes. Activations
+        and `inputs` follow each layer to its device."""
         per_device = {}
-        pending = None  # a layer's MLP output, added to h by the next norm
-        for i, layer in enumerate(self.model.layers):
+        for i in indices:
+            layer = self.model.layers[i]
             dev = layer.device
             if dev not in per_device:
-                cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(dev), h.dtype)
-                per_device[dev] = (cos, sin, None if mask is None else mask.to(dev), cache_position.to(dev))
+                cos, sin = rope_cos_sin(self._inv_freq_on(dev), inputs.position_ids.to(dev), h.dtype)
+                mask = None if inputs.mask is None else inputs.mask.to(dev)
+                per_device[dev] = (cos, sin, mask, inputs.cache_position.to(dev))
             cos, sin, layer_mask, slots = per_device[dev]
             h, pending = h.to(dev), None if pending is None else pending.to(dev)
-            kv = None if kv_slots is None else kv_slots[i]
+            kv = None if inputs.kv_slots is None else inputs.kv_slots[i]
+            args = (cos, sin, layer_mask, inputs.is_causal, kv, slots, inputs.n_keys)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 if pending is not None:  # a checkpoint keeps its inputs: one tensor per layer, not two
                     h, pending = h + pending, None
-                h, pending = checkpoint(
-                    layer, h, pending, cos, sin, layer_mask, is_causal, kv, slots, n_keys, use_reentrant=False)
+                h, pending = checkpoint(layer, h, pending, *args, use_reentrant=False)
             else:
-                h, pending = layer(h, pending, cos, sin, layer_mask, is_causal, kv, slots, n_keys)
-        if auto_slots:
-            cache.seen += t
+                h, pending = layer(h, pending, *args)
+        return h, pending
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """`inv_freq` on `device`: the buffer, or for the layers of a split model on another GPU a copy made once
+        per buffer (a CUDA graph records one GPU's work, so a decode step must not copy it across GPUs each time)."""
+        if self.inv_freq.device == device:
+            return self.inv_freq
+        source, copy = self._inv_freq_copies.get(device, (None, None))
+        if source is not self.inv_freq:  # first use, or the buffer was replaced (model.to, the loader)
+            copy = self.inv_freq.to(device)
+            self._inv_freq_copies[device] = (self.inv_freq, copy)
+        return copy
+
+    def output_logits(self, h: torch.Tensor, pending: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """`forward`'s last stage: the final norm of h + pending (B, T, hidden) and the output head -> logits
+        (B, T, vocab), or (B, logits_to_keep, vocab) for the last positions."""
         h, pending = h.to(self.model.norm.weight.device), pending.to(self.model.norm.weight.device)
         if logits_to_keep:
             h, pending = h[:, -logits_to_keep:], pending[:, -logits_to_keep:]
         _, normed = self.model.norm(pending, residual=h)
-        return self.lm_head(normed.to(_head_device(self.lm_head)))
+        return self.lm_head(normed.to(head_device(self.lm_head)))
 
 
 def _check_sliding_window(window: int | None, n_keys: int) -> None:
@@ -352,7 +404,7 @@ def _check_sliding_window(window: int | None, n_keys: int) -> None:
                          f"not apply; valid: at most {window} tokens (cache slots) per sequence")
 
 
-def _head_device(head: nn.Module) -> torch.device:
+def head_device(head: nn.Module) -> torch.device:
     """Where the output head's weight lives: a LoRA-wrapped head keeps it in its base layer."""
     return getattr(head, "base_layer", head).weight.device
 
