@@ -163,9 +163,9 @@ class LoraLinear(nn.Module):
             if bias is not None:
                 bias.zero_()
 
-    def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(out,) fp32 row norms of ``W + scaling * B @ A`` for adapter ``name``, detached; W defaults to the base."""
-        w = dense_weight(self.base_layer.weight, torch.float32) if weight is None else weight
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """(out,) fp32 row norms of ``W + scaling * B @ A`` for adapter ``name`` on the base weight W, detached."""
+        w = dense_weight(self.base_layer.weight, torch.float32)
         return dora_weight_norm(w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,14 +231,20 @@ class LoraLinear(nn.Module):
         return dora_update(y, base_nobias, x_lora, lora_a, lora_b, magnitude, self.dora_norm(name), self.scaling[name])
 
     def merged_weight(self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32,
-                      base_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      base_dtype: torch.dtype = torch.float32, held_dtypes: bool = False) -> torch.Tensor:
         """Dense (out, in) weight in ``dtype`` with ``adapter_names`` (default: the active ones) folded in,
-        in the order given, as ``forward`` applies them, in fp32 from the base weight in ``base_dtype`` (on an NF4
-        base, its dequantization to it: peft's 4-bit merge takes the weight's own dtype)."""
+        in the order given, as ``forward`` applies them, from the base weight in ``base_dtype`` (on an NF4 base, its
+        dequantization to it: peft's 4-bit merge takes the weight's own dtype).
+
+        The fold runs in fp32, or with ``held_dtypes`` as peft's merge runs it: every operand in the dtype it is held
+        in (the base in ``base_dtype``, ``B @ A`` in the adapter's), each step in the dtype torch promotes them to.
+        For fp32 adapters that promotes every step to fp32, so the two give the same numbers; for bf16 or fp16 ones,
+        peft rounds ``B @ A`` and, for DoRA on a base of the same dtype, every step to that dtype."""
         if self.merged:
             raise ValueError(f"adapters {self.merged_adapters} are merged into the base already; unmerge() first")
-        base = dense_weight(self.base_layer.weight, base_dtype).float()
-        return self._fold(self._adapter_names(adapter_names), base)[0].to(dtype)
+        base = dense_weight(self.base_layer.weight, base_dtype)
+        names = self._adapter_names(adapter_names)
+        return self._fold(names, base if held_dtypes else base.float(), held_dtypes)[0].to(dtype)
 
     def merged_bias(
         self, adapter_names: list[str] | None = None, dtype: torch.dtype = torch.float32
@@ -293,20 +299,34 @@ class LoraLinear(nn.Module):
             raise ValueError(f"unknown adapters {unknown}; this layer has {sorted(self.lora_A)}")
         return names
 
-    def _fold(self, names: list[str], base: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """fp32 ``base`` with adapters ``names`` folded in turn, and the DoRA norms used (by adapter).
+    def _fold(self, names: list[str], base: torch.Tensor, held_dtypes: bool = False
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``base`` with adapters ``names`` folded in turn, and the DoRA norms used (by adapter): in fp32 for an fp32
+        ``base``, or with ``held_dtypes`` in the dtypes torch promotes the held operands to (``merged_weight``).
 
-        LoRA adds ``scaling * B @ A``; DoRA then scales every row by ``m / ||W_base + scaling * B @ A||``,
-        the norm taken from the unmerged base exactly as ``forward`` does.
+        LoRA adds ``scaling * B @ A`` (``_delta_weight``); DoRA then scales every row by
+        ``m / ||W_base + scaling * B @ A||``, the norm taken from the unmerged base as ``forward`` (and peft's merge)
+        takes it, of the same update that is added.
         """
         w, norms = base, {}
         for name in names:
-            a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
-            w = w + lora_delta_weight(a, b, self.scaling[name])
+            delta = self._delta_weight(name, held_dtypes)
+            w = w + delta
             if name in self.lora_magnitude_vector:
-                norms[name] = self.dora_norm(name, base)
-                w = (self.lora_magnitude_vector[name].weight.detach().float() / norms[name])[:, None] * w
+                norms[name] = torch.linalg.vector_norm(base + delta, dim=1).detach()
+                magnitude = self.lora_magnitude_vector[name].weight.detach()
+                w = ((magnitude if held_dtypes else magnitude.float()) / norms[name])[:, None] * w
         return w, norms
+
+    def _delta_weight(self, name: str, held_dtype: bool = False) -> torch.Tensor:
+        """(out, in) ``scaling * B @ A`` of adapter ``name``, detached: in fp32, or (``held_dtype``) as peft's merge
+        forms it, ``(B @ A) * scaling`` in A's and B's dtype."""
+        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
+        if not held_dtype:
+            return lora_delta_weight(a, b, self.scaling[name])
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        with torch.autocast(a.device.type, enabled=False):
+            return (b.to(dtype) @ a.to(dtype)) * self.scaling[name]
 
     def _fold_bias(self, names: list[str], bias: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """fp32 ``bias`` plus (``sign=-1``: minus) ``scaling * b`` for each adapter of ``names`` with a LoRA bias b."""

@@ -451,12 +451,22 @@ def merge_and_unload(
 def _requantized_merge(layer: LoraLinear, adapter_names: list[str] | None) -> NF4Linear:
     """An ``NF4Linear`` of ``layer``'s NF4 base with ``adapter_names`` (None: the active ones) folded in, quantized
     with the base's settings, as peft's merge leaves a ``Linear4bit``: weight and bias formed in the dtypes peft's
-    sums give (``LoraLinear.merged_dtypes``). Rounding the merged weight to a narrower dtype first would move every
-    block's absmax and so the NF4 code of nearly every element."""
+    sums give (``LoraLinear.merged_dtypes``), the weight by peft's arithmetic in them (``held_dtypes``). Rounding the
+    merged weight to a narrower dtype first would move every block's absmax and so the NF4 code of nearly every
+    element. One adapter's merge, what ``nf4lora merge`` does, gives peft's 4-bit bytes exactly.
+
+    Several adapters are folded in turn and quantized once, on purpose. peft re-quantizes after each one (and, for a
+    DoRA adapter after the first, again in the unmerge and re-merge it runs to find the unmerged base), so its codes
+    differ: every rounding to NF4 adds its error (about 1.35x the weight error of one rounding, for two adapters of
+    scaling 2) and the result depends on the order. Rounding once, as a dense merge does, is the closer to the
+    adapted model.
+    """
     base, state = layer.base_layer, layer.base_layer.weight.state
     weight_dtype, bias_dtype = layer.merged_dtypes(adapter_names)
-    merged = layer.merged_weight(adapter_names, weight_dtype, base_dtype=base.weight.dtype)
+    merged = layer.merged_weight(adapter_names, weight_dtype, base_dtype=base.weight.dtype, held_dtypes=True)
     weight = quantize(merged, blocksize=state.blocksize, quant_type=state.quant_type, double_quant=state.double_quant)
+    # A LoRA bias adds scaling * b, as the adapter's forward (and peft's dense merge) adds it: the bias the adapted
+    # model computed. peft's 4-bit merge adds b unscaled, so the two differ unless scaling is 1.
     bias = None if bias_dtype is None else layer.merged_bias(adapter_names, bias_dtype)
     return NF4Linear(weight, bias, base.compute_dtype)
 
