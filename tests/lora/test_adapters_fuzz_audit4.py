@@ -69,7 +69,7 @@ def test_a_second_adapter_with_a_bias_mode_is_refused_as_peft_refuses_it(checkpo
         load_adapter(model, tmp_path / "second", "second")
     assert list(model.lora_configs) == ["first"]
     # fp32, the same weights and ops: equal up to association order.
-    assert rel_err(_logits(model, input_ids), _logits(first, input_ids)) < 1e-6
+    assert rel_err(_logits(model, input_ids), _logits(first, input_ids)) < 1e-5
     with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
         peft_from_pretrained(checkpoint[0], tmp_path / "first").load_adapter(tmp_path / "second", "second")
     set_adapter(model, "first")  # a bias-free second adapter is fine, as in peft
@@ -87,8 +87,8 @@ def test_an_adapter_saved_while_merged_with_a_lora_bias_reloads_with_its_outputs
     merge_adapters(ours)
     save_adapter(ours, tmp_path)
     # fp32; the bias goes through one merge and unmerge rounding (~1e-7).
-    assert rel_err(_logits(load_adapter(_ours(checkpoint), tmp_path), input_ids), expected) < 1e-6
-    assert rel_err(_logits(peft_from_pretrained(checkpoint[0], tmp_path), input_ids), expected) < 1e-6
+    assert rel_err(_logits(load_adapter(_ours(checkpoint), tmp_path), input_ids), expected) < 1e-5
+    assert rel_err(_logits(peft_from_pretrained(checkpoint[0], tmp_path), input_ids), expected) < 1e-5
 
 
 def _saved_adapter(checkpoint, directory, **fixed):
@@ -161,9 +161,9 @@ def test_peft_options_left_empty_are_inert(checkpoint, tmp_path, option):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, option[0]: option[1]}))
     input_ids = torch.randint(0, 97, (2, 9))
-    # fp32, same weights, same ops up to association order: ~1e-7.
+    # fp32, same weights, same ops up to association order: ~1e-7, with rare draws past 1e-6 (a wrong op: >= 1e-3).
     assert rel_err(_logits(load_adapter(_ours(checkpoint), tmp_path), input_ids),
-                   _logits(peft_from_pretrained(checkpoint[0], tmp_path), input_ids)) < 1e-6
+                   _logits(peft_from_pretrained(checkpoint[0], tmp_path), input_ids)) < 1e-5
 
 
 def test_random_adapters_round_trip_with_peft_on_a_llama_loaded_from_safetensors(checkpoint, tmp_path):
@@ -175,12 +175,12 @@ def test_random_adapters_round_trip_with_peft_on_a_llama_loaded_from_safetensors
     perturb_trainables(theirs, seed=rng.randrange(100))
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(_ours(checkpoint), tmp_path / "peft")
-    # fp32, same weights, same ops up to association order: ~1e-7.
-    assert rel_err(_logits(ours, input_ids), _logits(theirs, input_ids)) < 1e-6, spec
+    # fp32, same weights, same ops up to association order: ~1e-7, with rare draws past 1e-6 (a wrong op: >= 1e-3).
+    assert rel_err(_logits(ours, input_ids), _logits(theirs, input_ids)) < 1e-5, spec
     perturb_trainables(ours, seed=rng.randrange(100))
     save_adapter(ours, tmp_path / "ours")
     back = peft_from_pretrained(checkpoint[0], tmp_path / "ours")
-    assert rel_err(_logits(back, input_ids), _logits(ours, input_ids)) < 1e-6, spec
+    assert rel_err(_logits(back, input_ids), _logits(ours, input_ids)) < 1e-5, spec
     saved, loaded = load_file(tmp_path / "ours" / WEIGHTS), get_peft_model_state_dict(back)
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
