@@ -2,7 +2,9 @@
 kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET`` must be set before a kernel module is
 first imported, which the dispatchers do lazily)."""
 
+import logging
 import os
+import random
 
 # bitsandbytes wraps its CPU fallbacks in torch.compile; compiling them costs CI minutes and changes no result.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -21,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def rng():
+    """A fresh random seed for Python's and torch's generators, printed so that a failing case can be replayed."""
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")  # shown when a case fails, to replay it
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    """bitsandbytes, the reference of the 4-bit format (skips without it), with its warnings silenced."""
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its slow-fp16-inference warnings
+    return bnb

@@ -85,6 +85,15 @@ class OneLayer(torch.nn.Module):
         return self.proj(x)
 
 
+def copy_lora_weights(peft_model, ours) -> None:
+    """Give every LoRA parameter of our model the value of peft's of the same name (peft names them as we do)."""
+    theirs = dict(peft_model.base_model.model.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_" in name:
+                p.copy_(theirs[name])
+
+
 def copy_adapter_from_peft(peft_layer, our_layer, adapter: str = "default") -> None:
     """Give our LoraLinear the LoRA (and DoRA magnitude) weights of a peft LoRA layer."""
     with torch.no_grad():

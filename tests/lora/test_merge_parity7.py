@@ -16,7 +16,6 @@ adapter's forward adds it (peft's 4-bit merge adds it unscaled).
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 
 import pytest
@@ -28,7 +27,7 @@ from nf4lora.model import load_model
 from nf4lora.nf4 import QuantizedTensor, quantize
 from nf4lora.nf4.linear import NF4Linear
 
-from lora_helpers import OneLayer
+from lora_helpers import OneLayer, copy_lora_weights
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -37,14 +36,6 @@ transformers = pytest.importorskip("transformers")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 K, N = 128, 48  # K a whole number of 64-blocks: bitsandbytes' CPU dequantize is wrong for ragged rows
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture
-def rng():
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")  # shown when a case fails, to replay it
-    torch.manual_seed(seed)
-    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)
@@ -107,11 +98,7 @@ def _one_layer_pair(rng, model_dtype: torch.dtype, lora_dtype: torch.dtype, adap
             theirs.add_adapter(f"a{i}", PeftLoraConfig(**spec))
         inject_lora(ours, LoraConfig(**spec, lora_dtype=lora_dtype), f"a{i}")
     _trained(theirs, lora_dtype)
-    their_params = dict(theirs.base_model.model.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if ".lora_" in name:
-                p.copy_(their_params[name])
+    copy_lora_weights(theirs, ours)
     return theirs, ours
 
 

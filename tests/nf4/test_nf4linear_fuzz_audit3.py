@@ -3,7 +3,6 @@ byte and both load directions, forward on every input dtype and shape, and quant
 plus the inputs, constructor arguments and state-dict keys that used to be accepted silently."""
 
 import copy
-import logging
 import random
 
 import pytest
@@ -16,19 +15,6 @@ from nf4lora.nf4.linear import NF4Linear, quantize_linears
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture
-def rng():
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")  # shown when a case fails, to replay it
-    torch.manual_seed(seed)
-    return random.Random(seed)
-
-
-@pytest.fixture(scope="module")
-def bnb():
-    bnb = pytest.importorskip("bitsandbytes")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its slow-fp16-inference warnings
-    return bnb
 
 
 def _random_layer_config(rng: random.Random) -> dict:

@@ -5,9 +5,7 @@ normalized flags next to a tokenizer.model."""
 
 from __future__ import annotations
 
-import logging
 import os
-import random
 import warnings
 
 import pytest
@@ -20,23 +18,12 @@ from nf4lora.model.loading import save_quantized
 from nf4lora.nf4 import dequantize
 from nf4lora.nf4.linear import NF4Linear
 
+from lora_helpers import OneLayer, copy_lora_weights
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 K, N = 128, 48  # K a whole number of 64-blocks: bitsandbytes' CPU dequantize is wrong for ragged rows
 
 
-@pytest.fixture
-def rng():
-    seed = random.randrange(2**32)
-    print(f"seed {seed}")  # shown when a case fails, to replay it
-    torch.manual_seed(seed)
-    return random.Random(seed)
-
-
-@pytest.fixture(scope="module")
-def bnb():
-    bnb = pytest.importorskip("bitsandbytes")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    return bnb
 
 
 def _dtype_pair(rng) -> tuple[torch.dtype, torch.dtype]:
@@ -139,24 +126,11 @@ def _peft_and_ours(dense: nn.Linear, theirs_base, compute: torch.dtype, spec: di
     """peft's LoRA on bitsandbytes' base and ours on NF4Linear of the same dense layer, with peft's adapter values."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    class OneLayer(nn.Module):
-        def __init__(self, proj: nn.Module, loaded_in_4bit: bool = False) -> None:
-            super().__init__()
-            self.proj = proj
-            self.is_loaded_in_4bit = loaded_in_4bit  # peft picks its bitsandbytes LoRA class by this flag
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = get_peft_model(OneLayer(theirs_base, loaded_in_4bit=True), PeftLoraConfig(**spec))
     ours = inject_lora(OneLayer(NF4Linear.from_linear(dense, compute_dtype=compute)), LoraConfig(**spec))
-    their_params = dict(theirs.base_model.model.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if ".lora_" in name:
-                p.copy_(their_params[name])
+    copy_lora_weights(theirs, ours)
     return theirs, ours
 
 
