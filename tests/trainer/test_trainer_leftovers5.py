@@ -239,7 +239,7 @@ def _steps(params, optimizer, count: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(count):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            p.grad = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
         optimizer.step()
 
 
@@ -248,9 +248,23 @@ def _steps(params, optimizer, count: int, seed: int) -> None:
 def test_torch_save_of_the_optimizer_object_round_trips_exactly(kind, bits):
     """torch.save(optimizer) raised "Cannot save multiple tensors or storages that view the same data as different
     types" (each state's fields are typed views of one byte buffer); torch.optim.AdamW objects save fine."""
+    _check_torch_save_round_trip(kind, bits, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("kind", ["adamw", "paged-partly-out"])
+def test_torch_save_of_the_optimizer_object_round_trips_exactly_on_a_gpu(kind, bits):
+    """On a GPU a paged optimizer's pages kept in host memory must come back pinned, and every step after the load
+    equal the uninterrupted run's."""
+    _check_torch_save_round_trip(kind, bits, "cuda")
+
+
+def _check_torch_save_round_trip(kind: str, bits: int, device: str) -> None:
     rng = random.Random()
     torch.manual_seed(rng.randrange(1 << 30))
-    params = [nn.Parameter(torch.randn(rng.randint(1, 3000)).to(rng.choice([torch.float32, torch.bfloat16])))
+    params = [nn.Parameter(torch.randn(rng.randint(1, 3000)).to(device, rng.choice([torch.float32, torch.bfloat16])))
               for _ in range(rng.randint(2, 4))]
     options = dict(lr=10 ** rng.uniform(-3, -1), weight_decay=rng.choice([0.0, 0.1]), optim_bits=bits,
                    min_8bit_size=rng.choice([0, 512]))
@@ -265,6 +279,9 @@ def test_torch_save_of_the_optimizer_object_round_trips_exactly(kind, bits):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded["optimizer"]) is type(optimizer)
+    if kind == "paged-partly-out" and device == "cuda":
+        pages = [page for page in loaded["optimizer"]._pages() if not page.resident]
+        assert all(page.buffer.is_pinned() for page in pages)
     _steps(params, optimizer, 3, seed=2)
     _steps(loaded["params"], loaded["optimizer"], 3, seed=2)
     for ours, theirs in zip(params, loaded["params"], strict=True):
