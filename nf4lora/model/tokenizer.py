@@ -3,8 +3,10 @@
 Both kinds expose `.encode(text) -> list[int]`, `.decode(ids) -> str`, `.bos_id`, `.eos_id`, `.pad_id`, and
 `.eos_ids` (every id that ends generation). Special tokens come, in this order of precedence, from
 `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`, `add_eos_token`),
-`generation_config.json` (`bos_token_id`, `eos_token_id` int or list, `pad_token_id`; a negative id means none), then
-the tokenizer itself; tokenizer_config.json's `"bos_token": null` (Qwen's) means no BOS, as in transformers: `bos_id`
+`generation_config.json` (`eos_token_id` int or list, `pad_token_id`; a negative id means none; never its
+`bos_token_id`: transformers reads no BOS there, and a tokenizer that adds none, Falcon's, is trained without one),
+then the tokenizer itself (a `tokenizer.model`'s BOS/EOS/pad; the ids a `tokenizer.json` post-processor puts
+before/after the text); tokenizer_config.json's `"bos_token": null` (Qwen's) means no BOS, as in transformers: `bos_id`
 is None and encode adds none (a null EOS or pad is looked up further). As in transformers, `special_tokens_map.json`'s
 `bos_token`/`eos_token`/`pad_token` override tokenizer_config.json's when that has no `added_tokens_decoder` (older
 checkpoints). Llama has no pad token; `pad_id` then falls back to `eos_id`, which is safe because padded positions
@@ -15,7 +17,9 @@ tokenizer_config.json's `added_tokens_decoder` list, found as transformers' toke
 marked `normalized: false` first, then the `normalized` ones in the text between, leftmost-longest, a `single_word`
 one only where no word character touches it, each taking the whitespace on its left/right with it where it is marked
 `lstrip`/`rstrip` (a converted Llama tokenizer has no normalizer, so `normalized` changes only that order). Intentional
-differences from transformers: `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
+differences from transformers: a `tokenizer.json` without a configured BOS/EOS has its post-processor's as `bos_id`/
+`eos_id` (transformers: None; encode adds the same ids), and else generation_config.json's EOS, which the trainer
+appends (transformers: None), `add_bos_token`/`add_eos_token` are honoured for a `tokenizer.json` too (transformers 5
 ignores them unless the tokenizer class rewrites its post-processor), leading whitespace (or a leading "▁") in a
 sentencepiece text keeps sentencepiece's dummy-prefix space (transformers 5 drops it), and `decode` always skips special
 tokens: the tokenizer's own, the configured BOS/EOS/pad and those `added_tokens_decoder` marks. `decode` also skips
@@ -123,7 +127,8 @@ class _SpecialTokens:
     """bos/eos/pad ids and add-bos/eos flags resolved from the JSON files next to the tokenizer."""
 
     def __init__(self, model_dir: str, token_to_id, defaults: dict, added: dict | None = None):
-        """`added`: {id: _AddedToken} of tokens the tokenizer lacks; `added_tokens_decoder`'s join them."""
+        """`defaults`: {"bos"/"eos"/"pad": id or None}, the tokenizer's own; `added`: {id: _AddedToken} of tokens the
+        tokenizer lacks; `added_tokens_decoder`'s join them."""
         tok_path = os.path.join(model_dir, "tokenizer_config.json")
         tok_cfg = _read_json(tok_path)
         self.added = {**(added or {}), **_added_token_entries(
@@ -153,7 +158,7 @@ class _SpecialTokens:
             ident = token_to_id(text) if text is not None else None
             if ident is None:
                 ident = added_ids.get(text)
-            if ident is None:
+            if ident is None and name != "bos":  # transformers reads no BOS there, and a model may use none
                 ident = next(iter(gen_ids.get(f"{name}_token_id", [])), None)
             return defaults.get(name) if ident is None else ident
 
@@ -305,10 +310,19 @@ class HFTokenizer:
             self.tok = Tokenizer.from_file(self.path)
         except Exception as e:  # the tokenizers package raises a bare Exception that does not name the file
             raise ValueError(f"{self.path}: not a tokenizers file ({e})") from None
-        special = _SpecialTokens(model_dir, self.tok.token_to_id, {})
+        special = _SpecialTokens(model_dir, self.tok.token_to_id, self._post_processor_ids())
         self.bos_id, self.eos_id, self.pad_id, self.eos_ids = special.ids()
         self.add_bos, self.add_eos = special.add_bos, special.add_eos
         self.special_ids = special.special_ids()  # tokenizer.json's own special tokens are skipped by decode itself
+
+    def _post_processor_ids(self) -> dict[str, int | None]:
+        """{"bos": the id the post-processor puts before a text, "eos": the one it puts after it}, each None where it
+        puts none (a text of no token gets only a BOS)."""
+        enc = self.tok.encode("a", add_special_tokens=True)
+        text_at = [k for k, s in enumerate(enc.sequence_ids) if s is not None]
+        head = enc.ids[:text_at[0]] if text_at else enc.ids
+        tail = enc.ids[text_at[-1] + 1:] if text_at else []
+        return {"bos": head[0] if head else None, "eos": tail[-1] if tail else None}
 
     @property
     def vocab_size(self) -> int:

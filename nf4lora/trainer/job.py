@@ -354,6 +354,9 @@ def prepare(config: TrainConfig, resume: Resume | None = None) -> Prepared:
         tokenizer = load_tokenizer(str(model_dir))
         encode = _encoder(tokenizer)
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
+        if eos is None:  # every example ends with it
+            raise UsageError(f"{model_dir}: the tokenizer has no EOS token; valid: an eos_token in "
+                             f"tokenizer_config.json or an eos_token_id in generation_config.json")
         pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else eos
         rows, dropped = build_examples(train_records, record_format, encode, bos, eos, config.template, config.max_len)
         val_rows, val_dropped = build_examples(val_records, record_format, encode, bos, eos, config.template,

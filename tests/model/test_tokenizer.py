@@ -128,8 +128,9 @@ def test_sentencepiece_encodes_like_transformers_llama_tokenizer(llama_sp_dir):
 
 
 @pytest.mark.parametrize(("kind", "generation", "expected"), [
-    # the .model itself says BOS 1, EOS 2 and no pad: generation_config.json must win over it
-    pytest.param("sentencepiece", {"bos_token_id": 3, "eos_token_id": [4, 2], "pad_token_id": 5}, (3, 4, 5, (4, 2)),
+    # the .model itself says BOS 1, EOS 2 and no pad: generation_config.json must win over it, but for its BOS
+    # (transformers reads none there: "<s>")
+    pytest.param("sentencepiece", {"bos_token_id": 3, "eos_token_id": [4, 2], "pad_token_id": 5}, (1, 4, 5, (4, 2)),
                  id="sentencepiece"),
     # tokenizer.json knows no special tokens of its own: without generation_config.json there would be none
     pytest.param("tokenizer.json", {"bos_token_id": 0, "eos_token_id": [2, 1], "pad_token_id": 3}, (0, 2, 3, (2, 1)),
