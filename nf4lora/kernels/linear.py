@@ -27,7 +27,7 @@ from nf4lora.kernels.dispatch import (
 )
 from nf4lora.kernels.reference import dequantize_reference, linear_reference, quantize_reference
 from nf4lora.nf4.blockwise import check_float_input
-from nf4lora.nf4.tensor import QuantizedTensor, check_double_quant
+from nf4lora.nf4.tensor import QuantizedTensor
 
 # Rows of x up to which the fused kernels beat dequantize + cuBLAS. Measured on an H200
 # (benchmarks/results/2026-11-28_kernels-calling-thread_h200.md, bf16, Llama projections): the fused kernels
@@ -45,7 +45,7 @@ def quantize(
     """Quantize ``w`` (any shape, fp32/fp16/bf16) to a ``QuantizedTensor``; bytes equal ``nf4lora.nf4.quantize``."""
     if not isinstance(w, torch.Tensor):
         check_float_input(w, "weight")  # raises, naming the type
-    options = dict(blocksize=blocksize, quant_type=quant_type, double_quant=check_double_quant(double_quant), code=code)
+    options = dict(blocksize=blocksize, quant_type=quant_type, double_quant=double_quant, code=code)
     if use_triton(w.device):
         from nf4lora.kernels.quantize_nf4 import quantize_triton
 

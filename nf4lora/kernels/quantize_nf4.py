@@ -46,7 +46,9 @@ from nf4lora.kernels.dispatch import FLOAT_DTYPES, cdiv, interpreting, tuning_sp
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.nf4 import blockwise, codebook
 from nf4lora.nf4.double_quant import refuse_overflowing_mean
-from nf4lora.nf4.tensor import QuantizedTensor, QuantState, check_blocksize, check_double_quant_decodes_finite
+from nf4lora.nf4.tensor import (
+    QuantizedTensor, QuantState, check_blocksize, check_double_quant, check_double_quant_decodes_finite,
+)
 
 
 def _configs() -> list[triton.Config]:
@@ -293,6 +295,7 @@ def quantize_triton(
     if w.dtype not in FLOAT_DTYPES or w.numel() == 0:
         blockwise.check_float_input(w, "weight")
     blocksize = check_blocksize(blocksize)
+    double_quant = check_double_quant(double_quant)
     if code is None:
         tables = _named_tables(quant_type, w.device)
     else:
