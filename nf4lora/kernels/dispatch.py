@@ -141,12 +141,15 @@ def interpreting() -> bool:
     return _PROCESS["interpret"]
 
 
+def is_other_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU other than the current one: Triton launches on the current GPU, and a model
+    split over GPUs calls the kernels with another GPU's tensors."""
+    return device.type == "cuda" and device.index != torch.cuda.current_device()
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device(device)`` when ``device`` is a GPU other than the current one, else a no-op: Triton
-    launches on the current GPU, and a model split over GPUs calls the kernels with another GPU's tensors."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    """``torch.cuda.device(device)`` when ``device`` is a GPU other than the current one, else a no-op."""
+    return torch.cuda.device(device) if is_other_gpu(device) else contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:

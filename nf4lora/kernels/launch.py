@@ -5,8 +5,13 @@ computes specialization keys and looks up caches in Python on every call: about 
 kernel and 40-50 us for an autotuned one on the H200 host here, against 8 us for an aten op.
 For a 4096x4096 weight that is more than the dequantize kernel itself (11 us).
 ``CachedLaunch`` makes the first call for a key the normal way, keeps the ``CompiledKernel``
-it returns with the grid and the tuned meta-parameters, and later calls go straight to
-``compiled[grid](*args)``.
+it returns with the grid and the tuned meta-parameters, and later calls go straight to the
+compiled kernel's launcher (``compiled.run``, with the stream and the function handle that
+``compiled[grid](*args)`` would look up). That skips what ``compiled[grid]`` builds per call
+for launch hooks (the metadata a profiler such as proton reads), so while a launch hook is
+installed the relaunch goes through ``compiled[grid]`` instead. On an H200 host a relaunch of quantize's kernel
+took 12.7 us of host time this way, against 16.2 us through ``compiled[grid]`` (medians of 12 alternating rounds
+in one process, benchmarks/results/2026-11-29_launch-host_h200.md).
 
 The key decides which binary runs, so it must cover what Triton specializes on: the caller's key
 (sizes, dtypes, constexpr values) plus, added here, each tensor argument's 16-byte alignment and the GPU
@@ -24,10 +29,33 @@ process that had the binaries but no timings on disk, and 1.0 s in the next one.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
-from nf4lora.kernels.dispatch import interpreting, on_device
+from nf4lora.kernels.dispatch import interpreting, is_other_gpu, on_device
+
+
+def _launch_hooks_installed() -> bool:
+    """Whether a launch enter/exit hook is set (Triton 3.6 keeps them in chains that are empty by default; a hook
+    assigned directly, as older Triton took it, counts too)."""
+    runtime = knobs.runtime
+    return bool(getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
+                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
+
+
+class _Relaunch(NamedTuple):
+    """One compiled binary with what relaunching it needs: the launcher (``compiled.run``), the function handle
+    and packed metadata it takes, the grid and the trailing meta-parameters."""
+
+    compiled: object  # the CompiledKernel: holds the loaded module, which Triton unloads when it is freed
+    run: Callable
+    function: int
+    metadata: tuple
+    dims: tuple[int, int, int]
+    tail: tuple
 
 
 class CachedLaunch:
@@ -36,7 +64,7 @@ class CachedLaunch:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.arg_names = kernel.arg_names  # a JITFunction's or an Autotuner's: every parameter, in order
-        self.compiled: dict[Hashable, tuple] = {}
+        self.compiled: dict[Hashable, _Relaunch] = {}
 
     def __call__(self, grid: Callable[[dict], tuple], key: Hashable, *args, **meta) -> None:
         """Launch ``kernel[grid](*args, **meta)`` on the GPU that holds the tensor arguments (all on one).
@@ -49,15 +77,28 @@ class CachedLaunch:
         device = tensors[0].device
         # a compiled kernel is loaded into one device's context, so the device is part of the key
         key = (key, device, tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+        hit = self.compiled.get(key)
+        if hit is not None:
+            if is_other_gpu(device):
+                with torch.cuda.device(device):
+                    self._relaunch(hit, device.index, args)
+            else:  # the usual case, without a context manager's enter and exit
+                self._relaunch(hit, device.index, args)
+            return
         with on_device(device):
-            hit = self.compiled.get(key)
-            if hit is not None:
-                compiled, grid_dims, tail = hit
-                compiled[grid_dims](*args, *tail)
-                return
             compiled = self.kernel[grid](*args, **meta)
         config = getattr(self.kernel, "best_config", None)
         meta = {**meta, **(config.all_kwargs() if config is not None else {})}
         tail = tuple(meta[name] for name in self.arg_names[len(args):])
         dims = tuple(grid(meta))
-        self.compiled[key] = (compiled, dims + (1,) * (3 - len(dims)), tail)
+        dims = dims + (1,) * (3 - len(dims))
+        self.compiled[key] = _Relaunch(compiled, compiled.run, compiled.function, compiled.packed_metadata, dims, tail)
+
+    @staticmethod
+    def _relaunch(hit: _Relaunch, device_index: int, args: tuple) -> None:
+        if _launch_hooks_installed():
+            hit.compiled[hit.dims](*args, *hit.tail)  # builds the metadata the hooks read
+            return
+        gx, gy, gz = hit.dims
+        stream = driver.active.get_current_stream(device_index)
+        hit.run(gx, gy, gz, stream, hit.function, hit.metadata, None, None, None, *args, *hit.tail)

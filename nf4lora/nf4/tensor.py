@@ -109,6 +109,8 @@ def check_double_quant_decodes_finite(state: QuantState, mean: float, code_max: 
 def check_blocksize(blocksize: int) -> int:
     """``blocksize`` as a Python int (a NumPy integer would not serialize to the state dict's JSON), or a
     ValueError naming the valid ones."""
+    if type(blocksize) is int and blocksize in BLOCKSIZES:  # the usual case, without the ABC check's cost
+        return blocksize
     # 64.0 == 64, so membership alone would let a float through
     if not isinstance(blocksize, numbers.Integral) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize!r} is not supported; valid: powers of two {', '.join(map(str, BLOCKSIZES))}")

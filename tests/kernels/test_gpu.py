@@ -165,3 +165,22 @@ def test_gpu_cached_relaunch_matches_fresh_launch_and_respects_alignment():
             assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
     outs = [dequantize(q, torch.bfloat16) for _ in range(3)]
     assert all(torch.equal(o, dequantize_reference(q, torch.bfloat16)) for o in outs)
+
+
+def test_gpu_cached_relaunch_reports_to_launch_hooks_while_one_is_installed():
+    # relaunches go straight to the compiled launcher, which skips the metadata Triton builds for launch hooks, so
+    # while a hook is installed they must take Triton's own path and the hook must see every launch
+    from triton import knobs
+
+    q = quantize(torch.randn(256, 512, device="cuda"))
+    dequantize(q, torch.bfloat16)  # compiled and cached
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        out = dequantize(q, torch.bfloat16)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    dequantize(q, torch.bfloat16)
+    assert len(seen) == 1 and "dequantize" in seen[0]
+    assert torch.equal(out, dequantize_reference(q, torch.bfloat16))

@@ -2,7 +2,9 @@
 
 import types
 
+import pytest
 import torch
+from triton import knobs
 
 from nf4lora.kernels import launch
 from nf4lora.kernels.launch import CachedLaunch
@@ -16,6 +18,7 @@ class FakeKernel:
     def __init__(self):
         self.jit_calls = []
         self.fast_calls = []
+        self.hooked_calls = []
         self.best_config = types.SimpleNamespace(all_kwargs=lambda: {"BLOCK": 128, "num_warps": 4})
 
     def __getitem__(self, grid):
@@ -27,15 +30,34 @@ class FakeKernel:
 
 
 class FakeCompiled:
+    """Records relaunches through its launcher (``run``) and through ``compiled[grid]`` (``hooked_calls``)."""
+
+    function = "function handle"
+    packed_metadata = "packed metadata"
+
     def __init__(self, kernel):
         self.kernel = kernel
 
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        assert (stream, function, metadata) == (CURRENT_STREAM, self.function, self.packed_metadata)
+        self.kernel.fast_calls.append(((gx, gy, gz), args))
+
     def __getitem__(self, grid_dims):
-        return lambda *args: self.kernel.fast_calls.append((grid_dims, args))
+        return lambda *args: self.kernel.hooked_calls.append((grid_dims, args))
 
 
-def test_cached_launch_relaunches_compiled_kernel_with_tuned_meta_and_rekeys_on_alignment(monkeypatch):
+CURRENT_STREAM = 1234
+
+
+@pytest.fixture(autouse=True)
+def compiled_path(monkeypatch):
+    """Take the compiled-kernel path (not the interpreter's), with a stand-in for Triton's GPU driver."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
+    active = types.SimpleNamespace(get_current_stream=lambda device_index: CURRENT_STREAM)
+    monkeypatch.setattr(launch, "driver", types.SimpleNamespace(active=active))
+
+
+def test_cached_launch_relaunches_compiled_kernel_with_tuned_meta_and_rekeys_on_alignment():
     kernel = FakeKernel()
     cached = CachedLaunch(kernel)
     buffer = torch.zeros(64)
@@ -47,7 +69,23 @@ def test_cached_launch_relaunches_compiled_kernel_with_tuned_meta_and_rekeys_on_
     assert kernel.fast_calls[0] == ((8, 1, 1), (buffer, 1000, 128, 2.0))
     cached(grid, ("n", 1000), buffer[1:], 1000, SCALE=2.0)  # 4-byte offset: not 16-byte aligned, a new binary
     cached(grid, ("n", 2000), buffer, 1000, SCALE=2.0)  # a new caller key
-    assert len(kernel.jit_calls) == 3 and len(kernel.fast_calls) == 2
+    assert len(kernel.jit_calls) == 3 and len(kernel.fast_calls) == 2 and not kernel.hooked_calls
+
+
+def test_cached_launch_relaunches_through_compiled_grid_while_a_launch_hook_is_installed():
+    kernel = FakeKernel()
+    cached = CachedLaunch(kernel)
+    buffer = torch.zeros(64)
+    hook = lambda metadata: None  # noqa: E731
+    cached(lambda meta: (2,), "key", buffer, 64, SCALE=1.0)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        cached(lambda meta: (2,), "key", buffer, 64, SCALE=1.0)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    cached(lambda meta: (2,), "key", buffer, 64, SCALE=1.0)
+    assert kernel.hooked_calls == [((2, 1, 1), (buffer, 64, 128, 1.0))]
+    assert kernel.fast_calls == [((2, 1, 1), (buffer, 64, 128, 1.0))]
 
 
 def test_cached_launch_always_takes_the_normal_path_under_the_interpreter(monkeypatch):
@@ -68,7 +106,6 @@ class OnSecondGpu(torch.Tensor):
 
 
 def test_cached_launch_runs_on_the_gpu_of_its_tensors_and_keys_binaries_by_gpu(monkeypatch):
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
     current = [0]  # the process's current CUDA device, as the fakes below keep it
 
     class FakeDevice:
@@ -85,9 +122,9 @@ def test_cached_launch_runs_on_the_gpu_of_its_tensors_and_keys_binaries_by_gpu(m
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     kernel = FakeKernel()
     seen = []  # the current device at each launch
-    jit, fast = FakeKernel.__getitem__, FakeCompiled.__getitem__
+    jit, fast = FakeKernel.__getitem__, FakeCompiled.run
     monkeypatch.setattr(FakeKernel, "__getitem__", lambda self, grid: (seen.append(current[0]), jit(self, grid))[1])
-    monkeypatch.setattr(FakeCompiled, "__getitem__", lambda self, dims: (seen.append(current[0]), fast(self, dims))[1])
+    monkeypatch.setattr(FakeCompiled, "run", lambda self, *a: (seen.append(current[0]), fast(self, *a))[1])
     cached = CachedLaunch(kernel)
     on_second = torch.zeros(64).as_subclass(OnSecondGpu)
     for _ in range(2):

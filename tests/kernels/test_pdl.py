@@ -32,7 +32,7 @@ def test_decode_with_dependent_launches_equals_decode_without(monkeypatch):
 
     with_pdl = run()
     # the fused kernels really were launched as dependents
-    assert any(hit[0].metadata.launch_pdl for hit in gemv_nf4._launch_gemv_parts.compiled.values())
+    assert any(relaunch.compiled.metadata.launch_pdl for relaunch in gemv_nf4._launch_gemv_parts.compiled.values())
     monkeypatch.setattr(pdl, "enabled", lambda device: False)
     without = run()
     assert torch.equal(with_pdl[0], without[0]) and torch.equal(with_pdl[1], without[1])
