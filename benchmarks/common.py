@@ -14,6 +14,7 @@ that the working set exceeds the L2 cache, so that small shapes are not timed fr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -34,6 +35,31 @@ MAX_COPIES = 64
 
 
 BACKWARD_THREADS = ("autograd", "calling")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: one integer >= 1, or a one-line error naming the bad value."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; valid: 1, 2, 3, ...")
+    return int(text)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated integers >= 1 ("1,2,16" -> (1, 2, 16))."""
+    if not all(item.strip().isdigit() and int(item) >= 1 for item in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive integers; valid: e.g. 1,2,16")
+    return tuple(int(item) for item in text.split(","))
+
+
+def shape_list(text: str) -> tuple[tuple[int, int], ...]:
+    """argparse type: comma-separated weight shapes NxK ("4096x4096,11008x4096" -> ((4096, 4096), (11008, 4096)))."""
+    try:
+        shapes = tuple(positive_ints(item.replace("x", ",")) for item in text.split(","))
+    except argparse.ArgumentTypeError:
+        shapes = ()
+    if not shapes or any(len(shape) != 2 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of NxK shapes; valid: e.g. 4096x4096,11008x4096")
+    return shapes
 
 
 def add_backward_thread_option(parser) -> None:
@@ -232,6 +258,14 @@ def _gpu_tag(env: dict) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "cpu"
 
 
+def _ceilings_text(ceilings: dict) -> str:
+    """The results header's ceilings clause; empty where the family measured none (not "None GB/s")."""
+    if "copy_gbs" not in ceilings:
+        return ""
+    return (f"; measured copy bandwidth {ceilings['copy_gbs']} GB/s,"
+            f" bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s")
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A GitHub Markdown table of ``rows`` restricted to ``columns`` (missing cells blank)."""
 
@@ -271,8 +305,7 @@ def write_results(
         f"# {family} on {env['gpu']['name']}\n\n"
         f"{env['date']}, git {env['git_sha']}, "
         + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
-        + f"; measured copy bandwidth {ceilings.get('copy_gbs')} GB/s,"
-        + f" bf16 matmul {ceilings.get('bf16_matmul_tflops')} TFLOP/s.\n\n"
+        + _ceilings_text(ceilings) + ".\n\n"
     )
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(header + (summary + "\n\n" if summary else "") + markdown_table(rows, columns) + "\n")

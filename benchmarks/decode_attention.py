@@ -21,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, peer_ratios, streaming_rate, write_results,
+    bench_rotating, copies_for, device_ceilings, environment, peer_ratios, positive_ints, streaming_rate,
+    write_results,
 )
 from nf4lora.kernels.decode_attention import decode_attention  # noqa: E402
 
@@ -66,7 +67,7 @@ def bench_case(name: str, H: int, H_kv: int, D: int, B: int, L: int, copy_gbs: f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", default="1,8", help="sequences per step")
+    parser.add_argument("--batch", type=positive_ints, default="1,8", help="sequences per step")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     ceilings = device_ceilings()
     rows = [bench_case(name, H, H_kv, D, B, L, ceilings["copy_gbs"])
-            for name, (H, H_kv, D) in MODELS.items() for B in map(int, args.batch.split(",")) for L in LENGTHS]
+            for name, (H, H_kv, D) in MODELS.items() for B in args.batch for L in LENGTHS]
     config = {"models": MODELS, "lengths": LENGTHS, "dtype": "bfloat16", "mask": "bool (B, 1, 1, L), filled prefixes"}
     write_results("decode-attention", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True,
                   summary="One query row per sequence over a bf16 static KV cache; GB/s counts the K and V bytes "

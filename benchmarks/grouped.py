@@ -20,8 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, judge, peer_ratios, rel_err, streaming_rate,
-    write_results,
+    bench_rotating, copies_for, device_ceilings, environment, judge, peer_ratios, positive_ints, rel_err,
+    streaming_rate, write_results,
 )
 from nf4lora.kernels import nf4_linear, nf4_linear_parts, quantize  # noqa: E402
 from nf4lora.kernels.reference import dequantize_reference  # noqa: E402
@@ -74,7 +74,7 @@ def bench_group(name: str, K: int, rows: tuple[int, ...], ms: tuple[int, ...], b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ms", default="1,2", help="rows of x (1 or 2)")
+    parser.add_argument("--ms", type=positive_ints, default="1,2", help="rows of x (1 or 2)")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    ms = tuple(int(m) for m in args.ms.split(","))
+    ms = args.ms
     env = environment(extra_packages=("bitsandbytes",))
     ceilings = device_ceilings()
     rows: list[dict] = []

@@ -47,8 +47,10 @@ from benchmarks.common import (  # noqa: E402
     device_ceilings,
     environment,
     markdown_table,
+    positive_ints,
     rel_err,
     set_backward_thread,
+    shape_list,
     streaming_rate,
     write_results,
 )
@@ -186,12 +188,20 @@ def bench_shape(N: int, K: int, bnb, ceilings: dict, ops: set[str], small_ms: tu
     return rows
 
 
+def result_family(shapes: tuple[tuple[int, int], ...], ops: set[str], small_ms: tuple[int, ...]) -> str:
+    """"kernels" for the full run, else "kernels-subset": a subset run (fewer shapes, ops or M values) must not
+    overwrite the full table of the same day."""
+    return "kernels" if shapes == SHAPES and ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
+    parser.add_argument("--shapes", type=shape_list, default=",".join(f"{n}x{k}" for n, k in SHAPES),
+                        help="NxK,NxK,...")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--ms", default=",".join(map(str, SMALL_MS)), help="small M values for the linear op")
+    parser.add_argument("--ms", type=positive_ints, default=",".join(map(str, SMALL_MS)),
+                        help="small M values for the linear op")
     parser.add_argument("--name", default=None, help="result family (default: kernels, or kernels-subset for a subset)")
     add_backward_thread_option(parser)
     args = parser.parse_args(argv)
@@ -200,14 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes, small_ms = args.shapes, args.ms
     ops = set(args.ops.split(","))
     if not ops <= set(OPS):
         raise SystemExit(f"--ops {args.ops!r}: valid ops are {', '.join(OPS)}")
-    small_ms = tuple(int(m) for m in args.ms.split(","))
-    # a subset run must not overwrite the full table of the same day
     suffix = set_backward_thread(args.backward_thread)
-    family = args.name or ("kernels" if ops == set(OPS) and small_ms == SMALL_MS else "kernels-subset") + suffix
+    family = args.name or result_family(shapes, ops, small_ms) + suffix
     env = environment(extra_packages=("bitsandbytes",))
     ceilings = device_ceilings()
     print(f"ceilings: {ceilings}", flush=True)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, write_results  # noqa: E402
+from benchmarks.common import environment, positive_int, write_results  # noqa: E402
 from benchmarks.model import stream_ms_per_token  # noqa: E402
 from nf4lora.kernels import pdl  # noqa: E402
 from nf4lora.model import Llama, LlamaConfig, generate, generate_stream  # noqa: E402
@@ -70,10 +70,10 @@ def prefill_tok_s(model: Llama, tokens: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--prefill-tokens", type=positive_int, default=2048)
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, (kernels_switch, pdl_switch) in settings.items():
                 llama_module._inference_kernels, pdl.enabled = kernels_switch, pdl_switch
-                reps[name]["eager"].append(decode_ms(model, prompt, False, args.new_tokens // 2))
+                reps[name]["eager"].append(decode_ms(model, prompt, False, max(1, args.new_tokens // 2)))
                 reps[name]["graph"].append(decode_ms(model, prompt, True, args.new_tokens))
                 reps[name]["prefill"].append(prefill_tok_s(model, args.prefill_tokens))
                 tokens[name] = generate(model, prompt, max_new_tokens=32, cuda_graph=True)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     add_backward_thread_option, bench, device_busy_ms, device_ceilings, environment, markdown_table,
-    set_backward_thread, write_results,
+    positive_int, positive_ints, set_backward_thread, shape_list, write_results,
 )
 from nf4lora.lora import LoraConfig, LoraLinear  # noqa: E402
 from nf4lora.lora.functional import lora_add  # noqa: E402
@@ -201,15 +201,15 @@ def geomean(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results)")
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
-    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="r,r,...")
-    parser.add_argument("--m", type=int, default=M, help="tokens per step")
+    parser.add_argument("--shapes", type=shape_list, default=",".join(f"{n}x{k}" for n, k in SHAPES),
+                        help="NxK,NxK,...")
+    parser.add_argument("--ranks", type=positive_ints, default=",".join(map(str, RANKS)), help="r,r,...")
+    parser.add_argument("--m", type=positive_int, default=M, help="tokens per step")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only (runs on CPU too)")
     add_backward_thread_option(parser)
     args = parser.parse_args(argv)
     family = "lora" + set_backward_thread(args.backward_thread)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ranks = [int(v) for v in args.ranks.split(",")]
+    shapes, ranks = args.shapes, args.ranks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     time_it = not args.check_only
     if time_it and device != "cuda":

@@ -44,7 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_ceilings, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    device_ceilings, environment, markdown_table, positive_int, write_results,
+)
 from nf4lora.kernels import use_kernels  # noqa: E402
 from nf4lora.model import LlamaConfig, generate, generate_stream, load_model, model_nbytes  # noqa: E402
 from nf4lora.model.checkpoint import write_checkpoint  # noqa: E402
@@ -322,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--ckpt-dir", default=BenchConfig.ckpt_dir)
-    parser.add_argument("--layers", type=int, default=BenchConfig.layers, help="fewer for a quick run")
-    parser.add_argument("--hidden", type=int, default=BenchConfig.hidden)
-    parser.add_argument("--intermediate", type=int, default=BenchConfig.intermediate)
-    parser.add_argument("--vocab", type=int, default=BenchConfig.vocab)
-    parser.add_argument("--prefill-tokens", type=int, default=BenchConfig.prefill_tokens)
-    parser.add_argument("--new-tokens", type=int, default=BenchConfig.new_tokens)
+    parser.add_argument("--layers", type=positive_int, default=BenchConfig.layers, help="fewer for a quick run")
+    parser.add_argument("--hidden", type=positive_int, default=BenchConfig.hidden)
+    parser.add_argument("--intermediate", type=positive_int, default=BenchConfig.intermediate)
+    parser.add_argument("--vocab", type=positive_int, default=BenchConfig.vocab)
+    parser.add_argument("--prefill-tokens", type=positive_int, default=BenchConfig.prefill_tokens)
+    parser.add_argument("--new-tokens", type=positive_int, default=BenchConfig.new_tokens)
     parser.add_argument("--no-peers", action="store_true", help="skip the transformers rows")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile + CUDA graph decode row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -39,7 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bench, device_ceilings, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench, device_ceilings, environment, markdown_table, positive_int, write_results,
+)
 from nf4lora.kernels import use_kernels  # noqa: E402
 from nf4lora.optim import AdamW, PagedAdamW  # noqa: E402
 from nf4lora.optim.adamw import state_layout  # noqa: E402
@@ -357,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results)")
     parser.add_argument("--sets", default="lora,dense", help="comma-separated: lora, dense")
-    parser.add_argument("--lora-layers", type=int, default=LLAMA_7B["layers"], help="Llama blocks in the LoRA set")
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--dense-tensors", type=int, default=64, help="4096x4096 tensors in the dense set")
+    parser.add_argument("--lora-layers", type=positive_int, default=LLAMA_7B["layers"],
+                        help="Llama blocks in the LoRA set")
+    parser.add_argument("--lora-r", type=positive_int, default=64)
+    parser.add_argument("--dense-tensors", type=positive_int, default=64, help="4096x4096 tensors in the dense set")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only, small sets (CPU too)")
     parser.add_argument("--skip-oom-demo", action="store_true")
     args = parser.parse_args(argv)

@@ -18,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bench_rotating, copies_for, environment, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_rotating, copies_for, environment, positive_ints, shape_list, write_results,
+)
 from benchmarks.kernels import SHAPES  # noqa: E402
 from nf4lora.kernels import gemv_nf4, quantize  # noqa: E402
 
@@ -45,16 +47,16 @@ def sweep(shapes, ms, chunks) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK,NxK,...")
-    parser.add_argument("--ms", default="1,2,16", help="rows of x")
-    parser.add_argument("--chunks", default="1024,2048,3072,4096,8192", help="K columns per program")
+    parser.add_argument("--shapes", type=shape_list, default=",".join(f"{n}x{k}" for n, k in SHAPES),
+                        help="NxK,NxK,...")
+    parser.add_argument("--ms", type=positive_ints, default="1,2,16", help="rows of x")
+    parser.add_argument("--chunks", type=positive_ints, default="1024,2048,3072,4096,8192",
+                        help="K columns per program")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/split_k.py needs a CUDA GPU")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(v) for v in args.ms.split(",")]
-    chunks = [int(v) for v in args.chunks.split(",")]
+    shapes, ms, chunks = args.shapes, args.ms, args.chunks
     rows = sweep(shapes, ms, chunks)
     columns = ["shape", "M", "picked_chunk", *(f"c{c}_us" for c in chunks), "best_chunk"]
     write_results("split-k", rows, {"shapes": shapes, "ms": ms, "chunks": chunks}, environment(), {}, columns,

@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import train  # noqa: E402
-from benchmarks.common import device_busy_ms, device_ceilings, environment, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    device_busy_ms, device_ceilings, environment, positive_int, write_results,
+)
 
 MODES = {"worker": False, "calling": True}  # mode -> BACKWARD_ON_CALLING_THREAD
 COLUMNS = ("case", "worker_ms", "calling_ms", "worker/calling", "worker_tok/s", "calling_tok/s", "worker_range_ms",
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of both modes per case")
-    parser.add_argument("--steps-per-round", type=int, default=3, help="optimizer steps per mode per round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="rounds of both modes per case")
+    parser.add_argument("--steps-per-round", type=positive_int, default=3, help="optimizer steps per mode per round")
     parser.add_argument("--tiny", action="store_true", help="2-layer smoke test on any device")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

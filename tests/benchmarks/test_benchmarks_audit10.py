@@ -1,0 +1,82 @@
+"""Benchmark audit 10, on the CPU: subset result names, one-line CLI errors, result headers without ceilings, and
+the training peer's peak memory with bitsandbytes' paged optimizer states."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks import kernels as bench_kernels
+from benchmarks import train as bench_train
+
+FAKE_ENV = {"date": "2026-01-01T00:00:00+00:00", "git_sha": "abc", "packages": {"torch": "x"}, "gpu": {"name": "H200"}}
+
+
+def test_kernels_run_on_fewer_shapes_does_not_overwrite_the_full_table(tmp_path, monkeypatch):
+    # only --ops and --ms made a run a subset: one shape with every op wrote <date>_kernels_<gpu>, replacing the
+    # full table of the same day
+    pytest.importorskip("bitsandbytes")  # main imports it; imported with CUDA faked available, it would fail
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_kernels, "environment", lambda extra_packages=(): FAKE_ENV)
+    monkeypatch.setattr(bench_kernels, "device_ceilings", lambda: {"copy_gbs": 1.0, "bf16_matmul_tflops": 1.0})
+    monkeypatch.setattr(bench_kernels, "bench_shape",
+                        lambda N, K, *args: [{"op": "dequantize", "shape": f"{N}x{K}", "check": "ok"}])
+    assert bench_kernels.main(["--shapes", "4096x4096", "--out-dir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-01-01_kernels-subset_h200.json",
+                                                          "2026-01-01_kernels-subset_h200.md"]
+
+
+def test_kernels_full_run_keeps_the_family_name():
+    assert bench_kernels.result_family(bench_kernels.SHAPES, set(bench_kernels.OPS), bench_kernels.SMALL_MS) == "kernels"
+
+
+@pytest.mark.parametrize("module, argv, bad", [
+    ("kernels", ["--shapes", "4096"], "'4096'"),
+    ("kernels", ["--ms", "1,0"], "'1,0'"),
+    ("lora", ["--check-only", "--ranks", "16,x"], "'16,x'"),
+    ("split_k", ["--chunks", "1024,"], "'1024,'"),
+    ("grouped", ["--ms", "a"], "'a'"),
+    ("decode_attention", ["--batch", "0"], "'0'"),
+    ("layer_ops", ["--new-tokens", "0"], "'0'"),
+    ("model", ["--device", "cuda", "--new-tokens", "0"], "'0'"),
+    ("optim", ["--lora-r", "0"], "'0'"),
+    ("train", ["--steps", "0"], "'0'"),
+    ("train_backward_thread", ["--rounds", "-1"], "'-1'"),
+])
+def test_bad_cli_values_stop_with_one_line_naming_the_value(module, argv, bad, capsys):
+    # they used to reach the GPU check, a traceback (int("x"), unpacking "4096") or a division by zero steps later
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert bad in last and "valid" in last
+
+
+def test_results_header_names_no_ceiling_that_was_not_measured(tmp_path):
+    # families that measure no ceiling (layer-ops, split-k) printed "measured copy bandwidth None GB/s"
+    _, md = common.write_results("probe", [{"a": 1.0}], {}, FAKE_ENV, {}, ["a"], out_dir=tmp_path)
+    assert "None" not in md.read_text() and "copy bandwidth" not in md.read_text()
+    _, md = common.write_results("probe", [{"a": 1.0}], {}, FAKE_ENV, {"copy_gbs": 4274.4, "bf16_matmul_tflops": 672.2},
+                                 ["a"], out_dir=tmp_path)
+    assert "measured copy bandwidth 4274.4 GB/s, bf16 matmul 672.2 TFLOP/s." in md.read_text()
+
+
+def test_peer_peak_memory_counts_bitsandbytes_paged_optimizer_states(monkeypatch):
+    # PagedAdamW32bit keeps the states of tensors of >= 1e5 elements in CUDA managed memory, which
+    # max_memory_allocated does not see: the r=64 peer's peak lacked its 1.19 GiB of states
+    paged = [torch.zeros(2**20), torch.zeros(2**20)]
+    for t in paged:
+        t.is_paged = True
+    optimizer = types.SimpleNamespace(state={
+        "big": {"state1": paged[0], "state2": paged[1], "step": torch.tensor(3.0)},
+        "small": {"state1": torch.zeros(10), "state2": torch.zeros(10), "step": 3},
+    })
+    assert bench_train.paged_state_bytes(optimizer) == 2 * 4 * 2**20
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30)
+    assert bench_train.peak_gib(torch.device("cuda"), 2**29) == 1.5
+    assert bench_train.peak_gib(torch.device("cpu"), 2**29) is None
