@@ -3,7 +3,8 @@
 For Llama-shaped heads and cache lengths, in one process on the same random cache: our ``decode_attention``
 against ``F.scaled_dot_product_attention`` with the same boolean mask (torch's default backend choice, cuDNN on
 an H200) and with the memory-efficient backend; GQA for the peers through ``enable_gqa``. Timed as CUDA-graph
-replays over rotating cache copies, so the cache streams from DRAM.
+replays over rotating cache copies, so the cache streams from DRAM. Each row's check judges our output against a
+float64 reference (relative error <= 1e-2); the run exits 1 if any row fails.
 
     python benchmarks/decode_attention.py [--out-dir DIR]
 """
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    bench_rotating, copies_for, device_ceilings, environment, peer_ratios, positive_ints, streaming_rate,
+    bench_rotating, copies_for, device_ceilings, environment, judge, peer_ratios, positive_ints, streaming_rate,
     write_results,
 )
 from nf4lora.kernels.decode_attention import decode_attention  # noqa: E402
@@ -30,7 +31,7 @@ from nf4lora.kernels.decode_attention import decode_attention  # noqa: E402
 MODELS = {"Llama-2-7B": (32, 32, 128), "Llama-3-8B": (32, 8, 128), "Llama-3-70B": (64, 8, 128)}
 LENGTHS = (256, 1024, 4096)
 COLUMNS = ["model", "B", "L", "ours_ms", "sdpa_ms", "sdpa_efficient_ms", "GB/s", "%copy", "vs_sdpa",
-           "vs_sdpa_efficient", "rel_err"]
+           "vs_sdpa_efficient", "check"]
 
 
 def bench_case(name: str, H: int, H_kv: int, D: int, B: int, L: int, copy_gbs: float) -> dict:
@@ -60,7 +61,7 @@ def bench_case(name: str, H: int, H_kv: int, D: int, B: int, L: int, copy_gbs: f
     if H == H_kv:  # the memory-efficient kernel has no grouped-query form
         times["sdpa_efficient_ms"] = bench_rotating([lambda c=c: sdpa_efficient(*c) for c in caches])
     row = {"model": name, "B": B, "L": L, **times, **streaming_rate(nbytes, times["ours_ms"], copy_gbs),
-           **peer_ratios(times), "rel_err": float((out.double() - ref).norm() / ref.norm())}
+           **peer_ratios(times), "check": judge({}, {"rel_err": float((out.double() - ref).norm() / ref.norm())})}
     print(row, flush=True)
     return row
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results("decode-attention", rows, config, env, ceilings, COLUMNS, out_dir=args.out_dir, announce=True,
                   summary="One query row per sequence over a bf16 static KV cache; GB/s counts the K and V bytes "
                           "read.")
-    return 0
+    return 0 if all(row["check"].startswith("ok") for row in rows) else 1
 
 
 if __name__ == "__main__":

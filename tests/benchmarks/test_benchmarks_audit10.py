@@ -80,3 +80,21 @@ def test_peer_peak_memory_counts_bitsandbytes_paged_optimizer_states(monkeypatch
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30)
     assert bench_train.peak_gib(torch.device("cuda"), 2**29) == 1.5
     assert bench_train.peak_gib(torch.device("cpu"), 2**29) is None
+
+
+def test_decode_attention_run_fails_when_a_row_is_wrong(monkeypatch, tmp_path):
+    # the row recorded our kernel's error but never judged it, so a wrong kernel still exited 0
+    bench_attention = importlib.import_module("benchmarks.decode_attention")
+    errors = iter([1e-3, 0.5])
+
+    def fake_case(name, H, H_kv, D, B, L, copy_gbs):
+        return {"model": name, "B": B, "L": L, "check": common.judge({}, {"rel_err": next(errors, 1e-3)})}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_attention, "bench_case", fake_case)
+    monkeypatch.setattr(bench_attention, "environment", lambda: {})
+    monkeypatch.setattr(bench_attention, "device_ceilings", lambda: {"copy_gbs": 1.0})
+    monkeypatch.setattr(bench_attention, "write_results", lambda *args, **kwargs: None)
+    assert bench_attention.main(["--batch", "1", "--out-dir", str(tmp_path)]) == 1
+    errors = iter([])
+    assert bench_attention.main(["--batch", "1", "--out-dir", str(tmp_path)]) == 0
