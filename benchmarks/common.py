@@ -6,7 +6,7 @@ Every benchmark family (``benchmarks/<family>.py``) uses it the same way:
     ceilings = device_ceilings()                 # measured copy bandwidth and bf16 matmul rate
     ms = bench(fn)                               # median ms, CUDA events via triton's do_bench
     ms = bench_rotating([fn_a, fn_b, ...])       # one call per input copy, inside a CUDA graph
-    write_results("kernels", rows, config, env, ceilings, columns)
+    write_results("kernels", rows, config, env, ceilings, columns)  # an earlier run that day moves to -runN
 
 Timing rules (METHOD.md): warm up first, take the median, and rotate among enough input copies
 that the working set exceeds the L2 cache, so that small shapes are not timed from cache.
@@ -127,6 +127,7 @@ def environment(extra_packages: Sequence[str] = ()) -> dict:
         "cuda": torch.version.cuda,
         "packages": packages,
         "gpu": gpu_info(),
+        "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "env": {k: os.environ[k] for k in ("NF4LORA_KERNELS", "TRITON_INTERPRET") if k in os.environ},
     }
 
@@ -281,6 +282,31 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def keep_earlier_run(out_dir: Path, stem: str, env: dict) -> None:
+    """Move another run's ``<stem>.{json,md}`` (``stem`` = ``<day>_<family>_<gpu>``) aside to the next free
+    ``<day>_<family>-runN_<gpu>``, so that the newest run of a day holds the plain name and no run is overwritten.
+    The files of this run (same ``env["date"]``: a benchmark rewrites its table after every shape) stay in place."""
+    earlier = [out_dir / f"{stem}.{ext}" for ext in ("json", "md")]
+    if not any(path.exists() for path in earlier) or _run_date(earlier[0]) == env["date"]:
+        return
+    day, rest = stem.split("_", 1)
+    family, gpu_tag = rest.rsplit("_", 1)
+    n = 1
+    while any((out_dir / f"{day}_{family}-run{n}_{gpu_tag}.{ext}").exists() for ext in ("json", "md")):
+        n += 1
+    for path in earlier:
+        if path.exists():
+            path.rename(out_dir / f"{day}_{family}-run{n}_{gpu_tag}{path.suffix}")
+
+
+def _run_date(json_path: Path) -> str | None:
+    """The ``environment.date`` a results JSON records, or None when it is missing or unreadable."""
+    try:
+        return json.loads(json_path.read_text())["environment"]["date"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_results(
     family: str,
     rows: Sequence[dict],
@@ -297,6 +323,7 @@ def write_results(
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{env['date'][:10]}_{family}_{_gpu_tag(env)}"
+    keep_earlier_run(out_dir, stem, env)
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     payload = {"family": family, "config": config, "environment": env, "ceilings": ceilings, "rows": list(rows)}
     json_path = out_dir / f"{stem}.json"

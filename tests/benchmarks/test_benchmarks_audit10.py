@@ -4,6 +4,7 @@ the training peer's peak memory with bitsandbytes' paged optimizer states."""
 from __future__ import annotations
 
 import importlib
+import json
 import types
 
 import pytest
@@ -98,3 +99,19 @@ def test_decode_attention_run_fails_when_a_row_is_wrong(monkeypatch, tmp_path):
     assert bench_attention.main(["--batch", "1", "--out-dir", str(tmp_path)]) == 1
     errors = iter([])
     assert bench_attention.main(["--batch", "1", "--out-dir", str(tmp_path)]) == 0
+
+
+def test_results_of_a_second_run_the_same_day_keep_the_first_as_run_n(tmp_path):
+    # a second run of a family on one day overwrote the first run's files; a run rewriting its own table (after
+    # every shape) keeps one pair of files
+    def write(hour, value):
+        env = {"date": f"2026-11-29T{hour}:00:00+00:00", "git_sha": "abc", "packages": {}, "gpu": {"name": "H200"}}
+        common.write_results("fam_x", [{"a": value}], {}, env, {}, ["a"], out_dir=tmp_path)
+
+    for hour, value in (("10", 1), ("10", 2), ("11", 3), ("12", 4)):
+        write(hour, value)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    runs = ("-run1", "-run2", "")
+    assert names == [f"2026-11-29_fam_x{run}_h200.{ext}" for run in runs for ext in ("json", "md")]
+    rows = {run: json.loads((tmp_path / f"2026-11-29_fam_x{run}_h200.json").read_text())["rows"] for run in runs}
+    assert rows == {"-run1": [{"a": 2}], "-run2": [{"a": 3}], "": [{"a": 4}]}
