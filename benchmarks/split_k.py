@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="K columns per program")
     parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
     args = parser.parse_args(argv)
+    shapes, ms, chunks = args.shapes, args.ms, args.chunks
+    unsplittable = [f"{n}x{k}" for n, k in shapes if not any(c <= k for c in chunks)]
+    if unsplittable:
+        parser.error(f"no --chunks value is <= K for {', '.join(unsplittable)}; valid: chunks up to each shape's K")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/split_k.py needs a CUDA GPU")
-    shapes, ms, chunks = args.shapes, args.ms, args.chunks
     rows = sweep(shapes, ms, chunks)
     columns = ["shape", "M", "picked_chunk", *(f"c{c}_us" for c in chunks), "best_chunk"]
     write_results("split-k", rows, {"shapes": shapes, "ms": ms, "chunks": chunks}, environment(), {}, columns,

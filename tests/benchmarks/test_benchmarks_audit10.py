@@ -40,6 +40,7 @@ def test_kernels_full_run_keeps_the_family_name():
     ("kernels", ["--ms", "1,0"], "'1,0'"),
     ("lora", ["--check-only", "--ranks", "16,x"], "'16,x'"),
     ("split_k", ["--chunks", "1024,"], "'1024,'"),
+    ("split_k", ["--shapes", "4096x512", "--chunks", "1024,2048"], "4096x512"),  # no chunk fits: no best chunk
     ("grouped", ["--ms", "a"], "'a'"),
     ("decode_attention", ["--batch", "0"], "'0'"),
     ("layer_ops", ["--new-tokens", "0"], "'0'"),
