@@ -23,7 +23,8 @@ each system's own: the 4-bit rows read about a quarter of the bf16 row's bytes.
 Correctness before timing: nf4lora's Triton path against its pure-PyTorch reference on the same weights (logits),
 CUDA-graph tokens equal those of the same fixed-shape step run eagerly, and nf4lora's logits against
 transformers + bitsandbytes (same 4-bit bytes). Prints a table, then one JSON line; writes
-`<date>_model_<gpu>.{json,md}` into --out (default benchmarks/results).
+`<date>_model_<gpu>.{json,md}` into --out (default benchmarks/results), or `<date>_model-subset_<gpu>` for a run on
+fewer layers, other sizes or without peers.
 """
 
 from __future__ import annotations
@@ -320,6 +321,15 @@ def derive_columns(rows: list[dict], copy_gbs: float | None) -> None:
         r.setdefault("check", "ok")
 
 
+def result_family(cfg: BenchConfig) -> str:
+    """"model" for the issue's measurement (the full 7B shape, 2048-token prefill, 128 new tokens, with peers), else
+    "model-subset": a quick run on fewer layers or without peers must not stand in for it."""
+    full = BenchConfig()
+    sizes = ("layers", "hidden", "intermediate", "vocab", "prefill_tokens", "new_tokens")
+    same = all(getattr(cfg, name) == getattr(full, name) for name in sizes) and cfg.peers
+    return "model" if same else "model-subset"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     print(markdown_table(rows, COLUMNS))
     config = {**dataclasses.asdict(cfg), "device": device, "checks": checks}
-    paths = write_results("model", rows, config, env, ceilings, COLUMNS, summary=summary, out_dir=args.out)
+    paths = write_results(result_family(cfg), rows, config, env, ceilings, COLUMNS, summary=summary, out_dir=args.out)
     print(json.dumps({"rows": rows, "checks": checks, "files": [str(p) for p in paths]}, default=str))
     return 0
 

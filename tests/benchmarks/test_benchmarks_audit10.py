@@ -116,3 +116,12 @@ def test_results_of_a_second_run_the_same_day_keep_the_first_as_run_n(tmp_path):
     assert names == [f"2026-11-29_fam_x{run}_h200.{ext}" for run in runs for ext in ("json", "md")]
     rows = {run: json.loads((tmp_path / f"2026-11-29_fam_x{run}_h200.json").read_text())["rows"] for run in runs}
     assert rows == {"-run1": [{"a": 2}], "-run2": [{"a": 3}], "": [{"a": 4}]}
+
+
+def test_model_runs_on_fewer_layers_or_without_peers_are_named_as_a_subset():
+    # a quick --layers 8 or --no-peers run wrote the family of the full measurement
+    bench_model = importlib.import_module("benchmarks.model")
+    full = bench_model.BenchConfig()
+    assert bench_model.result_family(full) == "model"
+    for change in ({"layers": 8}, {"peers": False}, {"new_tokens": 32}, {"hidden": 2048}):
+        assert bench_model.result_family(bench_model.BenchConfig(**change)) == "model-subset"
