@@ -25,7 +25,8 @@ step, peak extra memory of one step, and ratios: ours / bf16 frozen and ours / b
 (target <= 1.15), peft / ours (> 1: ours is faster). Where a step is bound by host time (4096 x 4096
 on the H200 machine), ``*_gpu_ms`` add the GPU's busy time per step (kernels and copies, from
 ``torch.profiler``) for ours and both bf16 layers, and ours' ratios to them. Prints a table, then one JSON line; writes
-``<date>_lora_<gpu>.{json,md}`` into ``--out`` (default benchmarks/results).
+``<date>_lora_<gpu>.{json,md}`` into ``--out`` (default benchmarks/results), or ``<date>_lora-subset_<gpu>`` for a
+run on fewer shapes or ranks or another M.
 """
 
 from __future__ import annotations
@@ -198,6 +199,12 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def result_family(shapes: tuple[tuple[int, int], ...], ranks: tuple[int, ...], m: int) -> str:
+    """"lora" for the issue's case (every shape and rank at M = 4096), else "lora-subset", so that a run on fewer
+    shapes or ranks does not take the full table's name."""
+    return "lora" if shapes == SHAPES and ranks == RANKS and m == M else "lora-subset"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results)")
@@ -208,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-only", action="store_true", help="correctness checks only (runs on CPU too)")
     add_backward_thread_option(parser)
     args = parser.parse_args(argv)
-    family = "lora" + set_backward_thread(args.backward_thread)
     shapes, ranks = args.shapes, args.ranks
+    family = result_family(shapes, ranks, args.m) + set_backward_thread(args.backward_thread)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     time_it = not args.check_only
     if time_it and device != "cuda":

@@ -125,3 +125,12 @@ def test_model_runs_on_fewer_layers_or_without_peers_are_named_as_a_subset():
     assert bench_model.result_family(full) == "model"
     for change in ({"layers": 8}, {"peers": False}, {"new_tokens": 32}, {"hidden": 2048}):
         assert bench_model.result_family(bench_model.BenchConfig(**change)) == "model-subset"
+
+
+def test_lora_runs_on_fewer_shapes_or_ranks_are_named_as_a_subset():
+    bench_lora = importlib.import_module("benchmarks.lora")
+    full = (bench_lora.SHAPES, bench_lora.RANKS, bench_lora.M)
+    assert bench_lora.result_family(*full) == "lora"
+    assert bench_lora.result_family(bench_lora.SHAPES[:1], bench_lora.RANKS, bench_lora.M) == "lora-subset"
+    assert bench_lora.result_family(bench_lora.SHAPES, (16,), bench_lora.M) == "lora-subset"
+    assert bench_lora.result_family(bench_lora.SHAPES, bench_lora.RANKS, 512) == "lora-subset"
