@@ -282,21 +282,25 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def keep_earlier_run(out_dir: Path, stem: str, env: dict) -> None:
-    """Move another run's ``<stem>.{json,md}`` (``stem`` = ``<day>_<family>_<gpu>``) aside to the next free
-    ``<day>_<family>-runN_<gpu>``, so that the newest run of a day holds the plain name and no run is overwritten.
-    The files of this run (same ``env["date"]``: a benchmark rewrites its table after every shape) stay in place."""
-    earlier = [out_dir / f"{stem}.{ext}" for ext in ("json", "md")]
+def _result_paths(out_dir: Path, env: dict, family: str) -> list[Path]:
+    """``<out_dir>/<day>_<family>_<gpu>.json`` and ``.md`` for the run that ``env`` describes."""
+    stem = f"{env['date'][:10]}_{family}_{_gpu_tag(env)}"
+    return [out_dir / f"{stem}.{ext}" for ext in ("json", "md")]
+
+
+def keep_earlier_run(out_dir: Path, env: dict, family: str) -> None:
+    """Move another run's ``<day>_<family>_<gpu>.{json,md}`` aside to the next free ``<day>_<family>-runN_<gpu>``,
+    so that the newest run of a day holds the plain name and no run is overwritten. The files of this run (same
+    ``env["date"]``: a benchmark rewrites its table after every shape) stay in place."""
+    earlier = _result_paths(out_dir, env, family)
     if not any(path.exists() for path in earlier) or _run_date(earlier[0]) == env["date"]:
         return
-    day, rest = stem.split("_", 1)
-    family, gpu_tag = rest.rsplit("_", 1)
     n = 1
-    while any((out_dir / f"{day}_{family}-run{n}_{gpu_tag}.{ext}").exists() for ext in ("json", "md")):
+    while any(path.exists() for path in _result_paths(out_dir, env, f"{family}-run{n}")):
         n += 1
-    for path in earlier:
+    for path, aside in zip(earlier, _result_paths(out_dir, env, f"{family}-run{n}")):
         if path.exists():
-            path.rename(out_dir / f"{day}_{family}-run{n}_{gpu_tag}{path.suffix}")
+            path.rename(aside)
 
 
 def _run_date(json_path: Path) -> str | None:
@@ -322,11 +326,10 @@ def write_results(
     With ``announce``, also print the table and a last JSON line naming the files and the ceilings."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}_{family}_{_gpu_tag(env)}"
-    keep_earlier_run(out_dir, stem, env)
+    keep_earlier_run(out_dir, env, family)
+    json_path, md_path = _result_paths(out_dir, env, family)
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     payload = {"family": family, "config": config, "environment": env, "ceilings": ceilings, "rows": list(rows)}
-    json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     header = (
         f"# {family} on {env['gpu']['name']}\n\n"
@@ -334,7 +337,6 @@ def write_results(
         + ", ".join(f"{k} {v}" for k, v in env["packages"].items())
         + _ceilings_text(ceilings) + ".\n\n"
     )
-    md_path = out_dir / f"{stem}.md"
     md_path.write_text(header + (summary + "\n\n" if summary else "") + markdown_table(rows, columns) + "\n")
     if announce:
         print(markdown_table(rows, columns))
