@@ -60,9 +60,21 @@ def publish_files(directory: Path, writers: dict[str, Callable[[Path], object]],
     fsync_dir(directory)
 
 
+_REPLACED_PREFIX, _REPLACED_SUFFIX = ".", ".old.tmp"
+
+
 def replaced_path(final: Path) -> Path:
     """Where :func:`publish_directory` moves the old ``final`` aside while the new one takes its name."""
-    return final.with_name(f".{final.name}.old.tmp")
+    return final.with_name(f"{_REPLACED_PREFIX}{final.name}{_REPLACED_SUFFIX}")
+
+
+def replaced_final(path: Path) -> Path | None:
+    """The ``final`` whose :func:`replaced_path` is ``path``, or None when ``path`` is not named as one."""
+    name = path.name
+    if len(name) > len(_REPLACED_PREFIX + _REPLACED_SUFFIX) and name.startswith(_REPLACED_PREFIX) \
+            and name.endswith(_REPLACED_SUFFIX):
+        return path.with_name(name[len(_REPLACED_PREFIX):-len(_REPLACED_SUFFIX)])
+    return None
 
 
 def restore_replaced(final: Path) -> None:

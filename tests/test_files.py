@@ -1,6 +1,8 @@
 """nf4lora.files: a directory published over an old one replaces it whole, whatever an earlier crash left."""
 
-from nf4lora.files import publish_directory
+import pytest
+
+from nf4lora.files import publish_directory, replaced_final, replaced_path
 
 
 def _tree(directory):
@@ -23,3 +25,14 @@ def test_a_directory_replaces_the_old_one_even_after_a_crash_left_its_temp(tmp_p
     publish_directory(new, final)
     assert _tree(final) == {"config.json": b"new", "sub/weights": b"\x01\x02"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("name", ["checkpoint-7", "out", ".hidden", "a.old.tmp"])
+def test_replaced_final_inverts_replaced_path(tmp_path, name):
+    final = tmp_path / name
+    assert replaced_final(replaced_path(final)) == final
+
+
+@pytest.mark.parametrize("name", ["checkpoint-7", ".old.tmp", "..old.tmp", ".checkpoint-7.tmp", "x.old.tmp"])
+def test_replaced_final_is_none_for_other_names(tmp_path, name):
+    assert replaced_final(tmp_path / name) is None

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from nf4lora.files import publish_directory, restore_replaced
+from nf4lora.files import publish_directory, replaced_final, restore_replaced
 from nf4lora.jsonfile import read_json_object
 
 from .config import RESUME_KEYS, TrainConfig, UsageError
@@ -56,7 +56,6 @@ RESTORED_KEYS = {"lr": "optimizer and scheduler state", "weight_decay": "optimiz
 # the names save_checkpoint writes, and only those: ASCII digits without leading zeros ("\d" takes "１２" as 12)
 _NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 _TEMP = re.compile(r"^\.checkpoint-[0-9]+\.tmp$")
-_REPLACED = re.compile(r"^\.(checkpoint-[0-9]+)\.old\.tmp$")  # files.replaced_path of a checkpoint
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -166,7 +165,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     """``checkpoint-<step>`` paths of ``run_dir`` by step, those that exist or were moved aside to be replaced."""
-    names = {_REPLACED.sub(r"\1", path.name) for path in run_dir.iterdir()} if run_dir.is_dir() else set()
+    names = {(replaced_final(path) or path).name for path in run_dir.iterdir()} if run_dir.is_dir() else set()
     steps = {int(m.group(1)): name for name in names if (m := _NAME.match(name))}
     return [run_dir / steps[step] for step in sorted(steps)]
 
