@@ -28,6 +28,7 @@ process that had the binaries but no timings on disk, and 1.0 s in the next one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -65,9 +66,13 @@ class CachedLaunch:
         self.kernel = kernel
         self.arg_names = kernel.arg_names  # a JITFunction's or an Autotuner's: every parameter, in order
         self.compiled: dict[Hashable, _Relaunch] = {}
+        # An autotuner keeps its latest choice in ``best_config``, so two threads' first launches at once could
+        # pair one's binary with the other's tuned meta-parameters (and grid): first launches take turns.
+        self._first_launch = threading.Lock()
 
     def __call__(self, grid: Callable[[dict], tuple], key: Hashable, *args, **meta) -> None:
-        """Launch ``kernel[grid](*args, **meta)`` on the GPU that holds the tensor arguments (all on one).
+        """Launch ``kernel[grid](*args, **meta)`` on the GPU that holds the first tensor argument (the others on it
+        too, or in pinned host memory, which every GPU addresses).
         ``key`` must change whenever a size, dtype or constexpr in ``args``/``meta`` that the kernel
         specializes on changes; the GPU, and what depends on it alone (the PDL constexpr), is keyed here."""
         if interpreting():
@@ -85,6 +90,12 @@ class CachedLaunch:
             else:  # the usual case, without a context manager's enter and exit
                 self._relaunch(hit, device.index, args)
             return
+        with self._first_launch:
+            self._launch_and_keep(grid, key, device, args, meta)
+
+    def _launch_and_keep(self, grid: Callable[[dict], tuple], key: Hashable, device: torch.device, args: tuple,
+                         meta: dict) -> None:
+        """Launch through the JIT (or autotuner) and keep the compiled kernel under ``key`` for relaunches."""
         with on_device(device):
             compiled = self.kernel[grid](*args, **meta)
         config = getattr(self.kernel, "best_config", None)

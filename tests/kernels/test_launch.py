@@ -1,5 +1,6 @@
 """``CachedLaunch``'s bookkeeping, with a stand-in for a Triton kernel (its fast path needs a GPU otherwise)."""
 
+import threading
 import types
 
 import pytest
@@ -132,6 +133,46 @@ def test_cached_launch_runs_on_the_gpu_of_its_tensors_and_keys_binaries_by_gpu(m
     cached(lambda meta: (1,), "key", torch.zeros(64), 64, SCALE=1.0)  # same key, other device: its own binary
     assert seen == [1, 1, 0] and current[0] == 0
     assert len(kernel.jit_calls) == 2 and len(kernel.fast_calls) == 1
+
+
+class InterleavingTuner(FakeKernel):
+    """An autotuner's first launches on two threads at once: each tunes BLOCK for its n and keeps the choice in the
+    shared ``best_config``, and the launch for n = 1000 lingers (up to a timeout) until the other one has tuned."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_tuning, self.second_tuned = threading.Event(), threading.Event()
+
+    def __getitem__(self, grid):
+        def run(x, n, **meta):
+            block = 128 if n == 1000 else 512
+            self.best_config = types.SimpleNamespace(all_kwargs=lambda: {"BLOCK": block})
+            if n == 1000:
+                self.first_tuning.set()
+                self.second_tuned.wait(timeout=0.5)
+            else:
+                self.second_tuned.set()
+            self.jit_calls.append((grid({**meta, "BLOCK": block}), (x, n), meta))
+            return FakeCompiled(self)
+
+        return run
+
+
+def test_first_launches_on_two_threads_keep_their_own_tuned_meta():
+    """Both threads' first launches used to run at once, and the first read the second's ``best_config``: its
+    relaunches went out with BLOCK 512 and a grid of 2 programs for 1000 elements, leaving most of them undone."""
+    kernel = InterleavingTuner()
+    cached = CachedLaunch(kernel)
+    buffer = torch.zeros(64)
+    launch_n = lambda n: cached(lambda meta: (triton_cdiv(n, meta["BLOCK"]),), ("n", n), buffer, n, SCALE=1.0)  # noqa: E731
+    first = threading.Thread(target=launch_n, args=(1000,))
+    first.start()
+    assert kernel.first_tuning.wait(timeout=10)
+    launch_n(4096)
+    first.join()
+    launch_n(1000)
+    launch_n(4096)
+    assert kernel.fast_calls == [((8, 1, 1), (buffer, 1000, 128, 1.0)), ((8, 1, 1), (buffer, 4096, 512, 1.0))]
 
 
 def triton_cdiv(a: int, b: int) -> int:
