@@ -16,6 +16,9 @@
    as in the reference), then the same kernel in 8-bit mode over ``absmax - offset``: blocks of 256,
    the signed dynamic map, nearest code through the reference's bin table
    (``nf4lora.nf4.blockwise._quantize_8bit`` gives the arithmetic, which the kernel repeats op for op).
+   Its first program also stores the offset it read into this thread's float32 slot in host memory
+   (``_offset_slot``; pinned on CUDA, so the GPU writes it directly), which the host reads after one
+   stream synchronize: ``offset.item()`` would add a pageable device-to-host copy to that wait.
 
 Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
 infinity makes its block's absmax, and so the offset, non-finite. A weight whose double-quantized absmax decodes
@@ -27,6 +30,7 @@ Measured on an H200 (benchmarks/results/2026-11-29_quantize-binned-ab_h200.md, b
 quantization, three alternating rounds): 0.233-0.235 ms at 28672x8192 (10.1-10.3x bitsandbytes' quantize_4bit;
 the binary search took 0.317 ms), 0.084-0.086 ms (6.8-7.0x) at 11008x4096, 0.058-0.059 ms (4.7-4.8x) at 4096x4096,
 which is bound by host work: there the GPU is busy 0.026 ms (the search: 0.033), against 0.177 ms for bitsandbytes.
+(Those runs read the offset with ``.item()``, before the slot.)
 The 4-bit pass alone streams at 3.0-3.3 TB/s (2026-11-29_quantize-tilings_h200.md).
 """
 
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -155,8 +161,9 @@ def _quantize_tile(
 def _quantize_blockwise_kernel(
     # inputs
     x_ptr, offset_ptr, table_ptr, order_ptr, bins_ptr,
-    # outputs: packed bytes (stored as int32 words with WORD_STORE), or 8-bit indices; float32 absmax
-    out_ptr, absmax_ptr,
+    # outputs: packed bytes (stored as int32 words with WORD_STORE), or 8-bit indices; float32 absmax;
+    # with EIGHT_BIT, the float32 offset copied to readback_ptr (unused otherwise)
+    out_ptr, absmax_ptr, readback_ptr,
     # sizes
     n_elements, n_blocks,
     # format: EIGHT_BIT selects the 8-bit nested pass (offset subtracted, bin table, no packing);
@@ -169,6 +176,9 @@ def _quantize_blockwise_kernel(
 ):
     BLOCKS: tl.constexpr = max(ELEMS // BLOCKSIZE, 1)
     TILE: tl.constexpr = BLOCKS * BLOCKSIZE
+    if EIGHT_BIT:
+        if tl.program_id(0) == 0:  # for the host to read without a device-to-host copy (_offset_slot)
+            tl.store(readback_ptr, tl.load(offset_ptr))
     local = tl.arange(0, BLOCKS)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     first = tl.program_id(0).to(tl.int64) * TILES
     x = tl.load(x_ptr + first * TILE + local, mask=first * TILE + local < n_elements, other=0.0)
@@ -259,10 +269,48 @@ def _named_tables(quant_type: str, device: torch.device) -> _Tables:
     return _lookup_tables(_code_key(codebook.get_code(quant_type)), device)
 
 
-def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None):
+class _OffsetSlot(NamedTuple):
+    """Where the nested pass copies the offset for the host to read."""
+
+    host: torch.Tensor  # (1,) float32 in host memory, pinned for a CUDA device: the kernel's store target
+    view: np.ndarray  # (1,) float32, numpy's view of it: reading through it costs a third of ``host.item()``
+
+
+_slots = threading.local()  # per thread: {device: _OffsetSlot}
+
+
+def _offset_slot(device: torch.device) -> _OffsetSlot:
+    """This thread's offset slot for quantizing on ``device``, allocated on first use. Under unified addressing
+    torch's pinned memory (cudaHostAlloc, or cudaHostRegister) is mapped for every GPU, and Triton's launcher
+    passes the device pointer the driver gives for each tensor argument, so the kernel stores into it. One per
+    thread and device: a call reads its slot before the thread's next call writes it, and no other thread's
+    call writes it at all."""
+    slots = getattr(_slots, "by_device", None)
+    if slots is None:
+        slots = _slots.by_device = {}
+    slot = slots.get(device)
+    if slot is None:
+        host = torch.empty(1, dtype=torch.float32, pin_memory=device.type == "cuda")
+        slot = slots[device] = _OffsetSlot(host, host.numpy())
+    return slot
+
+
+def _read_offset(slot: _OffsetSlot, device: torch.device) -> float:
+    """The offset the nested pass on ``device`` stored in ``slot``, once the current stream has run it (the
+    one wait; the interpreter runs kernels before the launch returns)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return slot.view.item(0)
+
+
+def _launch(
+    x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None = None,
+    readback: torch.Tensor | None = None,
+):
     """One blockwise pass over contiguous ``x`` (any shape, read flat) with the codebook of ``tables``.
     4-bit (offset None): packed (ceil(n/2),) uint8 and absmax (nblocks,) float32. 8-bit (nested, over
-    ``x - offset``): indices (n,) uint8 and absmax (nblocks,) float32."""
+    ``x - offset``, a 0-d float32): indices (n,) uint8 and absmax (nblocks,) float32, and the offset
+    copied into ``readback`` (a float32 tensor the GPU can write, its first element)."""
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
     eight_bit = offset is not None
@@ -274,7 +322,7 @@ def _launch(x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tens
     _launch_quantize(
         grid, (n, blocksize, eight_bit, tables.ascending, binned, x.dtype),
         x, offset if eight_bit else absmax, tables.table, tables.order, tables.bins if binned else tables.table, out,
-        absmax, n, n_blocks,
+        absmax, readback if eight_bit else absmax, n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,
         BINNED=binned, WORD_STORE=word_store, PTX=not interpreting(), enable_fp_fusion=False,
     )
@@ -311,20 +359,22 @@ def quantize_triton(
     if double_quant:
         offset = absmax.mean()
         nested = _nested_tables(w.device)
-        quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, offset=offset)
+        slot = _offset_slot(w.device)
+        quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, offset, slot.host)
         state.update(
             absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested.code,
             nested_blocksize=codebook.NESTED_BLOCKSIZE,
         )
     # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in
-    # absmax makes the mean non-finite, so with double quantization the offset is the one scalar to
-    # read. Finite weights can still overflow the mean of their absmax: refused as the reference does.
+    # absmax makes the mean non-finite, so with double quantization the offset (read from the slot) is
+    # the one scalar to read. Finite weights can still overflow the mean of their absmax: refused as the
+    # reference does.
     quant_state = QuantState(**state)
     if not double_quant:
         if not bool(torch.isfinite(absmax).all()):
             blockwise.check_float_input(w, "weight")  # raises with the reference's message
         return QuantizedTensor(packed, quant_state)
-    mean = offset.item()
+    mean = _read_offset(slot, w.device)
     if not math.isfinite(mean):
         blockwise.check_float_input(w, "weight")
         refuse_overflowing_mean(absmax)
