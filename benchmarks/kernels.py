@@ -20,7 +20,7 @@ Reported per row: median ms, effective GB/s (packed + absmax + input + output by
 measured copy bandwidth, TFLOP/s, speed ratios to each peer (> 1 means ours is faster), and the check:
 "ok" or "FAIL" (``judge``), then the compared values; the run exits 1 if any row fails.
 Small ops are timed as CUDA-graph replays over enough weight copies to exceed the L2 cache. Quantize, whose
-call waits for the GPU once (``.item()``) and cannot be graphed, is timed in QUANTIZE_ROUNDS alternating rounds
+call waits for the GPU once (to read the offset) and cannot be graphed, is timed in QUANTIZE_ROUNDS alternating rounds
 (``rounds_ms`` in the JSON); its row gives each side's median.
 Prints a table, then one JSON line; writes benchmarks/results/<date>_kernels_<gpu>.{json,md}.
 """

@@ -30,7 +30,9 @@ Measured on an H200 (benchmarks/results/2026-11-29_quantize-binned-ab_h200.md, b
 quantization, three alternating rounds): 0.233-0.235 ms at 28672x8192 (10.1-10.3x bitsandbytes' quantize_4bit;
 the binary search took 0.317 ms), 0.084-0.086 ms (6.8-7.0x) at 11008x4096, 0.058-0.059 ms (4.7-4.8x) at 4096x4096,
 which is bound by host work: there the GPU is busy 0.026 ms (the search: 0.033), against 0.177 ms for bitsandbytes.
-(Those runs read the offset with ``.item()``, before the slot.)
+Those runs read the offset with ``.item()``. Reading it from the slot took 4096x4096 from 0.0578 to 0.0512 ms
+(4.74x to 5.35x bitsandbytes, medians of 12 alternating rounds; 2026-11-29_quantize-readback-ab_h200.md); the
+wall time of back-to-back calls, bound by the host work before the wait, did not move (68.6 and 69.1 us).
 The 4-bit pass alone streams at 3.0-3.3 TB/s (2026-11-29_quantize-tilings_h200.md).
 """
 
