@@ -71,10 +71,10 @@ def replaced_path(final: Path) -> Path:
 def replaced_final(path: Path) -> Path | None:
     """The ``final`` whose :func:`replaced_path` is ``path``, or None when ``path`` is not named as one."""
     name = path.name
-    if len(name) > len(_REPLACED_PREFIX + _REPLACED_SUFFIX) and name.startswith(_REPLACED_PREFIX) \
-            and name.endswith(_REPLACED_SUFFIX):
-        return path.with_name(name[len(_REPLACED_PREFIX):-len(_REPLACED_SUFFIX)])
-    return None
+    if not (name.startswith(_REPLACED_PREFIX) and name.endswith(_REPLACED_SUFFIX)):
+        return None
+    final = name[len(_REPLACED_PREFIX):len(name) - len(_REPLACED_SUFFIX)]
+    return None if final in ("", ".", "..") else path.with_name(final)  # "...old.tmp" names no final
 
 
 def restore_replaced(final: Path) -> None:

@@ -33,6 +33,8 @@ def test_replaced_final_inverts_replaced_path(tmp_path, name):
     assert replaced_final(replaced_path(final)) == final
 
 
-@pytest.mark.parametrize("name", ["checkpoint-7", ".old.tmp", "..old.tmp", ".checkpoint-7.tmp", "x.old.tmp"])
+@pytest.mark.parametrize(
+    "name", ["checkpoint-7", ".old.tmp", "..old.tmp", "...old.tmp", "....old.tmp", ".checkpoint-7.tmp", "x.old.tmp"]
+)
 def test_replaced_final_is_none_for_other_names(tmp_path, name):
     assert replaced_final(tmp_path / name) is None

@@ -53,9 +53,10 @@ SCHEDULER_KEYS = ("last_epoch", "base_lrs", "_last_lr", "lr_lambdas")
 # would be silently ignored, so it is refused like a change to RESUME_KEYS.
 RESTORED_KEYS = {"lr": "optimizer and scheduler state", "weight_decay": "optimizer state",
                  "lora_dropout": "adapter_config.json"}
-# the names save_checkpoint writes, and only those: ASCII digits without leading zeros ("\d" takes "１２" as 12)
-_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-_TEMP = re.compile(r"^\.checkpoint-[0-9]+\.tmp$")
+# the names save_checkpoint writes, and only those: ASCII digits without leading zeros ("\d" takes "１２" as 12),
+# nothing after them (\Z: $ also matches before a trailing newline)
+_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)\Z")
+_TEMP = re.compile(r"^\.checkpoint-[0-9]+\.tmp\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

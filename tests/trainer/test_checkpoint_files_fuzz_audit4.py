@@ -56,10 +56,13 @@ def test_the_latest_checkpoint_is_the_highest_step_among_the_names_a_save_writes
     high = str(max(steps) + 1)
     fullwidth = "".join(chr(0xFF10 + int(d)) for d in high)  # \d matched these, and int() read them as `high`
     for name in (f"checkpoint-{fullwidth}", f"checkpoint-0{high}", f"checkpoint-{high}.tmp", "checkpoint-abc",
-                 f".checkpoint-{high}.tmp", f"checkpoint-{high} ", f"checkpoint--{high}", f"checkpoint-+{high}"):
+                 f".checkpoint-{high}.tmp", f"checkpoint-{high} ", f"checkpoint--{high}", f"checkpoint-+{high}",
+                 f"checkpoint-{high}\n", f".checkpoint-{high}\n.old.tmp"):
         (tmp_path / name).mkdir()
         torch.save({**STATE, "step": int(high)}, tmp_path / name / "trainer_state.pt")
     (tmp_path / f"checkpoint-{int(high) + 1}").write_text("a file")
+    for name in ("...old.tmp", "....old.tmp"):  # moved-aside names of no checkpoint ("." and ".."): skipped, not raised on
+        (tmp_path / name).write_text("a file")
     assert list_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{step}" for step in sorted(steps)]
     assert resolve_checkpoint(tmp_path) == tmp_path / f"checkpoint-{max(steps)}"
 
