@@ -83,15 +83,17 @@ class CachedLaunch:
         # a compiled kernel is loaded into one device's context, so the device is part of the key
         key = (key, device, tuple([t.data_ptr() % 16 == 0 for t in tensors]))
         hit = self.compiled.get(key)
-        if hit is not None:
-            if is_other_gpu(device):
-                with torch.cuda.device(device):
-                    self._relaunch(hit, device.index, args)
-            else:  # the usual case, without a context manager's enter and exit
+        if hit is None:
+            with self._first_launch:
+                hit = self.compiled.get(key)  # another thread's first launch of the same key may have just ended
+                if hit is None:
+                    self._launch_and_keep(grid, key, device, args, meta)
+                    return
+        if is_other_gpu(device):
+            with torch.cuda.device(device):
                 self._relaunch(hit, device.index, args)
-            return
-        with self._first_launch:
-            self._launch_and_keep(grid, key, device, args, meta)
+        else:  # the usual case, without a context manager's enter and exit
+            self._relaunch(hit, device.index, args)
 
     def _launch_and_keep(self, grid: Callable[[dict], tuple], key: Hashable, device: torch.device, args: tuple,
                          meta: dict) -> None:

@@ -18,7 +18,8 @@
    (``nf4lora.nf4.blockwise._quantize_8bit`` gives the arithmetic, which the kernel repeats op for op).
    Its first program also stores the offset it read into this thread's float32 slot in host memory
    (``_offset_slot``; pinned on CUDA, so the GPU writes it directly), which the host reads after one
-   stream synchronize: ``offset.item()`` would add a pageable device-to-host copy to that wait.
+   stream synchronize: ``offset.item()`` would queue a device-to-host copy (into a pinned buffer it allocates)
+   behind the kernels before that wait.
 
 Non-finite input is refused with one wait for the GPU, after both launches are queued: a NaN or an
 infinity makes its block's absmax, and so the offset, non-finite. A weight whose double-quantized absmax decodes
@@ -306,16 +307,16 @@ def _read_offset(slot: _OffsetSlot, device: torch.device) -> float:
 
 
 def _launch(
-    x: torch.Tensor, tables: _Tables, blocksize: int, offset: torch.Tensor | None = None,
-    readback: torch.Tensor | None = None,
+    x: torch.Tensor, tables: _Tables, blocksize: int, nested: tuple[torch.Tensor, torch.Tensor] | None = None
 ):
     """One blockwise pass over contiguous ``x`` (any shape, read flat) with the codebook of ``tables``.
-    4-bit (offset None): packed (ceil(n/2),) uint8 and absmax (nblocks,) float32. 8-bit (nested, over
-    ``x - offset``, a 0-d float32): indices (n,) uint8 and absmax (nblocks,) float32, and the offset
-    copied into ``readback`` (a float32 tensor the GPU can write, its first element)."""
+    4-bit (nested None): packed (ceil(n/2),) uint8 and absmax (nblocks,) float32. 8-bit, with ``nested`` =
+    (offset, readback): over ``x - offset`` (offset a 0-d float32), indices (n,) uint8 and absmax (nblocks,)
+    float32, and the offset copied into the first element of ``readback`` (float32, memory the GPU can write)."""
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
-    eight_bit = offset is not None
+    eight_bit = nested is not None
+    offset, readback = nested if eight_bit else (None, None)
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     word_store = not eight_bit and n % 8 == 0
@@ -352,7 +353,7 @@ def quantize_triton(
         code, quant_type = codebook.resolve_code(quant_type, code)
         tables = _lookup_tables(_code_key(code), w.device)
     # the kernel reads w flat through its data pointer, so a contiguous w needs no reshaped view
-    packed, absmax = _launch(w if w.is_contiguous() else w.contiguous(), tables, blocksize, offset=None)
+    packed, absmax = _launch(w if w.is_contiguous() else w.contiguous(), tables, blocksize)
     # The state's codebooks are the cached device tensors, shared by every weight quantized with them:
     # a copy per weight cost two launches, about a third of the host time of a 4096x4096 call.
     state = dict(
@@ -362,21 +363,21 @@ def quantize_triton(
         offset = absmax.mean()
         nested = _nested_tables(w.device)
         slot = _offset_slot(w.device)
-        quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, offset, slot.host)
+        quantized, nested_absmax = _launch(absmax, nested, codebook.NESTED_BLOCKSIZE, (offset, slot.host))
+        # Read at once, so that the slot is never left to a kernel still in flight. Everything is queued by now,
+        # so the host waits for the GPU once; a NaN or an infinity in absmax makes the mean non-finite, so the
+        # offset is the one scalar to read.
+        mean = _read_offset(slot, w.device)
         state.update(
             absmax=quantized, offset=offset, nested_absmax=nested_absmax, nested_code=nested.code,
             nested_blocksize=codebook.NESTED_BLOCKSIZE,
         )
-    # Checked once everything is queued, so the host waits for the GPU once. A NaN or an infinity in
-    # absmax makes the mean non-finite, so with double quantization the offset (read from the slot) is
-    # the one scalar to read. Finite weights can still overflow the mean of their absmax: refused as the
-    # reference does.
     quant_state = QuantState(**state)
     if not double_quant:
         if not bool(torch.isfinite(absmax).all()):
             blockwise.check_float_input(w, "weight")  # raises with the reference's message
         return QuantizedTensor(packed, quant_state)
-    mean = _read_offset(slot, w.device)
+    # Finite weights can still overflow the mean of their absmax: refused as the reference does.
     if not math.isfinite(mean):
         blockwise.check_float_input(w, "weight")
         refuse_overflowing_mean(absmax)

@@ -161,6 +161,20 @@ class InterleavingTuner(FakeKernel):
 def test_first_launches_on_two_threads_keep_their_own_tuned_meta():
     """Both threads' first launches used to run at once, and the first read the second's ``best_config``: its
     relaunches went out with BLOCK 512 and a grid of 2 programs for 1000 elements, leaving most of them undone."""
+    kernel, buffer, launch_n = interleaved_first_launches(second_n=4096)
+    launch_n(1000)
+    launch_n(4096)
+    assert kernel.fast_calls == [((8, 1, 1), (buffer, 1000, 128, 1.0)), ((8, 1, 1), (buffer, 4096, 512, 1.0))]
+
+
+def test_a_first_launch_that_waited_on_one_of_the_same_key_relaunches_its_binary():
+    kernel, buffer, _ = interleaved_first_launches(second_n=1000)
+    assert len(kernel.jit_calls) == 1 and kernel.fast_calls == [((8, 1, 1), (buffer, 1000, 128, 1.0))]
+
+
+def interleaved_first_launches(second_n: int):
+    """Start a first launch for n = 1000 on a thread and, while it tunes, one for ``second_n`` on this thread.
+    Returns the kernel, the launches' buffer and the launch function (by n)."""
     kernel = InterleavingTuner()
     cached = CachedLaunch(kernel)
     buffer = torch.zeros(64)
@@ -168,11 +182,9 @@ def test_first_launches_on_two_threads_keep_their_own_tuned_meta():
     first = threading.Thread(target=launch_n, args=(1000,))
     first.start()
     assert kernel.first_tuning.wait(timeout=10)
-    launch_n(4096)
+    launch_n(second_n)
     first.join()
-    launch_n(1000)
-    launch_n(4096)
-    assert kernel.fast_calls == [((8, 1, 1), (buffer, 1000, 128, 1.0)), ((8, 1, 1), (buffer, 4096, 512, 1.0))]
+    return kernel, buffer, launch_n
 
 
 def triton_cdiv(a: int, b: int) -> int:

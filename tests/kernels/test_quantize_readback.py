@@ -83,7 +83,7 @@ def assert_nested_pass_stores_the_mean(absmax: torch.Tensor) -> None:
     slot = quantize_nf4._offset_slot(absmax.device)
     slot.host.fill_(float("nan"))  # a missed store shows
     tables = quantize_nf4._nested_tables(absmax.device)
-    quantize_nf4._launch(absmax, tables, codebook.NESTED_BLOCKSIZE, offset, slot.host)
+    quantize_nf4._launch(absmax, tables, codebook.NESTED_BLOCKSIZE, (offset, slot.host))
     mean = quantize_nf4._read_offset(slot, absmax.device)  # waits for the GPU, before the slot is compared
     assert same_bits(slot.host, offset)
     assert mean == offset.item()
