@@ -159,3 +159,31 @@ def test_gpu_readback_bytes_refusal_and_threads(monkeypatch):
     weights = [torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) * scale for scale in (1e-3, 1.0)]
     reads = record_offset_reads(monkeypatch, before=None)
     assert_threads_read_their_offsets(weights, quantize_on_threads(weights, rounds=20), reads)
+
+
+@pytest.mark.gpu
+def test_gpu_readback_on_a_side_stream_waits_for_that_stream():
+    """The read waits for the kernels, queued on a busy side stream."""
+    side = torch.cuda.Stream()
+    w = (torch.randn(4096, 4096, device="cuda") * 3.0).to(torch.bfloat16)
+    quantize_triton(w / 7)  # a first launch compiles and tunes, which waits for the GPU; the timed one must not
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # keeps the side stream busy, so a read that did not wait would miss
+        q = quantize_triton(w)
+        assert quantize_nf4._offset_slot(w.device).view.item(0) == q.state.offset.item()
+    torch.cuda.current_stream().wait_stream(side)
+    assert_reference_bytes(q, w, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_readback_on_a_second_gpu_uses_that_gpus_slot():
+    w0 = torch.randn(1024, 4096, device="cuda:0") * 1e-3
+    w1 = torch.randn(1024, 4096, device="cuda:1") * 1e3
+    q1, q0 = quantize_triton(w1), quantize_triton(w0)
+    slot_0, slot_1 = quantize_nf4._offset_slot(w0.device), quantize_nf4._offset_slot(w1.device)
+    assert same_bits(slot_0.host, q0.state.offset) and same_bits(slot_1.host, q1.state.offset)
+    with torch.cuda.device(1):
+        assert_reference_bytes(q1, w1, 64)
+    assert_reference_bytes(q0, w0, 64)
