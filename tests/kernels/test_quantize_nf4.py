@@ -2,24 +2,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import assert_same_bytes
 
 from nf4lora.kernels import quantize
 from nf4lora.nf4 import codebook
 from nf4lora.nf4.tensor import quantize as quantize_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy divides by zero
-
-
-def assert_same_bytes(q, ref):
-    """Bytes and state of ``q`` equal ``ref``'s. With double quantization ``ref`` must come from the same device: the
-    offset is torch's mean there, whose summation order differs between CPU and CUDA."""
-    assert torch.equal(q.packed.cpu(), ref.packed.cpu())
-    for name, t in ref.state.tensors().items():
-        got = getattr(q.state, name)
-        assert got.dtype == t.dtype and torch.equal(got.cpu(), t.cpu()), name
-    header = (q.shape, q.dtype, q.state.blocksize, q.state.quant_type)
-    assert header == (ref.shape, ref.dtype, ref.state.blocksize, ref.state.quant_type)
-    assert q.state.nested_blocksize == ref.state.nested_blocksize
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from kernel_helpers import assert_same_bytes
 
 from nf4lora.kernels import quantize_nf4
 from nf4lora.kernels.quantize_nf4 import quantize_triton
@@ -22,10 +23,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def assert_reference_bytes(q, w: torch.Tensor, blocksize: int) -> None:
     """``q`` holds the bytes and state tensors of the reference's double-quantized ``w`` (on ``w``'s device)."""
-    ref = quantize_ref(w, blocksize)
-    assert torch.equal(q.packed, ref.packed)
-    for name, t in ref.state.tensors().items():
-        assert torch.equal(getattr(q.state, name), t), name
+    assert_same_bytes(q, quantize_ref(w, blocksize))
 
 
 def quantize_on_threads(weights: list[torch.Tensor], rounds: int) -> list[tuple[list, int]]:
