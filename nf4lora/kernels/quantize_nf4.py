@@ -316,16 +316,16 @@ def _launch(
     n = x.numel()
     n_blocks = blockwise.num_blocks(n, blocksize)
     eight_bit = nested is not None
-    offset, readback = nested if eight_bit else (None, None)
     out = torch.empty(n if eight_bit else (n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    offset, readback = nested if eight_bit else (absmax, absmax)  # the 4-bit pass reads neither
     word_store = not eight_bit and n % 8 == 0
     grid = lambda meta: (cdiv(n_blocks, max(meta["ELEMS"] // blocksize, 1) * meta["TILES"]),)  # noqa: E731
     binned = tables.bins is not None
     _launch_quantize(
         grid, (n, blocksize, eight_bit, tables.ascending, binned, x.dtype),
-        x, offset if eight_bit else absmax, tables.table, tables.order, tables.bins if binned else tables.table, out,
-        absmax, readback if eight_bit else absmax, n, n_blocks,
+        x, offset, tables.table, tables.order, tables.bins if binned else tables.table, out, absmax, readback,
+        n, n_blocks,
         BLOCKSIZE=blocksize, EIGHT_BIT=eight_bit, LUT_BINS=blockwise.LUT_BINS, SORTED=tables.ascending,
         BINNED=binned, WORD_STORE=word_store, PTX=not interpreting(), enable_fp_fusion=False,
     )
