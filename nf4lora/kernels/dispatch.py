@@ -192,6 +192,14 @@ def hopper_or_later(device: torch.device) -> bool:
     return (props.major, props.minor) >= (9, 0)
 
 
+def is_hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a compute capability 9.0 GPU (H100, H200, GH200); False off CUDA."""
+    if device.type != "cuda":
+        return False
+    props = _properties(device)
+    return (props.major, props.minor) == (9, 0)
+
+
 def has_tma(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use the tensor memory accelerator (Hopper, sm_90, and later); True under
     the interpreter, which emulates it, so that CI runs the same kernels as such a GPU."""

@@ -66,7 +66,7 @@ from nf4lora.kernels.codes import (
     code_tables, decode_loaded_absmax, dequantize_words, lane_code, load_absmax, lookup, word_codes,
 )
 from nf4lora.kernels.dequantize_nf4 import check_quantized, format_args, packed_words
-from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, multiprocessors, tuning_space
+from nf4lora.kernels.dispatch import cdiv, dot_precision, interpreting, is_hopper, multiprocessors, tuning_space
 from nf4lora.kernels import pdl
 from nf4lora.kernels.launch import CachedLaunch
 from nf4lora.kernels.linear import check_linear_args
@@ -97,6 +97,12 @@ TILE_WORDS_PER_STEP = 8
 # Tile kernel register counts with byte-permute lookups (triton 3.9, sm_90): (64, 4) 96, (128, 4) 127.
 GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
 GEMV_MAX_ACC = 32
+# On Hopper the one-row GEMV is not autotuned: (32, 2) ran fastest at every Llama-2-7B and Llama-3-70B projection,
+# single and grouped, in each of three processes on an H200 (CUDA-graph replays over rotating weight copies, 2-13%
+# ahead of the next config), while the autotuner, timing one weight at a time, picked another config in 4 of 26
+# one-shot tunings of those shapes (2-18% slower there) and kept that pick on disk
+# (benchmarks/results/2026-11-29_gemv-tuning_h200.md). Two rows still tune: their best config depends on the shape.
+GEMV_ONE_ROW_HOPPER = (32, 2)
 TILE_CONFIGS = {
     # (128, 8) and (256, 8) ran 15-50% slower with byte-permute lookups and the autotuner, timing one weight
     # that sits in L2, sometimes picked them (benchmarks/results/2026-11-28_tile-configs_h200.md)
@@ -125,8 +131,10 @@ def _configs(table: list[tuple[int, int]]) -> list[triton.Config]:
 
 def _prune_gemv(configs, named_args, **kwargs):
     """Keep the configs whose ROWS x (words per thread) fp32 accumulators fit GEMV_MAX_ACC (the first
-    such under the interpreter)."""
+    such under the interpreter); one row on Hopper keeps GEMV_ONE_ROW_HOPPER alone."""
     rows, sub_w = (kwargs.get(name, named_args.get(name)) for name in ("ROWS", "SUB_W"))
+    if rows == 1 and is_hopper(named_args["x_ptr"].device):
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) == GEMV_ONE_ROW_HOPPER]
     return tuning_space([c for c in configs if rows * c.kwargs["BLOCK_N"] * sub_w <= GEMV_MAX_ACC * 32 * c.num_warps])
 
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import OUTPUT_DTYPES, skip_interpreter_bf16
 
+from nf4lora.kernels import dispatch, gemv_nf4
 from nf4lora.kernels.gemv_nf4 import arrival_counters, fused_matmul, fused_matmul_parts, parts_supported, split_k_chunk
 from nf4lora.nf4.tensor import dequantize as dequantize_ref
 from nf4lora.nf4.tensor import quantize as quantize_ref
@@ -53,6 +54,18 @@ def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, do
     assert out.shape == (M, N) and out.dtype == dtype
     assert not out.isnan().any(), "unwritten (poisoned) outputs"
     assert rel_err(out, reference(x, q, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("hopper", [True, False])
+def test_one_row_gemv_on_hopper_runs_its_measured_config_untuned(monkeypatch, hopper):
+    monkeypatch.setattr(gemv_nf4, "is_hopper", lambda device: hopper)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)  # the GPU's tuning space, not the interpreter's one
+    configs = gemv_nf4._gemv_kernel.configs
+    named_args = {"x_ptr": torch.empty(1)}
+    picked = [(c.kwargs["BLOCK_N"], c.num_warps) for c in gemv_nf4._prune_gemv(configs, named_args, ROWS=1, SUB_W=32)]
+    assert picked == ([gemv_nf4.GEMV_ONE_ROW_HOPPER] if hopper else gemv_nf4.GEMV_CONFIGS)
+    two_rows = gemv_nf4._prune_gemv(configs, named_args, ROWS=2, SUB_W=32)  # tuned everywhere
+    assert len(two_rows) > 1 and all(2 * c.kwargs["BLOCK_N"] <= gemv_nf4.GEMV_MAX_ACC * c.num_warps for c in two_rows)
 
 
 @pytest.mark.parametrize("block_m", [1, 2, 16])
