@@ -100,7 +100,7 @@ GEMV_MAX_ACC = 32
 # On Hopper the one-row GEMV is not autotuned: (32, 2) ran fastest at every Llama-2-7B and Llama-3-70B projection,
 # single and grouped, in each of three processes on an H200 (CUDA-graph replays over rotating weight copies, 2-13%
 # ahead of the next config), while the autotuner, timing one weight at a time, picked another config in 4 of 26
-# one-shot tunings of those shapes (2-18% slower there) and kept that pick on disk
+# one-shot tunings of those shapes (2-17% slower there) and kept that pick on disk
 # (benchmarks/results/2026-11-29_gemv-tuning_h200.md). Two rows still tune: their best config depends on the shape.
 GEMV_ONE_ROW_HOPPER = (32, 2)
 TILE_CONFIGS = {
