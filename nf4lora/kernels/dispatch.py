@@ -183,21 +183,24 @@ def multiprocessors(device: torch.device) -> int:
     return _properties(device).multi_processor_count
 
 
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of CUDA ``device``; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    props = _properties(device)
+    return props.major, props.minor
+
+
 def hopper_or_later(device: torch.device) -> bool:
     """Whether ``device`` is a GPU of compute capability 9.0 or later, which has TMA and programmatic dependent
     launch; False off CUDA."""
-    if device.type != "cuda":
-        return False
-    props = _properties(device)
-    return (props.major, props.minor) >= (9, 0)
+    capability = _capability(device)
+    return capability is not None and capability >= (9, 0)
 
 
 def is_hopper(device: torch.device) -> bool:
     """Whether ``device`` is a compute capability 9.0 GPU (H100, H200, GH200); False off CUDA."""
-    if device.type != "cuda":
-        return False
-    props = _properties(device)
-    return (props.major, props.minor) == (9, 0)
+    return _capability(device) == (9, 0)
 
 
 def has_tma(device: torch.device) -> bool:

@@ -75,9 +75,11 @@ def test_tma_only_on_hopper_or_later_and_under_the_interpreter(monkeypatch):
     assert dispatch.has_tma(torch.device("cpu"))
     monkeypatch.setitem(dispatch._PROCESS, "interpret", False)
     assert not dispatch.has_tma(torch.device("cpu"))
+    assert not dispatch.is_hopper(torch.device("cpu"))
     for (major, minor), expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setitem(dispatch._PROPERTIES, 7, SimpleNamespace(major=major, minor=minor))
         assert dispatch.has_tma(torch.device("cuda:7")) is expected
+        assert dispatch.is_hopper(torch.device("cuda:7")) is ((major, minor) == (9, 0))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked-off lanes
