@@ -58,6 +58,8 @@ at 1.07-1.27x bf16 and 1.6-3.6x bitsandbytes. One launch for
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -97,12 +99,16 @@ TILE_WORDS_PER_STEP = 8
 # Tile kernel register counts with byte-permute lookups (triton 3.9, sm_90): (64, 4) 96, (128, 4) 127.
 GEMV_CONFIGS = [(32, 2), (16, 1), (32, 1), (32, 4), (64, 2), (64, 4)]
 GEMV_MAX_ACC = 32
-# On Hopper the one-row GEMV is not autotuned: (32, 2) ran fastest at every Llama-2-7B and Llama-3-70B projection,
-# single and grouped, in each of three processes on an H200 (CUDA-graph replays over rotating weight copies, 2-13%
-# ahead of the next config), while the autotuner, timing one weight at a time, picked another config in 4 of 26
-# one-shot tunings of those shapes (2-17% slower there) and kept that pick on disk
-# (benchmarks/results/2026-11-29_gemv-tuning_h200.md). Two rows still tune: their best config depends on the shape.
-GEMV_ONE_ROW_HOPPER = (32, 2)
+# On Hopper the GEMV is not autotuned: timing one weight at a time, the autotuner picked a config over 5% slower (up
+# to 1.71x) than the best in CUDA-graph replays over rotating weight copies (as a decode step runs) in 26 of 116
+# tunings on an H200, most often at small weights, and Triton keeps a pick on disk. ``hopper_gemv_config`` picks
+# from the grid each config would launch instead. A wave is the programs the multiprocessors hold at once, which
+# their registers per thread decide (triton 3.6, sm_90; HOPPER_RESIDENT). (32, 2) for one row and (64, 4) for two
+# ran fastest wherever their grid fills its last wave well; within two waves, the other of the pair replaces them
+# when it fills its own last wave better; and a grid of under two (32, 2) programs per multiprocessor runs faster as
+# more, smaller (16, 1) programs (benchmarks/results/2026-11-29_gemv-tuning_h200.md, 2026-11-30_gemv-hopper-rule_h200.md).
+HOPPER_RESIDENT = {(1, 32, 2): 6, (1, 64, 4): 4, (2, 32, 2): 4, (2, 64, 4): 3}
+HOPPER_PREFERRED = {1: ((32, 2), (64, 4)), 2: ((64, 4), (32, 2))}
 TILE_CONFIGS = {
     # (128, 8) and (256, 8) ran 15-50% slower with byte-permute lookups and the autotuner, timing one weight
     # that sits in L2, sometimes picked them (benchmarks/results/2026-11-28_tile-configs_h200.md)
@@ -129,12 +135,36 @@ def _configs(table: list[tuple[int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1) for n, w in table]
 
 
+def hopper_gemv_config(rows: int, part_rows: list[int], n_splits: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the GEMV on Hopper for ``rows`` (1 or 2) rows of x, weights of ``part_rows`` rows
+    each, K cut into ``n_splits`` and ``sms`` multiprocessors (the rule above HOPPER_RESIDENT)."""
+    def waves(config: tuple[int, int]) -> float:
+        programs = sum(cdiv(n, config[0]) for n in part_rows) * n_splits
+        return programs / (HOPPER_RESIDENT[(rows, *config)] * sms)
+
+    def last_wave_filled(config: tuple[int, int]) -> float:
+        return waves(config) / math.ceil(waves(config))
+
+    if waves((32, 2)) * HOPPER_RESIDENT[(rows, 32, 2)] < 2:
+        return (16, 1)
+    preferred, other = HOPPER_PREFERRED[rows]
+    if waves(preferred) <= 2 and last_wave_filled(other) > last_wave_filled(preferred):
+        return other
+    return preferred
+
+
 def _prune_gemv(configs, named_args, **kwargs):
     """Keep the configs whose ROWS x (words per thread) fp32 accumulators fit GEMV_MAX_ACC (the first
-    such under the interpreter); one row on Hopper keeps GEMV_ONE_ROW_HOPPER alone."""
-    rows, sub_w = (kwargs.get(name, named_args.get(name)) for name in ("ROWS", "SUB_W"))
-    if rows == 1 and is_hopper(named_args["x_ptr"].device):
-        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) == GEMV_ONE_ROW_HOPPER]
+    such under the interpreter); on Hopper, ``hopper_gemv_config``'s alone."""
+    def arg(name):
+        return kwargs.get(name, named_args.get(name))
+
+    rows, sub_w = arg("ROWS"), arg("SUB_W")
+    device = named_args["x_ptr"].device
+    if is_hopper(device):
+        part_rows = [arg("N")] if "N" in named_args else [arg(f"N_{p}") for p in range(3)]
+        chosen = hopper_gemv_config(rows, part_rows, cdiv(arg("K_WORDS"), arg("CHUNK_WORDS")), multiprocessors(device))
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) == chosen]
     return tuning_space([c for c in configs if rows * c.kwargs["BLOCK_N"] * sub_w <= GEMV_MAX_ACC * 32 * c.num_warps])
 
 

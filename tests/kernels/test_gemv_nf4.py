@@ -56,16 +56,37 @@ def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, do
     assert rel_err(out, reference(x, q, bias)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize(
+    "rows, part_rows, n_splits, expected",
+    [  # the fastest config at each (one H200, 132 multiprocessors; benchmarks/results/2026-11-30_gemv-hopper-rule_h200.md)
+        (1, [4096], 4, (32, 2)), (1, [11008], 2, (32, 2)), (1, [28672], 4, (32, 2)), (1, [4096] * 3, 2, (32, 2)),
+        (1, [11008] * 2, 2, (32, 2)), (1, [1024], 4, (16, 1)), (1, [2048], 2, (16, 1)), (1, [7168], 4, (64, 4)),
+        (2, [4096], 4, (32, 2)), (2, [11008], 2, (64, 4)), (2, [14336], 2, (32, 2)), (2, [4096] * 3, 2, (64, 4)),
+        (2, [28672] * 2, 4, (64, 4)), (2, [2048, 256, 256], 2, (16, 1)), (2, [8192], 2, (32, 2)),
+    ],
+)
+def test_hopper_gemv_config_picks_by_the_grid(rows, part_rows, n_splits, expected):
+    assert gemv_nf4.hopper_gemv_config(rows, part_rows, n_splits, 132) == expected
+
+
 @pytest.mark.parametrize("hopper", [True, False])
-def test_one_row_gemv_on_hopper_runs_its_measured_config_untuned(monkeypatch, hopper):
+def test_gemv_runs_hopper_gemv_config_untuned_on_hopper_only(monkeypatch, hopper):
     monkeypatch.setattr(gemv_nf4, "is_hopper", lambda device: hopper)
+    monkeypatch.setattr(gemv_nf4, "multiprocessors", lambda device: 132)
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)  # the GPU's tuning space, not the interpreter's one
-    configs = gemv_nf4._gemv_kernel.configs
-    named_args = {"x_ptr": torch.empty(1)}
-    picked = [(c.kwargs["BLOCK_N"], c.num_warps) for c in gemv_nf4._prune_gemv(configs, named_args, ROWS=1, SUB_W=32)]
-    assert picked == ([gemv_nf4.GEMV_ONE_ROW_HOPPER] if hopper else gemv_nf4.GEMV_CONFIGS)
-    two_rows = gemv_nf4._prune_gemv(configs, named_args, ROWS=2, SUB_W=32)  # tuned everywhere
-    assert len(two_rows) > 1 and all(2 * c.kwargs["BLOCK_N"] <= gemv_nf4.GEMV_MAX_ACC * c.num_warps for c in two_rows)
+    x = torch.empty(1)
+    single = (gemv_nf4._gemv_kernel, {"x_ptr": x, "N": 14336, "K_WORDS": 512, "CHUNK_WORDS": 256}, [14336])
+    parts = (gemv_nf4._gemv_parts_kernel, {"x_ptr": x, "N_0": 2048, "N_1": 256, "N_2": 256, "K_WORDS": 256,
+                                           "CHUNK_WORDS": 128}, [2048, 256, 256])
+    for kernel, named_args, part_rows in (single, parts):
+        n_splits = named_args["K_WORDS"] // named_args["CHUNK_WORDS"]
+        for rows in (1, 2):
+            pruned = gemv_nf4._prune_gemv(kernel.configs, named_args, ROWS=rows, SUB_W=32)
+            picked = [(c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
+            if hopper:
+                assert picked == [gemv_nf4.hopper_gemv_config(rows, part_rows, n_splits, 132)]
+            else:  # every config whose accumulators fit is tuned
+                assert picked == [(n, w) for n, w in gemv_nf4.GEMV_CONFIGS if rows * n <= gemv_nf4.GEMV_MAX_ACC * w]
 
 
 @pytest.mark.parametrize("block_m", [1, 2, 16])
