@@ -106,7 +106,8 @@ GEMV_MAX_ACC = 32
 # their registers per thread decide (triton 3.6, sm_90; HOPPER_RESIDENT). (32, 2) for one row and (64, 4) for two
 # ran fastest wherever their grid fills its last wave well; within two waves, the other of the pair replaces them
 # when it fills its own last wave better; and a grid of under two (32, 2) programs per multiprocessor runs faster as
-# more, smaller (16, 1) programs (benchmarks/results/2026-11-29_gemv-tuning_h200.md, 2026-11-30_gemv-hopper-rule_h200.md).
+# more, smaller (16, 1) programs (benchmarks/results/2026-11-29_gemv-tuning_h200.md,
+# benchmarks/results/2026-11-30_gemv-hopper-rule_h200.md).
 HOPPER_RESIDENT = {(1, 32, 2): 6, (1, 64, 4): 4, (2, 32, 2): 4, (2, 64, 4): 3}
 HOPPER_PREFERRED = {1: ((32, 2), (64, 4)), 2: ((64, 4), (32, 2))}
 TILE_CONFIGS = {

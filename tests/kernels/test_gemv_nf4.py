@@ -58,7 +58,8 @@ def test_fused_matmul_matches_reference(poisoned, device, M, N, K, blocksize, do
 
 @pytest.mark.parametrize(
     "rows, part_rows, n_splits, expected",
-    [  # the fastest config at each (one H200, 132 multiprocessors; benchmarks/results/2026-11-30_gemv-hopper-rule_h200.md)
+    # the fastest config at each on one H200, 132 multiprocessors (benchmarks/results/2026-11-30_gemv-hopper-rule_h200.md)
+    [
         (1, [4096], 4, (32, 2)), (1, [11008], 2, (32, 2)), (1, [28672], 4, (32, 2)), (1, [4096] * 3, 2, (32, 2)),
         (1, [11008] * 2, 2, (32, 2)), (1, [1024], 4, (16, 1)), (1, [2048], 2, (16, 1)), (1, [7168], 4, (64, 4)),
         (2, [4096], 4, (32, 2)), (2, [11008], 2, (64, 4)), (2, [14336], 2, (32, 2)), (2, [4096] * 3, 2, (64, 4)),
