@@ -139,14 +139,16 @@ def _configs(table: list[tuple[int, int]]) -> list[triton.Config]:
 def hopper_gemv_config(rows: int, part_rows: list[int], n_splits: int, sms: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the GEMV on Hopper for ``rows`` (1 or 2) rows of x, weights of ``part_rows`` rows
     each, K cut into ``n_splits`` and ``sms`` multiprocessors (the rule above HOPPER_RESIDENT)."""
+    def programs(block_n: int) -> int:
+        return sum(cdiv(n, block_n) for n in part_rows) * n_splits
+
     def waves(config: tuple[int, int]) -> float:
-        programs = sum(cdiv(n, config[0]) for n in part_rows) * n_splits
-        return programs / (HOPPER_RESIDENT[(rows, *config)] * sms)
+        return programs(config[0]) / (HOPPER_RESIDENT[(rows, *config)] * sms)
 
     def last_wave_filled(config: tuple[int, int]) -> float:
         return waves(config) / math.ceil(waves(config))
 
-    if waves((32, 2)) * HOPPER_RESIDENT[(rows, 32, 2)] < 2:
+    if programs(32) < 2 * sms:
         return (16, 1)
     preferred, other = HOPPER_PREFERRED[rows]
     if waves(preferred) <= 2 and last_wave_filled(other) > last_wave_filled(preferred):
