@@ -158,6 +158,17 @@ def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 200) -> f
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def alternating_rounds(fns: Sequence[Callable[[], object]], rounds: int, rep_ms: int = 200) -> list[list[float]]:
+    """``bench`` times of each of ``fns`` in ``rounds`` rounds: [round][fn], the starting fn rotating by one each
+    round, so that clock drift over the run (thermal, power, host) falls on every side alike."""
+    times = []
+    for r in range(rounds):
+        order = [(r + i) % len(fns) for i in range(len(fns))]
+        timed = {i: bench(fns[i], rep_ms=rep_ms) for i in order}
+        times.append([timed[i] for i in range(len(fns))])
+    return times
+
+
 def device_busy_ms(fn: Callable[[], object], calls: int = 10) -> float:
     """Milliseconds per call that the GPU spends in kernels and copies (``torch.profiler``), idle time excluded.
 

@@ -56,3 +56,17 @@ def test_copies_for_reaches_the_rotation_bytes_within_bounds():
     assert common.copies_for(common.ROTATION_BYTES // 4 - 1) == 5  # 4 copies would fall 4 bytes short
     assert common.copies_for(10 * common.ROTATION_BYTES) == 1
     assert common.copies_for(1) == common.MAX_COPIES
+
+
+def test_alternating_rounds_rotates_the_first_peer_and_returns_times_in_fn_order(monkeypatch):
+    calls = []
+
+    def fake_bench(fn, warmup_ms=25, rep_ms=200):
+        calls.append(fn())
+        return float(len(calls))
+
+    monkeypatch.setattr(common, "bench", fake_bench)
+    times = common.alternating_rounds([lambda: "a", lambda: "b", lambda: "c"], rounds=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # times[round][fn]: the call number at which each fn ran in that round
+    assert times == [[1.0, 2.0, 3.0], [6.0, 4.0, 5.0], [8.0, 9.0, 7.0]]
