@@ -60,7 +60,7 @@ def assert_range(text_low: str, text_high: str, values: list[float]) -> None:
 def test_each_cited_latest_table_is_its_benchmarks_newest():
     """A table cited by its full name, without a -runN suffix, is the newest file of that benchmark name."""
     cited = set(re.findall(r"benchmarks/results/([\w.-]+\.md)", README))
-    assert "2026-11-29_kernels-calling-thread_h200.md" in cited
+    assert "2026-11-30_kernels-calling-thread_h200.md" in cited
     newest: dict[str, str] = {}
     for path in RESULTS.glob("*_h200.md"):
         match = RESULT_NAME.fullmatch(path.name)
@@ -83,9 +83,6 @@ def test_70b_fwd_bwd_runs_of_the_day_before_are_all_counted():
     assert_range(claim[2], claim[3], [bf16 for _, bf16, _ in timed])
     assert_range(claim[4], claim[5], [ours for ours, _, _ in timed])
     assert_range(claim[6], claim[7], [ratio for _, _, ratio in timed])
-    earlier = re.search(r"over the (\w+) runs recorded the day before, the ratio ranged " + RANGE, flat(README))
-    assert earlier and NUMBER_WORDS[earlier[1]] == len(runs)
-    assert_range(earlier[2], earlier[3], [ratio for _, _, ratio in timed])
 
 
 def test_70b_fwd_bwd_runs_of_the_latest_day_are_all_counted():
@@ -95,6 +92,30 @@ def test_70b_fwd_bwd_runs_of_the_latest_day_are_all_counted():
     assert claim, "the README's 2026-11-29 70B range moved; update this test"
     assert NUMBER_WORDS[claim[1]] == len(runs), (claim[1], sorted(runs))
     assert_range(claim[2], claim[3], [ratio for per_file in runs.values() for _, _, ratio in per_file])
+
+
+def test_70b_fwd_bwd_alternating_runs_are_all_counted():
+    """README: 'the N on 2026-11-30, whose peers alternated over five rounds, a-b', and the targets list's per-shape
+    ratios and single-round range from the same files."""
+    runs = fwd_bwd_70b_ratios("2026-11-30")
+    claim = re.search(r"the (\w+) on 2026-11-30, whose peers alternated over five rounds, " + RANGE, flat(README))
+    assert claim, "the README's 2026-11-30 70B range moved; update this test"
+    assert NUMBER_WORDS[claim[1]] == len(runs), (claim[1], sorted(runs))
+    assert_range(claim[2], claim[3], [ratio for per_file in runs.values() for _, _, ratio in per_file])
+    files = ["2026-11-30_kernels-calling-thread_h200.json", "2026-11-30_kernels-subset-calling-thread_h200.json"]
+    assert sorted(runs) == sorted(files)
+    by_shape = {shape: [r for name in files for r in rows(name) if r["op"] == "fwd+bwd" and r["shape"] == shape]
+                for shape in SEVENTY_B}
+    for shape, timed in by_shape.items():
+        quoted = re.search(shape + r" (?:ran )?at " + NUM + r"x and " + NUM + r"x", flat(README))
+        assert quoted, shape
+        for text, row in zip(quoted.groups(), timed):
+            assert_printed(text, row["vs_bf16"])
+    single = re.search(r"\(single rounds " + RANGE + r"x\)", flat(README))
+    assert_range(single[1], single[2], [v for timed in by_shape.values() for r in timed for v in r["vs_bf16_rounds"]])
+    small = re.search(r"the 7B shapes at " + RANGE + "x", flat(README))
+    assert_range(small[1], small[2], [r["vs_bf16"] for name in files for r in rows(name)
+                                      if r["op"] == "fwd+bwd" and r["shape"] not in SEVENTY_B])
 
 
 def test_host_bound_4096_ratio_is_the_latest_kernel_tables():
