@@ -9,7 +9,9 @@ cuBLAS on an H200 (0.62 ms vs 0.21 ms at 4096x4096; benchmarks/results/2026-11-2
 so ``nf4_linear`` uses dequantize + cuBLAS. In that run the forward ran at 0.93-1.00x of bf16 F.linear and
 forward + backward at 0.93-1.05x on the five 7B/70B projections, backward on the calling thread (0.905-1.00x
 at the 70B shapes over ten runs). With backward on autograd's worker thread, 4096x4096 is bound by host time
-(0.58-0.83x).
+(0.58-0.83x). Timed in alternating rounds (benchmarks/results/2026-11-30_kernels-calling-thread_h200.md and
+its -subset run), forward + backward ran at 0.936-0.979x bf16 at the 70B shapes: the GEMMs match bf16's, and the
+two dequantizes cost 5.3% of its time (5.0% even at copy bandwidth), so this path cannot get inside 5% there.
 
 Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
 layer, so a model's forward holds one dense weight at a time, never one per layer. Reuse is safe
