@@ -35,7 +35,9 @@ every 32-byte sector of the 8-word steps' weight loads; the warps mostly stalled
 results. Whole-line loads cut the weight's share of that pipe by 4x. What caps the GEMV now is the
 per-word arithmetic rather than the lookups or the loads (2026-11-29_gemv-structure-probes_h200.md):
 without any lookups it reaches 1.84 TB/s at 28672x8192 against 1.67, while the same reads with two
-products per word instead of eight stream at 2.8-3.0 TB/s, and a plain read at 3.5-3.6 TB/s.
+products per word instead of eight stream at 2.8-3.0 TB/s, and a plain read at 3.5-3.6 TB/s. The loop's other
+instructions are not: without its register moves (8.7% fewer instructions), or with 128 registers for 16 warps a
+multiprocessor instead of 12, it ran 0.97-1.01x as fast (2026-11-30_gemv-loop-overhead-variants_h200.md).
 
 Split-K: when N / BLOCK_N tiles cannot fill the GPU, K is cut into ``n_splits`` chunks whose fp32
 partial sums go to a (n_splits, M, N) buffer. Each program then counts its arrival on its output
