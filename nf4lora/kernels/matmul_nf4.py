@@ -12,8 +12,8 @@ at the 70B shapes over ten runs). With backward on autograd's worker thread, 409
 (0.58-0.83x). Timed in alternating rounds (benchmarks/results/2026-11-30_kernels-calling-thread_h200.md and
 its -subset run), forward + backward ran at 0.936-0.979x bf16 at the 70B shapes: the GEMMs match bf16's, and the
 two dequantizes cost 5.3% of its time (5.0% even at copy bandwidth), so this path cannot get inside 5% there.
-Running the dequantize beside the GEMM does not hide it, even with cuBLAS told to leave multiprocessors free for it
-(benchmarks/results/2026-11-30_gemm-carveout-probe_h200.md).
+Running the dequantize beside the GEMM does not hide it, even through cuBLASLt with multiprocessors left free for
+it: the GEMM loses what the overlap saves (benchmarks/results/2026-11-30_gemm-carveout-probe_h200.md).
 
 Note: the buffer is one per (device, dtype), grown to the largest weight seen and reused by every
 layer, so a model's forward holds one dense weight at a time, never one per layer. Reuse is safe
