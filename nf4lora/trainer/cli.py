@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="architecture, parameter counts, bytes per parameter, LoRA targets")
     inspect.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
     inspect.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object instead")
     inspect.set_defaults(func=commands.inspect_command)
     return parser
 

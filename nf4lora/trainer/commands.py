@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -371,6 +370,9 @@ def model_report(model_dir: str, blocksize: int) -> dict[str, Any]:
 
 def inspect_command(args: argparse.Namespace) -> int:
     report = model_report(args.model, args.blocksize)
+    if args.json:
+        print(json.dumps(report))
+        return 0
     arch = report["architecture"]
     print(f"Llama: {arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, intermediate "
           f"{arch['intermediate_size']}, heads {arch['num_attention_heads']} (kv {arch['num_key_value_heads']}, "
@@ -387,6 +389,4 @@ def inspect_command(args: argparse.Namespace) -> int:
               f"{report['linear_bytes_per_parameter'][key]:>20.4f}")
     print(f"linear modules LoRA can target (--target-modules): {','.join(report['lora_targets'])} "
           f"({len(report['linear_modules'])} modules; all-linear selects all but the output head)")
-    json.dump(report, sys.stdout)
-    print()
     return 0

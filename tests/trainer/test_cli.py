@@ -103,9 +103,8 @@ def test_argparse_errors_also_exit_2(capsys):
 
 
 def test_inspect_reports_sizes_and_lora_targets(capsys, tiny_model_dir):
-    assert main(["inspect", "--model", str(tiny_model_dir)]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out.strip().splitlines()[-1])
+    assert main(["inspect", "--model", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj",
                                       "v_proj"]
     per = report["bytes_per_parameter"]
@@ -114,7 +113,10 @@ def test_inspect_reports_sizes_and_lora_targets(capsys, tiny_model_dir):
     lin = report["quantized_parameters"]
     dense = report["parameters"] - lin
     assert (report["bytes"]["nf4"] - 2 * dense) / lin == pytest.approx(0.5625, rel=1e-3)
-    assert "q_proj" in out and "nf4 + double quant" in out
+    assert main(["inspect", "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "nf4 + double quant" in out 
+    assert not out.strip().splitlines()[-1].startswith("{")  # the JSON report only with --json
 
 
 def test_train_py_is_the_train_subcommand():
@@ -198,3 +200,12 @@ def test_resume_drops_a_metrics_line_a_killed_run_left_unfinished(capsys, tmp_pa
     metrics.write_text('{"step": 1, "lo\n' + metrics.read_text())
     code, err = run_cli(capsys, "train", "--resume", str(out), "--max-steps", "3", "--no-progress")
     assert code == 2 and len(err.splitlines()) == 1 and "metrics.jsonl: line 1 is not a metrics record" in err, err
+
+
+def test_python_dash_m_nf4lora_is_the_nf4lora_command():
+    result = subprocess.run([sys.executable, "-m", "nf4lora", "inspect", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "usage: nf4lora inspect" in result.stdout and "--json" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "nf4lora", "bogus"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 2 and "invalid choice: 'bogus'" in result.stderr

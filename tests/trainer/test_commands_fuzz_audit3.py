@@ -235,9 +235,10 @@ def bnb_bytes(shape, blocksize, double_quant):
 
 def test_inspect_counts_the_bytes_bitsandbytes_stores(capsys, tmp_path, rng):
     random_base(rng, tmp_path / "base")
+    capsys.readouterr()  # drop what saving the base printed
     blocksize = rng.choice([64, 128, 256])
-    assert main(["inspect", "--model", str(tmp_path / "base"), "--blocksize", str(blocksize)]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["inspect", "--model", str(tmp_path / "base"), "--blocksize", str(blocksize), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
     shapes = [m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     dense = model.num_parameters() - sum(s.numel() for s in shapes)
