@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from .config import (BLOCKSIZES, DEMO_DEFAULTS, DEVICES, DTYPES, QUANTIZATIONS, UsageError, add_train_arguments,
@@ -122,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``nf4lora`` and ``python train.py``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # warnings print as one line in the style of the errors, not with the source file and line of the library
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_: f"nf4lora {args.command}: warning: {_first_line(message)}\n"
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"nf4lora {args.command}: error: {message}", file=sys.stderr)
+        print(f"nf4lora {args.command}: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingFailed as exc:
         print(f"nf4lora {args.command}: error: {exc}", file=sys.stderr)
@@ -137,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `nf4lora inspect ... | head` closed stdout early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _first_line(message: object) -> str:
+    """The first line of an exception's or a warning's text, or the exception's class name when it has none."""
+    text = str(message).strip()
+    return text.splitlines()[0] if text else type(message).__name__
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,16 @@ def test_python_dash_m_nf4lora_is_the_nf4lora_command():
     result = subprocess.run([sys.executable, "-m", "nf4lora", "bogus"], capture_output=True, text=True, cwd=ROOT,
                             timeout=120)
     assert result.returncode == 2 and "invalid choice: 'bogus'" in result.stderr
+
+
+def test_warnings_during_a_command_print_as_one_line_named_for_the_command(monkeypatch):
+    from nf4lora.trainer import commands
+
+    shown = []
+    monkeypatch.setattr(commands, "inspect_command", lambda args: shown.append(
+        warnings.formatwarning(UserWarning("requantizing rounds the update away\nsecond line"), UserWarning,
+                               "/site-packages/x.py", 7)) or 0)
+    before = warnings.formatwarning
+    assert main(["inspect", "--model", "unused"]) == 0
+    assert shown == ["nf4lora inspect: warning: requantizing rounds the update away\n"]
+    assert warnings.formatwarning is before  # restored for the rest of the process
