@@ -49,7 +49,8 @@ def test_a_file_or_link_named_like_a_temp_checkpoint_does_not_stop_every_save(tm
 
 
 def test_the_latest_checkpoint_is_the_highest_step_among_the_names_a_save_writes(tmp_path):
-    steps = random.sample([random.randrange(10 ** digits) for digits in range(1, 8)], 7)
+    # one step of each length from 1 to 7 digits, so no two are equal, saved in a random order
+    steps = random.sample([random.randrange(10 ** (digits - 1), 10 ** digits) for digits in range(1, 8)], 7)
     for step in steps:
         save(tmp_path, step, str(step))
     # stray entries that hold a trainer state: none is a name save_checkpoint writes
