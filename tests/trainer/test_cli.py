@@ -116,7 +116,7 @@ def test_inspect_reports_sizes_and_lora_targets(capsys, tiny_model_dir):
     assert (report["bytes"]["nf4"] - 2 * dense) / lin == pytest.approx(0.5625, rel=1e-3)
     assert main(["inspect", "--model", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
-    assert "q_proj" in out and "nf4 + double quant" in out 
+    assert "q_proj" in out and "nf4 + double quant" in out
     assert not out.strip().splitlines()[-1].startswith("{")  # the JSON report only with --json
 
 
